@@ -1,0 +1,219 @@
+"""Meta-gradients: the gradient of an outer loss through differentiable inner training steps.
+
+The student ``s`` takes ``steps`` optimizer steps on ``inner_loss(s, t)``; the outer loss is
+evaluated at the updated student. ``meta_grad`` returns d outer / d t, computed one of three ways
+(see docs/meta_gradients.md for the math, cost and memory of each).
+
+BatchNorm and other buffers: ``meta_grad`` may evaluate a loss more than once (the exact method
+traces the inner loss once per step; finite_difference evaluates it three times per step;
+first_order evaluates the outer loss before and after). Loss functions should therefore be pure.
+Pass buffers through ``torch.func.functional_call`` next to the parameters, as a *copy* when the
+module updates running statistics in training mode, and update the real buffers once, outside::
+
+    buffers = dict(model.named_buffers())
+
+    def inner_loss(s, t):
+        scratch = {k: b.clone() for k, b in buffers.items()}   # running stats land here
+        logits = torch.func.functional_call(model, {**s, **scratch}, (x_u,))
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad, grad_and_value, vjp
+
+from metapl.optim import Optimizer, State, check_same_keys
+
+Params = dict[str, Tensor]
+METHODS = ("exact", "finite_difference", "first_order")
+
+__all__ = ["METHODS", "MetaGradResult", "meta_grad"]
+
+
+class MetaGradResult(NamedTuple):
+    teacher_grads: Params  # d outer / d teacher_params, same keys and shapes
+    student_params: Params  # the student after the inner steps (detached)
+    opt_state: State  # the optimizer state after the inner steps
+    outer_loss: Tensor  # 0-d, the outer loss at the updated student
+
+
+def meta_grad(
+    inner_loss: Callable[[Params, Params], Tensor],
+    outer_loss: Callable[[Params], Tensor],
+    student_params: Mapping[str, Tensor],
+    teacher_params: Mapping[str, Tensor],
+    optimizer: Optimizer,
+    opt_state: State | None = None,
+    steps: int = 1,
+    method: str = "exact",
+    log_prob: Callable[[Params], Tensor] | None = None,
+    *,
+    fd_radius: float = 1e-2,
+) -> MetaGradResult:
+    """Gradient of ``outer_loss(s_K)`` with respect to ``teacher_params``, where
+    ``s_{k+1}, state_{k+1} = optimizer.step(s_k, grad_s inner_loss(s_k, teacher), state_k)``.
+
+    Args:
+        inner_loss: ``(student_params, teacher_params) -> 0-d loss`` the student trains on.
+        outer_loss: ``(student_params) -> 0-d loss`` evaluated after the inner steps.
+        student_params, teacher_params: dicts of tensors (not modified).
+        optimizer: a ``metapl.optim`` optimizer; ``opt_state`` defaults to ``optimizer.init``.
+        steps: number of inner steps K >= 1.
+        method: ``"exact"`` (reverse mode through the unroll, second-order),
+            ``"finite_difference"`` (the same product from first-order gradients only, by a
+            central difference at ``s ± eps * a`` with ``eps = fd_radius / ||a||``: each
+            perturbation has norm ``fd_radius`` in parameter space, as in DARTS), or
+            ``"first_order"`` (the score-function estimator for sampled labels:
+            ``(outer(s_K) - outer(s_0)) * grad log_prob(teacher)``).
+        log_prob: ``(teacher_params) -> 0-d`` log-probability of the sampled targets the inner
+            loss used; required by and only used by ``"first_order"``.
+    """
+    _check_inputs(student_params, teacher_params, optimizer, opt_state, steps, method, log_prob)
+    student = {k: v.detach() for k, v in student_params.items()}
+    teacher = {k: v.detach() for k, v in teacher_params.items()}
+    state = optimizer.init(student) if opt_state is None else opt_state
+    inner_loss = _scalar("inner_loss", inner_loss)
+    outer_loss = _scalar("outer_loss", outer_loss)
+
+    if method == "exact":
+        result = _exact(inner_loss, outer_loss, student, teacher, optimizer, state, steps)
+    elif method == "finite_difference":
+        result = _finite_difference(
+            inner_loss, outer_loss, student, teacher, optimizer, state, steps, fd_radius
+        )
+    else:
+        result = _first_order(
+            inner_loss, outer_loss, student, teacher, optimizer, state, steps, log_prob
+        )
+    return MetaGradResult(*(_detach(part) for part in result))
+
+
+def _exact(inner_loss, outer_loss, student, teacher, optimizer, state, steps):
+    def unrolled(teacher):
+        s, st = student, state
+        for _ in range(steps):
+            s, st = optimizer.step(s, grad(inner_loss)(s, teacher), st)
+        loss = outer_loss(s)
+        return loss, (s, st, loss)
+
+    teacher_grads, (s, st, loss) = grad(unrolled, has_aux=True)(teacher)
+    return teacher_grads, s, st, loss
+
+
+def _finite_difference(inner_loss, outer_loss, student, teacher, optimizer, state, steps, radius):
+    # Forward: keep every student iterate, its gradient and optimizer state.
+    trajectory = []
+    s, st = student, state
+    for _ in range(steps):
+        g = grad(inner_loss)(s, teacher)
+        trajectory.append((s, g, st))
+        s, st = optimizer.step(s, g, st)
+    adj_s, loss = grad_and_value(outer_loss)(s)
+    adj_state = _zeros_like(st)
+    teacher_grads = _zeros_like(teacher)
+
+    # Backward: the optimizer's own VJP (elementwise, first order) turns the adjoints of
+    # (s_{k+1}, state_{k+1}) into adjoints of (s_k, g_k, state_k). The adjoint of
+    # g_k = grad_s L(s_k, t) needs the Hessian products H_ss a and H_ts a, taken by a central
+    # difference of first-order gradients: H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps).
+    for k in reversed(range(steps)):
+        s_k, g_k, st_k = trajectory[k]
+        _, step_vjp = vjp(optimizer.step, s_k, g_k, st_k)
+        adj_s_direct, adj_g, adj_state = step_vjp((adj_s, adj_state))
+        eps = radius / torch.clamp(_norm(adj_g), min=torch.finfo(_dtype(adj_g)).eps)
+        plus = {n: s_k[n] + eps * adj_g[n] for n in s_k}
+        minus = {n: s_k[n] - eps * adj_g[n] for n in s_k}
+        grad_fn = grad(inner_loss, argnums=(0, 1) if k > 0 else 1)  # s_0's adjoint is unused
+        g_plus, g_minus = grad_fn(plus, teacher), grad_fn(minus, teacher)
+        if k > 0:
+            (gs_plus, g_plus), (gs_minus, g_minus) = g_plus, g_minus
+            adj_s = {n: adj_s_direct[n] + (gs_plus[n] - gs_minus[n]) / (2 * eps) for n in s_k}
+        teacher_grads = {
+            n: teacher_grads[n] + (g_plus[n] - g_minus[n]) / (2 * eps) for n in teacher
+        }
+    return teacher_grads, s, st, loss
+
+
+def _first_order(inner_loss, outer_loss, student, teacher, optimizer, state, steps, log_prob):
+    loss_before = outer_loss(student)
+    s, st = student, state
+    for _ in range(steps):
+        s, st = optimizer.step(s, grad(inner_loss)(s, teacher), st)
+    loss_after = outer_loss(s)
+    # Score function: d/dt E_y[L(s'(y))] = E_y[(L(s'(y)) - b) d/dt log p_t(y)], with the
+    # baseline b = L(s_0), which does not depend on the sampled y.
+    h = (loss_after - loss_before).detach()
+    score = grad(_scalar("log_prob", log_prob))(teacher)
+    return {n: h * g for n, g in score.items()}, s, st, loss_after
+
+
+def _scalar(name: str, fn: Callable) -> Callable:
+    def checked(*args):
+        out = fn(*args)
+        if not isinstance(out, Tensor) or out.dim() != 0:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{name} must return a 0-d tensor, got {shape}; reduce it, e.g. with .mean()"
+            )
+        return out
+
+    return checked
+
+
+def _check_inputs(student, teacher, optimizer, opt_state, steps, method, log_prob) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; pass one of {', '.join(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    for name, params in (("student_params", student), ("teacher_params", teacher)):
+        if not isinstance(params, Mapping) or not all(
+            isinstance(v, Tensor) for v in params.values()
+        ):
+            raise TypeError(
+                f"{name} must be a dict of tensors, e.g. dict(model.named_parameters())"
+            )
+        if not params:
+            raise ValueError(f"{name} is empty")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "optimizer must be a metapl.optim optimizer (optim.sgd / adam / adamw), "
+            f"got {type(optimizer).__name__}"
+        )
+    if opt_state is not None:
+        for key, slot in opt_state.items():
+            if isinstance(slot, Mapping):
+                check_same_keys(f"opt_state[{key!r}]", slot, student)
+    if method == "first_order" and log_prob is None:
+        raise ValueError(
+            "method='first_order' needs log_prob=(teacher_params) -> log-probability of the "
+            "sampled targets the inner loss used"
+        )
+    if method != "first_order" and log_prob is not None:
+        raise ValueError(f"log_prob is only used by method='first_order', not {method!r}")
+
+
+def _detach(tree):
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, Mapping):
+        return {k: _detach(v) for k, v in tree.items()}
+    return tree
+
+
+def _zeros_like(tree):
+    if isinstance(tree, Tensor):
+        return torch.zeros_like(tree)
+    return {k: _zeros_like(v) for k, v in tree.items()}
+
+
+def _norm(tree: Mapping[str, Tensor]) -> Tensor:
+    return torch.sqrt(sum(torch.sum(v * v) for v in tree.values()))
+
+
+def _dtype(tree: Mapping[str, Tensor]) -> torch.dtype:
+    return next(iter(tree.values())).dtype

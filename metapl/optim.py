@@ -1,0 +1,230 @@
+"""Functional, differentiable optimizers over dicts of tensors.
+
+Each optimizer is a pair of pure functions, in the style of optax::
+
+    opt = sgd(0.1, momentum=0.9)
+    state = opt.init(params)                       # params: dict[str, Tensor]
+    new_params, new_state = opt.step(params, grads, state)
+
+Nothing is mutated in place, so a step can be differentiated with respect to the parameters,
+the gradients and the learning rate (this is what a meta-gradient flows through). With the same
+settings the updates equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` step for step.
+
+The state is a dict of tensors (a pytree), so a step can be traced by ``torch.compile`` and
+transformed by ``torch.func``. ``state["step"]`` counts the steps taken so far as a 0-d float
+tensor; a learning-rate schedule is called with it (0 for the first update, like
+``torch.optim.lr_scheduler``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+State = dict[str, object]
+LearningRate = float | Tensor | Callable[[Tensor], float | Tensor]
+
+__all__ = [
+    "Optimizer",
+    "adam",
+    "adamw",
+    "check_same_keys",
+    "constant",
+    "sgd",
+    "warmup_cosine",
+]
+
+
+class Optimizer(NamedTuple):
+    """A functional optimizer: ``init(params) -> state`` and
+    ``step(params, grads, state) -> (new_params, new_state)``."""
+
+    init: Callable[[Mapping[str, Tensor]], State]
+    step: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], State], tuple[Params, State]]
+    lr: LearningRate
+
+    def lr_at(self, state: State) -> float | Tensor:
+        """The learning rate the next ``step`` from ``state`` will use."""
+        return _lr_at(self.lr, state["step"])
+
+
+def check_same_keys(what: str, got: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError naming the missing and unexpected keys of ``got``."""
+    if got.keys() == expected.keys():
+        return
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    raise ValueError(
+        f"{what} must have the same keys as the parameters; missing {missing}, unexpected "
+        f"{extra}. Build it from the same dict (e.g. optimizer.init(params))."
+    )
+
+
+def _check_lr(lr: LearningRate) -> None:
+    if not (callable(lr) or isinstance(lr, (float, int, Tensor))):
+        raise TypeError(
+            f"lr must be a float, a 0-d tensor or a callable(step) -> lr, got {type(lr).__name__}"
+        )
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        raise ValueError(f"a tensor lr must be 0-d, got shape {tuple(lr.shape)}")
+
+
+def _lr_at(lr: LearningRate, step: Tensor) -> float | Tensor:
+    return lr(step) if callable(lr) else lr
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt whose derivative at exactly 0 is 0 instead of inf (which turns into NaN)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+
+
+def _step_count(params: Mapping[str, Tensor]) -> Tensor:
+    device = next(iter(params.values())).device if params else None
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+def sgd(
+    lr: LearningRate,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """Stochastic gradient descent, equal to ``torch.optim.SGD`` (dampening 0).
+
+    Momentum buffers start at zero, which reproduces torch's first-step ``buf = grad`` exactly.
+    """
+    _check_lr(lr)
+    if momentum < 0 or weight_decay < 0:
+        raise ValueError("momentum and weight_decay must be >= 0")
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
+
+    def init(params: Mapping[str, Tensor]) -> State:
+        state: State = {"step": _step_count(params)}
+        if momentum:
+            state["momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
+        return state
+
+    def step(params, grads, state):
+        check_same_keys("grads", grads, params)
+        lr_now = _lr_at(lr, state["step"])
+        new_params, new_buf = {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if weight_decay:
+                g = g + weight_decay * p
+            if momentum:
+                buf = momentum * state["momentum"][k] + g
+                new_buf[k] = buf
+                g = g + momentum * buf if nesterov else buf
+            new_params[k] = p - lr_now * g
+        new_state: State = {"step": state["step"] + 1}
+        if momentum:
+            new_state["momentum"] = new_buf
+        return new_params, new_state
+
+    return Optimizer(init, step, lr)
+
+
+def _adam(lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer:
+    _check_lr(lr)
+    beta1, beta2 = betas
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {betas}")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError("eps and weight_decay must be >= 0")
+
+    def init(params: Mapping[str, Tensor]) -> State:
+        return {
+            "step": _step_count(params),
+            "exp_avg": {k: torch.zeros_like(p) for k, p in params.items()},
+            "exp_avg_sq": {k: torch.zeros_like(p) for k, p in params.items()},
+        }
+
+    def step(params, grads, state):
+        check_same_keys("grads", grads, params)
+        lr_now = _lr_at(lr, state["step"])
+        t = state["step"] + 1
+        new_params, new_m, new_v = {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if weight_decay and decoupled:
+                p = p * (1 - lr_now * weight_decay)
+            elif weight_decay:
+                g = g + weight_decay * p
+            m = beta1 * state["exp_avg"][k] + (1 - beta1) * g
+            v = beta2 * state["exp_avg_sq"][k] + (1 - beta2) * g * g
+            t_p = t.to(p.dtype)
+            bias1 = 1 - beta1**t_p
+            bias2_sqrt = torch.sqrt(1 - beta2**t_p)
+            denom = _safe_sqrt(v) / bias2_sqrt + eps
+            new_params[k] = p - (lr_now / bias1) * (m / denom)
+            new_m[k], new_v[k] = m, v
+        return new_params, {"step": t, "exp_avg": new_m, "exp_avg_sq": new_v}
+
+    return Optimizer(init, step, lr)
+
+
+def adam(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """Adam with L2 weight decay added to the gradient, equal to ``torch.optim.Adam``."""
+    return _adam(lr, betas, eps, weight_decay, decoupled=False)
+
+
+def adamw(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> Optimizer:
+    """Adam with decoupled weight decay, equal to ``torch.optim.AdamW``."""
+    return _adam(lr, betas, eps, weight_decay, decoupled=True)
+
+
+def constant(lr: float) -> Callable[[Tensor], Tensor]:
+    """A schedule that always returns ``lr`` (handy as a base for comparisons)."""
+    return lambda step: torch.full_like(step, lr, dtype=torch.float64)
+
+
+def warmup_cosine(
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    wait_steps: int = 0,
+    min_lr: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """The MPL schedule: 0 for ``wait_steps``, linear warm-up over ``warmup_steps``, then a
+    half-cosine decay from ``base_lr`` to ``min_lr`` at ``total_steps``.
+
+    Returns ``schedule(step) -> lr`` where ``step`` is the 0-d tensor count of updates already
+    taken; written with tensor ops only, so it never recompiles under ``torch.compile``.
+    """
+    if total_steps <= wait_steps + warmup_steps:
+        raise ValueError(
+            f"total_steps ({total_steps}) must exceed wait_steps + warmup_steps "
+            f"({wait_steps} + {warmup_steps})"
+        )
+    if min(warmup_steps, wait_steps) < 0:
+        raise ValueError("warmup_steps and wait_steps must be >= 0")
+    decay_steps = total_steps - wait_steps - warmup_steps
+
+    def schedule(step: Tensor) -> Tensor:
+        step = torch.as_tensor(step, dtype=torch.float64)  # float64: exact like torch's floats
+        since_wait = step - wait_steps
+        warm = (since_wait + 1) / warmup_steps if warmup_steps else torch.ones_like(step)
+        progress = torch.clamp((since_wait - warmup_steps) / decay_steps, 0.0, 1.0)
+        cosine = min_lr + (base_lr - min_lr) * 0.5 * (1 + torch.cos(math.pi * progress))
+        lr = torch.where(since_wait < warmup_steps, base_lr * warm, cosine)
+        return torch.where(since_wait < 0, torch.zeros_like(lr), lr)
+
+    return schedule
