@@ -6,22 +6,29 @@ evaluated at the updated student. ``meta_grad`` returns d outer / d t, computed 
 
 BatchNorm and other buffers: ``meta_grad`` may evaluate a loss more than once (the exact method
 traces the inner loss once per step; finite_difference evaluates it three times per step;
-first_order evaluates the outer loss before and after). Loss functions should therefore be pure.
-Pass buffers through ``torch.func.functional_call`` next to the parameters, as a *copy* when the
-module updates running statistics in training mode, and update the real buffers once, outside::
+first_order evaluates the outer loss before and after), and a function under a ``torch.func``
+transform may not mutate tensors it captured. Loss functions must therefore be pure: pass buffers
+through ``torch.func.functional_call`` next to the parameters, as a *copy* made inside the loss
+when the module updates running statistics in training mode. To keep those statistics, return
+the copy as auxiliary output with ``has_aux=True``: ``result.inner_aux`` is the aux of the first
+inner evaluation (the student's forward at its starting parameters), so the running statistics
+advance exactly once per call::
 
     buffers = dict(model.named_buffers())
 
     def inner_loss(s, t):
-        scratch = {k: b.clone() for k, b in buffers.items()}   # running stats land here
+        scratch = {k: b.clone() for k, b in buffers.items()}  # running stats land here
         logits = torch.func.functional_call(model, {**s, **scratch}, (x_u,))
-        ...
+        return loss_fn(logits, t), scratch
+
+    res = meta_grad(inner_loss, outer_loss, s, t, opt, has_aux=True)
+    buffers = res.inner_aux                                   # updated once
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +47,8 @@ class MetaGradResult(NamedTuple):
     student_params: Params  # the student after the inner steps (detached)
     opt_state: State  # the optimizer state after the inner steps
     outer_loss: Tensor  # 0-d, the outer loss at the updated student
+    inner_aux: Any = None  # has_aux=True: aux of the first inner evaluation (at s_0)
+    h: Tensor | None = None  # first_order: outer(s_K) - outer(s_0), before the baseline
 
 
 def meta_grad(
@@ -53,7 +62,9 @@ def meta_grad(
     method: str = "exact",
     log_prob: Callable[[Params], Tensor] | None = None,
     *,
+    has_aux: bool = False,
     fd_radius: float = 1e-2,
+    baseline: float | Tensor = 0.0,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K)`` with respect to ``teacher_params``, where
     ``s_{k+1}, state_{k+1} = optimizer.step(s_k, grad_s inner_loss(s_k, teacher), state_k)``.
@@ -72,45 +83,55 @@ def meta_grad(
             ``(outer(s_K) - outer(s_0)) * grad log_prob(teacher)``).
         log_prob: ``(teacher_params) -> 0-d`` log-probability of the sampled targets the inner
             loss used; required by and only used by ``"first_order"``.
+        has_aux: ``inner_loss`` returns ``(loss, aux)``; the aux of its first evaluation comes
+            back as ``result.inner_aux`` (e.g. updated BatchNorm statistics, logits).
+        fd_radius: ``"finite_difference"`` only: the norm of each perturbation.
+        baseline: ``"first_order"`` only: subtracted from ``h = outer(s_K) - outer(s_0)``
+            (a control variate, e.g. a moving average of h; it leaves the estimator unbiased).
     """
     _check_inputs(student_params, teacher_params, optimizer, opt_state, steps, method, log_prob)
     student = {k: v.detach() for k, v in student_params.items()}
     teacher = {k: v.detach() for k, v in teacher_params.items()}
     state = optimizer.init(student) if opt_state is None else opt_state
-    inner_loss = _scalar("inner_loss", inner_loss)
+    inner_loss = _scalar("inner_loss", inner_loss, has_aux)
     outer_loss = _scalar("outer_loss", outer_loss)
+    inner_grad = grad(inner_loss, has_aux=True)  # -> (grads, aux) whether or not the user has aux
+    args = (inner_grad, outer_loss, student, teacher, optimizer, state, steps)
 
     if method == "exact":
-        result = _exact(inner_loss, outer_loss, student, teacher, optimizer, state, steps)
+        result = _exact(*args)
     elif method == "finite_difference":
-        result = _finite_difference(
-            inner_loss, outer_loss, student, teacher, optimizer, state, steps, fd_radius
-        )
+        result = _finite_difference(*args, inner_loss=inner_loss, radius=fd_radius)
     else:
-        result = _first_order(
-            inner_loss, outer_loss, student, teacher, optimizer, state, steps, log_prob
-        )
+        result = _first_order(*args, log_prob=log_prob, baseline=baseline)
+    if not has_aux:
+        result = result._replace(inner_aux=None)
     return MetaGradResult(*(_detach(part) for part in result))
 
 
-def _exact(inner_loss, outer_loss, student, teacher, optimizer, state, steps):
+def _exact(inner_grad, outer_loss, student, teacher, optimizer, state, steps):
     def unrolled(teacher):
-        s, st = student, state
-        for _ in range(steps):
-            s, st = optimizer.step(s, grad(inner_loss)(s, teacher), st)
+        s, st, first_aux = student, state, None
+        for k in range(steps):
+            g, aux = inner_grad(s, teacher)
+            first_aux = aux if k == 0 else first_aux
+            s, st = optimizer.step(s, g, st)
         loss = outer_loss(s)
-        return loss, (s, st, loss)
+        return loss, (s, st, loss, first_aux)
 
-    teacher_grads, (s, st, loss) = grad(unrolled, has_aux=True)(teacher)
-    return teacher_grads, s, st, loss
+    teacher_grads, (s, st, loss, aux) = grad(unrolled, has_aux=True)(teacher)
+    return MetaGradResult(teacher_grads, s, st, loss, aux)
 
 
-def _finite_difference(inner_loss, outer_loss, student, teacher, optimizer, state, steps, radius):
+def _finite_difference(
+    inner_grad, outer_loss, student, teacher, optimizer, state, steps, inner_loss, radius
+):
     # Forward: keep every student iterate, its gradient and optimizer state.
-    trajectory = []
+    trajectory, first_aux = [], None
     s, st = student, state
-    for _ in range(steps):
-        g = grad(inner_loss)(s, teacher)
+    for k in range(steps):
+        g, aux = inner_grad(s, teacher)
+        first_aux = aux if k == 0 else first_aux
         trajectory.append((s, g, st))
         s, st = optimizer.step(s, g, st)
     adj_s, loss = grad_and_value(outer_loss)(s)
@@ -128,38 +149,52 @@ def _finite_difference(inner_loss, outer_loss, student, teacher, optimizer, stat
         eps = radius / torch.clamp(_norm(adj_g), min=torch.finfo(_dtype(adj_g)).eps)
         plus = {n: s_k[n] + eps * adj_g[n] for n in s_k}
         minus = {n: s_k[n] - eps * adj_g[n] for n in s_k}
-        grad_fn = grad(inner_loss, argnums=(0, 1) if k > 0 else 1)  # s_0's adjoint is unused
-        g_plus, g_minus = grad_fn(plus, teacher), grad_fn(minus, teacher)
-        if k > 0:
+        grad_fn = grad(inner_loss, argnums=(0, 1) if k > 0 else 1, has_aux=True)
+        (g_plus, _), (g_minus, _) = grad_fn(plus, teacher), grad_fn(minus, teacher)
+        if k > 0:  # s_0's adjoint is not needed
             (gs_plus, g_plus), (gs_minus, g_minus) = g_plus, g_minus
             adj_s = {n: adj_s_direct[n] + (gs_plus[n] - gs_minus[n]) / (2 * eps) for n in s_k}
         teacher_grads = {
             n: teacher_grads[n] + (g_plus[n] - g_minus[n]) / (2 * eps) for n in teacher
         }
-    return teacher_grads, s, st, loss
+    return MetaGradResult(teacher_grads, s, st, loss, first_aux)
 
 
-def _first_order(inner_loss, outer_loss, student, teacher, optimizer, state, steps, log_prob):
+def _first_order(
+    inner_grad, outer_loss, student, teacher, optimizer, state, steps, log_prob, baseline
+):
     loss_before = outer_loss(student)
-    s, st = student, state
-    for _ in range(steps):
-        s, st = optimizer.step(s, grad(inner_loss)(s, teacher), st)
+    s, st, first_aux = student, state, None
+    for k in range(steps):
+        g, aux = inner_grad(s, teacher)
+        first_aux = aux if k == 0 else first_aux
+        s, st = optimizer.step(s, g, st)
     loss_after = outer_loss(s)
-    # Score function: d/dt E_y[L(s'(y))] = E_y[(L(s'(y)) - b) d/dt log p_t(y)], with the
-    # baseline b = L(s_0), which does not depend on the sampled y.
+    # Score function: d/dt E_y[L(s'(y))] = E_y[(L(s'(y)) - b) d/dt log p_t(y)] for any b that
+    # does not depend on the sampled y; here b = L(s_0) (+ the caller's baseline).
     h = (loss_after - loss_before).detach()
     score = grad(_scalar("log_prob", log_prob))(teacher)
-    return {n: h * g for n, g in score.items()}, s, st, loss_after
+    teacher_grads = {n: (h - baseline) * g for n, g in score.items()}
+    return MetaGradResult(teacher_grads, s, st, loss_after, first_aux, h)
 
 
-def _scalar(name: str, fn: Callable) -> Callable:
+def _scalar(name: str, fn: Callable, has_aux: bool = False) -> Callable:
+    """Wrap ``fn`` to check it returns a 0-d loss; always returns ``(loss, aux)`` with aux."""
+
     def checked(*args):
         out = fn(*args)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError(f"with has_aux=True, {name} must return (loss, aux)")
+            out, aux = out
         if not isinstance(out, Tensor) or out.dim() != 0:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"{name} must return a 0-d tensor, got {shape}; reduce it, e.g. with .mean()"
+                + ("" if has_aux else ", or pass has_aux=True if it returns (loss, aux)")
             )
+        if name == "inner_loss":
+            return out, (aux if has_aux else {})  # torch.func wants a pytree of tensors
         return out
 
     return checked

@@ -34,6 +34,7 @@ __all__ = [
     "adam",
     "adamw",
     "check_same_keys",
+    "clip_grad_norm",
     "constant",
     "sgd",
     "warmup_cosine",
@@ -228,3 +229,17 @@ def warmup_cosine(
         return torch.where(since_wait < 0, torch.zeros_like(lr), lr)
 
     return schedule
+
+
+def clip_grad_norm(optimizer: Optimizer, max_norm: float) -> Optimizer:
+    """``optimizer`` whose every step first rescales the gradients to a global L2 norm of at
+    most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` does (differentiably)."""
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+
+    def step(params, grads, state):
+        norm = torch.sqrt(sum(torch.sum(g * g) for g in grads.values()))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return optimizer.step(params, {k: g * scale for k, g in grads.items()}, state)
+
+    return Optimizer(optimizer.init, step, optimizer.lr)
