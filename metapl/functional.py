@@ -1,0 +1,51 @@
+"""Small pure helpers for running nn.Modules functionally (params and buffers as dicts)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+
+__all__ = ["buffers_of", "forward", "params_of", "soft_cross_entropy", "write_back"]
+
+
+def params_of(module: nn.Module) -> Params:
+    """The module's parameters as a dict of detached tensors sharing their storage."""
+    return {k: p.detach() for k, p in module.named_parameters()}
+
+
+def buffers_of(module: nn.Module) -> Params:
+    """The module's buffers (e.g. BatchNorm running statistics) as a dict."""
+    return dict(module.named_buffers())
+
+
+def forward(
+    module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], *args
+) -> tuple[Tensor, Params]:
+    """Run ``module(*args)`` with ``params`` and a *copy* of ``buffers``.
+
+    Returns ``(output, new_buffers)``: in training mode BatchNorm updates its running statistics
+    in the copy, so the inputs are never mutated and the call is safe under ``torch.func``
+    transforms and ``torch.compile``. Keep ``new_buffers`` to advance the statistics.
+    """
+    scratch = {k: b.clone() for k, b in buffers.items()}
+    return functional_call(module, {**params, **scratch}, args), scratch
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Mean over the batch of ``-sum_c q_c log softmax(logits)_c``; logits, q: [B, C]."""
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def write_back(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]):
+    """Copy new parameter and buffer values into ``module`` in place."""
+    for k, p in module.named_parameters():
+        p.copy_(params[k])
+    for k, b in module.named_buffers():
+        b.copy_(buffers[k])

@@ -1,0 +1,404 @@
+"""Meta Pseudo Labels (Pham et al., CVPR 2021).
+
+One ``MPL.step``:
+
+1. The teacher runs once, in training mode, on ``cat(x_l, x_u, x_u_strong)`` (the parts it
+   needs). Its own loss is cross-entropy on the labeled batch (with label smoothing) plus, with
+   ``uda``, the UDA consistency loss between its sharpened, confidence-masked prediction on
+   ``x_u`` and its prediction on ``x_u_strong``.
+2. Its logits ``z`` on the student's view (``x_u_strong``, else ``x_u``) become pseudo labels:
+   ``softmax(z / temperature)`` ("soft") or a sample from it ("hard").
+3. The student takes one optimizer step on the pseudo labels. That step is the lookahead of
+   the meta-gradient *and* the student's real update: its gradient is computed once.
+4. The MPL term: the gradient of the updated student's labeled cross-entropy with respect to
+   ``z`` (``metapl.meta_grad`` with the logits as "teacher parameters"), pushed through the
+   teacher together with its own loss in a single backward pass (one VJP).
+
+BatchNorm: running statistics advance exactly once per step for each network: the teacher's
+from its forward on the concatenated batch, the student's from its forward on the unlabeled
+batch it trains on. The student's forward on the labeled batch (for the MPL signal) uses batch
+statistics and leaves the running statistics alone. Dropout is active in every training
+forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vjp
+
+from metapl.functional import (
+    buffers_of,
+    forward,
+    params_of,
+    soft_cross_entropy,
+    write_back,
+)
+from metapl.metagrad import METHODS, meta_grad
+from metapl.optim import Optimizer
+
+__all__ = ["MPL", "UDA"]
+
+
+@dataclass(frozen=True)
+class UDA:
+    """Unsupervised Data Augmentation consistency loss for the teacher (Xie et al., 2020).
+
+    ``weight * min(1, (step + 1) / ramp_steps) * mean_i[mask_i * CE(q_i, p_strong_i)]`` with
+    ``q = softmax(logits_weak / temperature)`` (no gradient) and
+    ``mask_i = max_c softmax(logits_weak)_ic >= threshold`` (the UDA paper's convention: the
+    confidence of the unsharpened prediction). ``ramp_steps=0`` disables the ramp.
+    """
+
+    weight: float = 1.0
+    temperature: float = 0.4
+    threshold: float = 0.8
+    ramp_steps: int = 0
+
+    def __post_init__(self):
+        if self.weight < 0 or self.temperature <= 0 or not 0 <= self.threshold <= 1:
+            raise ValueError(
+                "UDA needs weight >= 0, temperature > 0 and 0 <= threshold <= 1, got "
+                f"{self.weight}, {self.temperature}, {self.threshold}"
+            )
+        if self.ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+
+    def loss(self, logits_weak: Tensor, logits_strong: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``(loss, mask_fraction)``; logits: [B, C]."""
+        weak = logits_weak.detach()
+        target = torch.softmax(weak / self.temperature, dim=-1)
+        mask = (torch.softmax(weak, dim=-1).amax(-1) >= self.threshold).to(logits_strong.dtype)
+        per_example = -(target * F.log_softmax(logits_strong, dim=-1)).sum(-1)
+        return (per_example * mask).mean(), mask.mean()
+
+    def weight_at(self, step: Tensor) -> Tensor:
+        if not self.ramp_steps:
+            return torch.full_like(step, self.weight)
+        return self.weight * torch.clamp((step + 1) / self.ramp_steps, max=1.0)
+
+
+class MPL:
+    """Meta Pseudo Labels: a teacher that learns from how its pseudo labels help a student.
+
+    Args:
+        teacher, student: ``nn.Module`` classifiers mapping a batch to logits [B, C] with the
+            same C. They hold the current weights after every step.
+        teacher_optimizer, student_optimizer: ``metapl.optim`` optimizers (wrap them in
+            ``optim.clip_grad_norm`` for gradient clipping; schedules go in their ``lr``).
+        meta_grad: ``"exact"`` or ``"finite_difference"`` (soft labels), ``"first_order"``
+            (hard labels), or ``None`` for no MPL term (the pseudo-label / UDA baseline).
+        pseudo_labels: ``"soft"`` (``softmax(z / temperature)``) or ``"hard"`` (sampled).
+        uda: a ``UDA`` term for the teacher, or ``None``.
+        label_smoothing: for the teacher's supervised cross-entropy.
+        compile: ``torch.compile`` the whole step (one graph).
+        temperature: of the pseudo labels.
+        ema_decay: keep ``ema_student``, an exponential moving average of the student's
+            parameters and float buffers, for evaluation.
+        h_baseline_decay: ``"first_order"`` only: subtract a moving average of ``h`` with this
+            decay (the paper's control variate); ``None`` uses no moving average.
+        fd_radius: ``"finite_difference"`` only: see ``metapl.meta_grad``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        teacher_optimizer: Optimizer,
+        student_optimizer: Optimizer,
+        meta_grad: str | None = "exact",
+        pseudo_labels: str = "soft",
+        uda: UDA | None = None,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        *,
+        temperature: float = 1.0,
+        ema_decay: float | None = None,
+        h_baseline_decay: float | None = None,
+        fd_radius: float = 1e-2,
+    ):
+        _check_config(
+            teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
+            uda, label_smoothing, temperature, ema_decay, h_baseline_decay,
+        )  # fmt: skip
+        self.teacher, self.student = teacher, student
+        self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
+        self.meta_grad, self.pseudo_labels, self.uda = meta_grad, pseudo_labels, uda
+        self.label_smoothing, self.temperature = label_smoothing, temperature
+        self.ema_decay, self.h_baseline_decay, self.fd_radius = (
+            ema_decay,
+            h_baseline_decay,
+            fd_radius,
+        )
+        self.teacher_state = teacher_optimizer.init(params_of(teacher))
+        self.student_state = student_optimizer.init(params_of(student))
+        device = next(teacher.parameters()).device
+        self.counters = {
+            "step": torch.zeros((), device=device),
+            "h_baseline": torch.zeros((), device=device),
+        }
+        self.ema_student = copy.deepcopy(student).eval() if ema_decay is not None else None
+        if self.ema_student is not None:
+            self.ema_student.requires_grad_(False)
+        self._step_fn = (
+            torch.compile(self._pure_step, fullgraph=True) if compile else self._pure_step
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.counters["step"])
+
+    def step(
+        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, x_u_strong: Tensor | None = None,
+        *, sync: bool = True,
+    ) -> dict[str, float] | dict[str, Tensor]:  # fmt: skip
+        """One MPL step on a labeled batch ``(x_l [B_l, ...], y_l [B_l])`` and an unlabeled
+        batch ``x_u [B_u, ...]`` (with its strongly augmented view ``x_u_strong``).
+
+        Returns the step's metrics as floats, or as 0-d tensors with ``sync=False`` (which
+        avoids a host synchronisation per metric).
+        """
+        self._check_batch(x_l, y_l, x_u, x_u_strong)
+        self.teacher.train()
+        self.student.train()
+        ema = None
+        if self.ema_student is not None:
+            ema = (params_of(self.ema_student), buffers_of(self.ema_student))
+        out = self._step_fn(
+            params_of(self.teacher), buffers_of(self.teacher),
+            params_of(self.student), buffers_of(self.student),
+            self.teacher_state, self.student_state, self.counters, ema,
+            x_l, y_l, x_u, x_u_strong,
+        )  # fmt: skip
+        (t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema, metrics) = out
+        write_back(self.teacher, t_params, t_bufs)
+        write_back(self.student, s_params, s_bufs)
+        if self.ema_student is not None:
+            write_back(self.ema_student, *ema)
+        self.teacher_state, self.student_state, self.counters = t_state, s_state, counters
+        return {k: float(v) for k, v in metrics.items()} if sync else metrics
+
+    def _pure_step(self, t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema,
+                   x_l, y_l, x_u, x_us):  # fmt: skip
+        """The whole step as a pure function (this is what ``compile=True`` compiles)."""
+        step = counters["step"]
+        x_view = x_u if x_us is None else x_us
+        n_l, n_u = x_l.shape[0], x_u.shape[0]
+        parts = [x_l] + ([x_u] if self.uda is not None else []) + [x_view]
+
+        def teacher_losses(tp):
+            logits, new_bufs = forward(self.teacher, tp, t_bufs, torch.cat(parts))
+            logits_l, z = logits[:n_l], logits[-n_u:]
+            loss_sup = F.cross_entropy(logits_l, y_l, label_smoothing=self.label_smoothing)
+            metrics = {"teacher/loss_sup": loss_sup.detach()}
+            loss = loss_sup
+            if self.uda is not None:
+                loss_uda, mask = self.uda.loss(logits[n_l : n_l + n_u], z)
+                weight = self.uda.weight_at(step)
+                loss = loss + weight * loss_uda
+                metrics.update({"teacher/loss_uda": loss_uda.detach(), "teacher/uda_mask": mask,
+                                "teacher/uda_weight": weight})  # fmt: skip
+            metrics["teacher/loss"] = loss.detach()
+            return (loss, z), (new_bufs, metrics)
+
+        (_, z), teacher_vjp, (t_bufs, metrics) = vjp(teacher_losses, t_params, has_aux=True)
+        z = z.detach()
+
+        def student_forward(sp, x):
+            logits, new_bufs = forward(self.student, sp, s_bufs, x)
+            if logits.shape[-1] != z.shape[-1]:
+                raise ValueError(
+                    f"the student outputs {logits.shape[-1]} classes but the teacher "
+                    f"{z.shape[-1]}; give both the same number of outputs"
+                )
+            return logits, new_bufs
+
+        if self.pseudo_labels == "soft":
+            target = None
+
+            def inner_loss(sp, labels):
+                logits, new_bufs = student_forward(sp, x_view)
+                probs = torch.softmax(labels["z"] / self.temperature, dim=-1)
+                return soft_cross_entropy(logits, probs), new_bufs
+        else:
+            target = _sample_categorical(z / self.temperature)
+
+            def inner_loss(sp, labels):
+                logits, new_bufs = student_forward(sp, x_view)
+                return F.cross_entropy(logits, target), new_bufs
+
+        def outer_loss(sp):
+            return F.cross_entropy(student_forward(sp, x_l)[0], y_l)
+
+        def log_prob(labels):  # mean over the batch: the paper's scale (1/B of the joint)
+            log_p = F.log_softmax(labels["z"] / self.temperature, dim=-1)
+            return log_p.gather(-1, target[:, None]).mean()
+
+        s_lr = self.student_optimizer.lr_at(s_state)
+        if self.meta_grad is None:
+            (s_grads, s_bufs), loss_u = _grad_aux_and_value(inner_loss, s_params, {"z": z})
+            s_params, s_state = self.student_optimizer.step(s_params, s_grads, s_state)
+            dz = torch.zeros_like(z)
+            metrics["student/loss_u"] = loss_u
+        else:
+            baseline = counters["h_baseline"] if self.h_baseline_decay is not None else 0.0
+            res = meta_grad(
+                inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
+                method=self.meta_grad, has_aux=True, fd_radius=self.fd_radius, baseline=baseline,
+                log_prob=log_prob if self.meta_grad == "first_order" else None,
+            )  # fmt: skip
+            s_params, s_state, s_bufs, dz = (
+                res.student_params, res.opt_state, res.inner_aux, res.teacher_grads["z"]
+            )  # fmt: skip
+            metrics["student/loss_l"] = res.outer_loss
+            metrics["mpl/grad_norm_logits"] = torch.linalg.vector_norm(dz)
+            if res.h is not None:
+                metrics["mpl/h"] = res.h
+                if self.h_baseline_decay is not None:
+                    metrics["mpl/h_baseline"] = counters["h_baseline"]
+                    decay = self.h_baseline_decay
+                    counters = {**counters, "h_baseline": decay * baseline + (1 - decay) * res.h}
+
+        (t_grads,) = teacher_vjp((torch.ones((), device=z.device, dtype=z.dtype), dz))
+        metrics["teacher/lr"] = torch.as_tensor(self.teacher_optimizer.lr_at(t_state))
+        metrics["student/lr"] = torch.as_tensor(s_lr)
+        t_params, t_state = self.teacher_optimizer.step(t_params, t_grads, t_state)
+        if ema is not None:
+            ema = _ema_update(ema, s_params, s_bufs, self.ema_decay)
+        counters = {**counters, "step": step + 1}
+        return t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema, metrics
+
+    def _check_batch(self, x_l, y_l, x_u, x_u_strong) -> None:
+        if not all(isinstance(x, Tensor) for x in (x_l, y_l, x_u)):
+            raise TypeError("x_l, y_l and x_u must be tensors")
+        if y_l.dim() != 1 or y_l.shape[0] != x_l.shape[0] or y_l.is_floating_point():
+            raise ValueError(
+                f"y_l must be integer class indices of shape [{x_l.shape[0]}] (one per row of "
+                f"x_l), got {y_l.dtype} of shape {tuple(y_l.shape)}"
+            )
+        if x_l.shape[1:] != x_u.shape[1:]:
+            raise ValueError(
+                f"x_l and x_u must have the same example shape, got {tuple(x_l.shape[1:])} and "
+                f"{tuple(x_u.shape[1:])}"
+            )
+        if x_u_strong is not None and x_u_strong.shape != x_u.shape:
+            raise ValueError(
+                f"x_u_strong must be a view of x_u with the same shape {tuple(x_u.shape)}, got "
+                f"{tuple(x_u_strong.shape)}"
+            )
+        if self.uda is not None and x_u_strong is None:
+            raise ValueError("UDA needs the strongly augmented view: pass x_u_strong")
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume training exactly (with the caller's RNG state)."""
+        sd = {
+            "teacher": self.teacher.state_dict(),
+            "student": self.student.state_dict(),
+            "teacher_state": self.teacher_state,
+            "student_state": self.student_state,
+            "counters": self.counters,
+        }
+        if self.ema_student is not None:
+            sd["ema_student"] = self.ema_student.state_dict()
+        return copy.deepcopy(sd)
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        sd = copy.deepcopy(dict(state_dict))
+        if ("ema_student" in sd) != (self.ema_student is not None):
+            raise ValueError(
+                "state_dict and this MPL disagree on ema_decay: build MPL with the same options"
+            )
+        self.teacher.load_state_dict(sd["teacher"])
+        self.student.load_state_dict(sd["student"])
+        if self.ema_student is not None:
+            self.ema_student.load_state_dict(sd["ema_student"])
+        device = next(self.teacher.parameters()).device
+        self.teacher_state = _to(sd["teacher_state"], device)
+        self.student_state = _to(sd["student_state"], device)
+        self.counters = _to(sd["counters"], device)
+
+    def finetune(self, batches: Iterable[tuple[Tensor, Tensor]], optimizer: Optimizer,
+                 label_smoothing: float = 0.0) -> list[float]:  # fmt: skip
+        """Finetune the student on labeled batches after MPL (the paper's last phase)."""
+        from metapl.finetune import finetune
+
+        losses = finetune(self.student, batches, optimizer, label_smoothing)
+        if self.ema_student is not None:
+            self.ema_student.load_state_dict(self.student.state_dict())
+        return losses
+
+
+def _grad_aux_and_value(loss_fn, params, *args):
+    """``((grads, aux), loss)`` of a ``loss_fn(params, *args) -> (loss, aux)``."""
+
+    def with_value(p, *a):
+        loss, aux = loss_fn(p, *a)
+        return loss, (aux, loss.detach())
+
+    grads, (aux, loss) = grad(with_value, has_aux=True)(params, *args)
+    return (grads, aux), loss
+
+
+def _sample_categorical(logits: Tensor) -> Tensor:
+    """One class index per row of ``logits`` [B, C], sampled by the Gumbel-max trick."""
+    uniform = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
+    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+
+
+def _ema_update(ema, params, buffers, decay):
+    ema_params, ema_bufs = ema
+    new_params = {k: decay * v + (1 - decay) * params[k] for k, v in ema_params.items()}
+    new_bufs = {
+        k: decay * v + (1 - decay) * buffers[k] if v.is_floating_point() else buffers[k]
+        for k, v in ema_bufs.items()
+    }
+    return new_params, new_bufs
+
+
+def _to(tree, device):
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    return {k: _to(v, device) for k, v in tree.items()}
+
+
+def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_labels, uda,
+                  label_smoothing, temperature, ema_decay, h_baseline_decay) -> None:  # fmt: skip
+    if not (isinstance(teacher, nn.Module) and isinstance(student, nn.Module)):
+        raise TypeError("teacher and student must be torch.nn.Module instances")
+    if not (isinstance(teacher_opt, Optimizer) and isinstance(student_opt, Optimizer)):
+        raise TypeError(
+            "teacher_optimizer and student_optimizer must be metapl.optim optimizers "
+            "(optim.sgd / adam / adamw), not torch.optim ones"
+        )
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown meta_grad {method!r}; pass one of {METHODS} or None")
+    if pseudo_labels not in ("soft", "hard"):
+        raise ValueError(f"pseudo_labels must be 'soft' or 'hard', got {pseudo_labels!r}")
+    if method in ("exact", "finite_difference") and pseudo_labels == "hard":
+        raise ValueError(
+            f"meta_grad={method!r} differentiates through the pseudo labels, which sampled hard "
+            "labels are not: use pseudo_labels='soft', or meta_grad='first_order' for hard labels"
+        )
+    if method == "first_order" and pseudo_labels == "soft":
+        raise ValueError(
+            "meta_grad='first_order' is the score-function estimator for sampled labels: use "
+            "pseudo_labels='hard', or meta_grad='exact' for soft labels"
+        )
+    if uda is not None and not isinstance(uda, UDA):
+        raise TypeError("uda must be a metapl.UDA(weight, temperature, threshold) or None")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
+    if h_baseline_decay is not None and (method != "first_order" or not 0 <= h_baseline_decay < 1):
+        raise ValueError(
+            "h_baseline_decay must be in [0, 1) and needs meta_grad='first_order'; "
+            f"got {h_baseline_decay} with meta_grad={method!r}"
+        )
