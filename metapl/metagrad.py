@@ -65,6 +65,7 @@ def meta_grad(
     has_aux: bool = False,
     fd_radius: float = 1e-2,
     baseline: float | Tensor = 0.0,
+    reduce: Callable[[Params], Params] | None = None,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K)`` with respect to ``teacher_params``, where
     ``s_{k+1}, state_{k+1} = optimizer.step(s_k, grad_s inner_loss(s_k, teacher), state_k)``.
@@ -88,6 +89,12 @@ def meta_grad(
         fd_radius: ``"finite_difference"`` only: the norm of each perturbation.
         baseline: ``"first_order"`` only: subtracted from ``h = outer(s_K) - outer(s_0)``
             (a control variate, e.g. a moving average of h; it leaves the estimator unbiased).
+        reduce: data parallelism: a function averaging a dict of tensors across processes
+            (e.g. an all-reduce). It is applied to the student gradients before every inner
+            step, to the outer gradient and losses, and to the student-side Hessian products,
+            so every process takes the same student steps. The returned ``teacher_grads`` are
+            this process's share: average them across processes too. With ``reduce``,
+            ``"exact"`` runs the reverse pass step by step with exact Hessian products.
     """
     _check_inputs(student_params, teacher_params, optimizer, opt_state, steps, method, log_prob)
     student = {k: v.detach() for k, v in student_params.items()}
@@ -98,12 +105,16 @@ def meta_grad(
     inner_grad = grad(inner_loss, has_aux=True)  # -> (grads, aux) whether or not the user has aux
     args = (inner_grad, outer_loss, student, teacher, optimizer, state, steps)
 
-    if method == "exact":
+    if method == "exact" and reduce is None:
         result = _exact(*args)
-    elif method == "finite_difference":
-        result = _finite_difference(*args, inner_loss=inner_loss, radius=fd_radius)
+    elif method in ("exact", "finite_difference"):
+        if method == "exact":
+            products = _exact_hessian_products(inner_grad)
+        else:
+            products = _finite_difference_hessian_products(inner_loss, fd_radius)
+        result = _reverse(*args, products, reduce or _identity)
     else:
-        result = _first_order(*args, log_prob=log_prob, baseline=baseline)
+        result = _first_order(*args, log_prob, baseline, reduce or _identity)
     if not has_aux:
         result = result._replace(inner_aux=None)
     return MetaGradResult(*(_detach(part) for part in result))
@@ -123,53 +134,86 @@ def _exact(inner_grad, outer_loss, student, teacher, optimizer, state, steps):
     return MetaGradResult(teacher_grads, s, st, loss, aux)
 
 
-def _finite_difference(
-    inner_grad, outer_loss, student, teacher, optimizer, state, steps, inner_loss, radius
-):
-    # Forward: keep every student iterate, its gradient and optimizer state.
+def _reverse(inner_grad, outer_loss, student, teacher, optimizer, state, steps, products, reduce):
+    """Reverse mode through the unroll, one step at a time, with pluggable Hessian products."""
+    # Forward: keep every student iterate, its (averaged) gradient and optimizer state.
     trajectory, first_aux = [], None
     s, st = student, state
     for k in range(steps):
         g, aux = inner_grad(s, teacher)
+        g = reduce(g)
         first_aux = aux if k == 0 else first_aux
         trajectory.append((s, g, st))
         s, st = optimizer.step(s, g, st)
     adj_s, loss = grad_and_value(outer_loss)(s)
+    adj_s, loss = reduce(adj_s), reduce({"loss": loss})["loss"]
     adj_state = _zeros_like(st)
     teacher_grads = _zeros_like(teacher)
 
     # Backward: the optimizer's own VJP (elementwise, first order) turns the adjoints of
     # (s_{k+1}, state_{k+1}) into adjoints of (s_k, g_k, state_k). The adjoint of
-    # g_k = grad_s L(s_k, t) needs the Hessian products H_ss a and H_ts a, taken by a central
-    # difference of first-order gradients: H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps).
+    # g_k = grad_s L(s_k, t) flows on through the Hessian products H_ss a and H_ts a.
     for k in reversed(range(steps)):
         s_k, g_k, st_k = trajectory[k]
         _, step_vjp = vjp(optimizer.step, s_k, g_k, st_k)
         adj_s_direct, adj_g, adj_state = step_vjp((adj_s, adj_state))
-        eps = radius / torch.clamp(_norm(adj_g), min=torch.finfo(_dtype(adj_g)).eps)
-        plus = {n: s_k[n] + eps * adj_g[n] for n in s_k}
-        minus = {n: s_k[n] - eps * adj_g[n] for n in s_k}
-        grad_fn = grad(inner_loss, argnums=(0, 1) if k > 0 else 1, has_aux=True)
-        (g_plus, _), (g_minus, _) = grad_fn(plus, teacher), grad_fn(minus, teacher)
-        if k > 0:  # s_0's adjoint is not needed
-            (gs_plus, g_plus), (gs_minus, g_minus) = g_plus, g_minus
-            adj_s = {n: adj_s_direct[n] + (gs_plus[n] - gs_minus[n]) / (2 * eps) for n in s_k}
-        teacher_grads = {
-            n: teacher_grads[n] + (g_plus[n] - g_minus[n]) / (2 * eps) for n in teacher
-        }
+        h_ss, h_ts = products(s_k, teacher, adj_g, need_student=k > 0)  # s_0's is unused
+        if k > 0:
+            h_ss = reduce(h_ss)
+            adj_s = {n: adj_s_direct[n] + h_ss[n] for n in s_k}
+        teacher_grads = {n: teacher_grads[n] + h_ts[n] for n in teacher}
     return MetaGradResult(teacher_grads, s, st, loss, first_aux)
 
 
+def _exact_hessian_products(inner_grad):
+    """(H_ss a, H_ts a) by reverse mode over the gradient (double backward)."""
+
+    def products(s, t, a, need_student):
+        if need_student:
+            _, grad_vjp = vjp(lambda s_, t_: inner_grad(s_, t_)[0], s, t)
+            return grad_vjp(a)
+        _, grad_vjp = vjp(lambda t_: inner_grad(s, t_)[0], t)
+        return None, grad_vjp(a)[0]
+
+    return products
+
+
+def _finite_difference_hessian_products(inner_loss, radius):
+    """(H_ss a, H_ts a) from first-order gradients only, by a central difference:
+    H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps), with eps = radius / ||a||."""
+    grad_both = grad(inner_loss, argnums=(0, 1), has_aux=True)
+    grad_teacher = grad(inner_loss, argnums=1, has_aux=True)
+
+    def products(s, t, a, need_student):
+        eps = radius / torch.clamp(_norm(a), min=torch.finfo(_dtype(a)).eps)
+        plus = {n: s[n] + eps * a[n] for n in s}
+        minus = {n: s[n] - eps * a[n] for n in s}
+        if not need_student:
+            (g_plus, _), (g_minus, _) = grad_teacher(plus, t), grad_teacher(minus, t)
+            return None, _central(g_plus, g_minus, eps)
+        ((gs_plus, gt_plus), _), ((gs_minus, gt_minus), _) = grad_both(plus, t), grad_both(minus, t)
+        return _central(gs_plus, gs_minus, eps), _central(gt_plus, gt_minus, eps)
+
+    return products
+
+
+def _central(plus: Params, minus: Params, eps: Tensor) -> Params:
+    return {n: (plus[n] - minus[n]) / (2 * eps) for n in plus}
+
+
 def _first_order(
-    inner_grad, outer_loss, student, teacher, optimizer, state, steps, log_prob, baseline
+    inner_grad, outer_loss, student, teacher, optimizer, state, steps, log_prob, baseline, reduce
 ):
     loss_before = outer_loss(student)
     s, st, first_aux = student, state, None
     for k in range(steps):
         g, aux = inner_grad(s, teacher)
         first_aux = aux if k == 0 else first_aux
-        s, st = optimizer.step(s, g, st)
+        s, st = optimizer.step(s, reduce(g), st)
     loss_after = outer_loss(s)
+    # h is a difference of losses over the *whole* labeled batch: average across processes.
+    losses = reduce({"before": loss_before, "after": loss_after})
+    loss_before, loss_after = losses["before"], losses["after"]
     # Score function: d/dt E_y[L(s'(y))] = E_y[(L(s'(y)) - b) d/dt log p_t(y)] for any b that
     # does not depend on the sampled y; here b = L(s_0) (+ the caller's baseline).
     h = (loss_after - loss_before).detach()
@@ -230,6 +274,10 @@ def _check_inputs(student, teacher, optimizer, opt_state, steps, method, log_pro
         )
     if method != "first_order" and log_prob is not None:
         raise ValueError(f"log_prob is only used by method='first_order', not {method!r}")
+
+
+def _identity(tree):
+    return tree
 
 
 def _detach(tree):
