@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
+from metapl.distributed import all_reduce_mean, broadcast_module, is_distributed
 from metapl.functional import (
     buffers_of,
     forward,
@@ -103,6 +104,13 @@ class MPL:
         h_baseline_decay: ``"first_order"`` only: subtract a moving average of ``h`` with this
             decay (the paper's control variate); ``None`` uses no moving average.
         fd_radius: ``"finite_difference"`` only: see ``metapl.meta_grad``.
+
+    Data parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each
+    process passes its share of the global batch. The student gradients (before the
+    lookahead), the labeled-loss gradients and losses of the MPL term (first_order's h
+    included), the teacher gradients and the BatchNorm statistics are averaged across
+    processes, so N processes take the same steps as one process on the whole batch
+    (BatchNorm normalises with per-process batch statistics, as DDP without SyncBatchNorm).
     """
 
     def __init__(
@@ -127,6 +135,8 @@ class MPL:
             uda, label_smoothing, temperature, ema_decay, h_baseline_decay,
         )  # fmt: skip
         self.teacher, self.student = teacher, student
+        for module in (teacher, student):
+            broadcast_module(module)  # identical replicas (a no-op in a single process)
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.meta_grad, self.pseudo_labels, self.uda = meta_grad, pseudo_labels, uda
         self.label_smoothing, self.temperature = label_smoothing, temperature
@@ -187,6 +197,7 @@ class MPL:
                    x_l, y_l, x_u, x_us):  # fmt: skip
         """The whole step as a pure function (this is what ``compile=True`` compiles)."""
         step = counters["step"]
+        reduce = all_reduce_mean if is_distributed() else None
         x_view = x_u if x_us is None else x_us
         n_l, n_u = x_l.shape[0], x_u.shape[0]
         parts = [x_l] + ([x_u] if self.uda is not None else []) + [x_view]
@@ -242,6 +253,7 @@ class MPL:
         s_lr = self.student_optimizer.lr_at(s_state)
         if self.meta_grad is None:
             (s_grads, s_bufs), loss_u = _grad_aux_and_value(inner_loss, s_params, {"z": z})
+            s_grads = reduce(s_grads) if reduce else s_grads
             s_params, s_state = self.student_optimizer.step(s_params, s_grads, s_state)
             dz = torch.zeros_like(z)
             metrics["student/loss_u"] = loss_u
@@ -250,7 +262,7 @@ class MPL:
             res = meta_grad(
                 inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
                 method=self.meta_grad, has_aux=True, fd_radius=self.fd_radius, baseline=baseline,
-                log_prob=log_prob if self.meta_grad == "first_order" else None,
+                log_prob=log_prob if self.meta_grad == "first_order" else None, reduce=reduce,
             )  # fmt: skip
             s_params, s_state, s_bufs, dz = (
                 res.student_params, res.opt_state, res.inner_aux, res.teacher_grads["z"]
@@ -265,6 +277,9 @@ class MPL:
                     counters = {**counters, "h_baseline": decay * baseline + (1 - decay) * res.h}
 
         (t_grads,) = teacher_vjp((torch.ones((), device=z.device, dtype=z.dtype), dz))
+        if reduce:
+            t_grads, t_bufs, s_bufs = reduce(t_grads), _mean_floats(t_bufs), _mean_floats(s_bufs)
+            metrics = reduce(metrics)
         metrics["teacher/lr"] = torch.as_tensor(self.teacher_optimizer.lr_at(t_state))
         metrics["student/lr"] = torch.as_tensor(s_lr)
         t_params, t_state = self.teacher_optimizer.step(t_params, t_grads, t_state)
@@ -342,6 +357,12 @@ def _grad_aux_and_value(loss_fn, params, *args):
 
     grads, (aux, loss) = grad(with_value, has_aux=True)(params, *args)
     return (grads, aux), loss
+
+
+def _mean_floats(buffers):
+    """Average the floating-point buffers (running statistics) across processes."""
+    floats = all_reduce_mean({k: v for k, v in buffers.items() if v.is_floating_point()})
+    return {**buffers, **floats}
 
 
 def _sample_categorical(logits: Tensor) -> Tensor:

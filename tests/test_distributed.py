@@ -1,0 +1,79 @@
+"""Data parallel MPL on CPU with gloo: 2 processes == 1 process on the same global batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import metapl
+from metapl import optim
+
+STEPS, B_L, B_U = 3, 8, 16
+
+CONFIGS = {
+    "exact": dict(meta_grad="exact", uda=metapl.UDA(1.0, 0.5, 0.4)),
+    "finite_difference": dict(meta_grad="finite_difference"),
+    "first_order": dict(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.9),
+    "none": dict(meta_grad=None),
+}
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        x_u = torch.randn(B_U, 4, generator=g, dtype=torch.float64)
+        yield (torch.randn(B_L, 4, generator=g, dtype=torch.float64),
+               torch.randint(0, 3, (B_L,), generator=g), x_u,
+               x_u + 0.1 * torch.randn(B_U, 4, generator=g, dtype=torch.float64))  # fmt: skip
+
+
+def _argmax_labels(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    # Processes draw different random streams than one process does; label every example by
+    # its argmax instead of sampling so that only the averaging is under test.
+    metapl.mpl._sample_categorical = _argmax_labels
+
+    def mlp():
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+        ).double()
+
+    mpl = metapl.MPL(mlp(), mlp(), optim.sgd(0.2, momentum=0.9), optim.adam(0.05),
+                     **CONFIGS[config])  # fmt: skip
+    for x_l, y_l, x_u, x_us in _batches():
+        part = lambda x: x.chunk(world)[rank]  # noqa: E731
+        mpl.step(part(x_l), part(y_l), part(x_u), part(x_us))
+    return {
+        **mpl.teacher.state_dict(),
+        **{f"s.{k}": v for k, v in mpl.student.state_dict().items()},
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        results = {config: _train(config, rank, world) for config in CONFIGS}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp / "rank0.pt")), nprocs=2)
+    return torch.load(tmp / "rank0.pt")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_two_processes_equal_one(two_process_results, config):
+    single, double = _train(config, rank=0, world=1), two_process_results[config]
+    assert single.keys() == double.keys()
+    for k in single:
+        torch.testing.assert_close(double[k], single[k], rtol=1e-10, atol=1e-12, msg=k)
