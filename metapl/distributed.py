@@ -14,8 +14,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_mean", "broadcast_module", "init_from_env", "is_distributed", "rank",
-           "world_size"]  # fmt: skip
+__all__ = [
+    "all_reduce_mean",
+    "broadcast_module",
+    "init_from_env",
+    "is_distributed",
+    "rank",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:

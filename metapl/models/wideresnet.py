@@ -40,7 +40,8 @@ class WideResNet(nn.Module):
     ``bn_momentum`` follows PyTorch (running = (1 - m) * running + m * batch), so TF's
     ``decay=0.99`` (MPL's setting) is ``bn_momentum=0.01``; FixMatch's decay 0.999 is 0.001.
     ``dropout`` is applied to the pooled features right before the classifier (MPL's
-    ``dense_dropout_rate``: 0.2 for CIFAR-10 WRN-28-2).
+    ``dense_dropout_rate``: 0.2 for CIFAR-10 WRN-28-2). The defaults follow FixMatch; MPL's
+    official code uses ``leaky_relu_slope=0.2`` and BatchNorm eps 1e-3 (PyTorch's is 1e-5).
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class WideResNet(nn.Module):
     def _init_weights(self, slope: float) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu")
+                nn.init.kaiming_normal_(m.weight, slope, "fan_out", "leaky_relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
