@@ -42,7 +42,10 @@ Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 @dataclass
 class SSLData:
-    """A semi-supervised data set held as tensors (uint8 images stay uint8 until augmented).
+    """A semi-supervised data set: uint8 images [N, C, H, W] (stay uint8 until augmented) and
+    int64 labels [N] on the training device. Images too large to hold may be any store indexed
+    by an index tensor or a slice, e.g. ``metapl.data.lazy.DecodedImages``; batches are then
+    moved to the device.
 
     ``weak`` / ``strong`` augment a uint8 batch into model inputs (the labeled batch and
     ``x_u`` get the weak view, ``x_u_strong`` the strong one); ``prepare`` turns evaluation
@@ -132,8 +135,8 @@ def evaluate(
     model.eval()
     correct = torch.zeros((), device=y.device)
     for i in range(0, len(x), batch):
-        with _autocast(x.device, bf16):
-            logits = model(prepare(x[i : i + batch]))
+        with _autocast(y.device, bf16):
+            logits = model(prepare(x[i : i + batch].to(y.device, non_blocking=True)))
         correct += (logits.argmax(-1) == y[i : i + batch]).sum()
     model.train(was_training)
     return float(correct) / len(x)
@@ -200,7 +203,7 @@ def train(
     ckpt_path = output_dir / "checkpoint.pt"
     is_main = distributed.rank() == 0
     tracker = tracker or Tracker(output_dir, enabled=is_main)
-    device = data.labeled_x.device
+    device = data.labeled_y.device
     start = 0
     if resume:
         if not ckpt_path.exists():
@@ -226,8 +229,8 @@ def train(
         idx_l = _batch_indices(n_l, b_l, step, config.seed).to(device)
         idx_u = _batch_indices(n_u, b_u, step, config.seed + 1).to(device)
         generator = _step_generator(device, config.seed, step)
-        x_u = data.unlabeled_x[idx_u]
-        x_l = data.weak(data.labeled_x[idx_l], generator)
+        x_u = _take(data.unlabeled_x, idx_u, device)
+        x_l = data.weak(_take(data.labeled_x, idx_l, device), generator)
         x_uw, x_us = data.weak(x_u, generator), data.strong(x_u, generator)
         if config.channels_last:
             x_l, x_uw, x_us = (
@@ -290,4 +293,11 @@ def _finetune_batches(data: SSLData, config: TrainConfig, device) -> Iterator[tu
     for k in range(config.finetune_steps):
         idx = _batch_indices(n, config.finetune_batch, k, config.seed + 2).to(device)
         generator = _step_generator(device, config.seed + 2, k)
-        yield data.weak(data.labeled_x[idx], generator), data.labeled_y[idx]
+        yield data.weak(_take(data.labeled_x, idx, device), generator), data.labeled_y[idx]
+
+
+def _take(images, idx: Tensor, device: torch.device) -> Tensor:
+    """``images[idx]`` on ``device``, for a tensor on any device or a lazy image store."""
+    if isinstance(images, Tensor):
+        idx = idx.to(images.device)
+    return images[idx].to(device, non_blocking=True)

@@ -282,3 +282,27 @@ def test_on_cuda_matches_shapes_and_is_deterministic():
     assert a.device == x.device and a.dtype == torch.uint8 and torch.equal(a, b)
     g = torch.Generator(device="cuda").manual_seed(0)
     assert strong_augment(x, generator=g).shape == x.shape
+
+
+def test_random_resized_crop_full_scale_is_identity_or_flip():
+    from metapl.data import random_resized_crop
+
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    same = random_resized_crop(x, scale=(1, 1), ratio=(1, 1), flip=False)
+    assert torch.equal(same, x)
+    out = random_resized_crop(
+        x, scale=(1, 1), ratio=(1, 1), generator=torch.Generator().manual_seed(3)
+    )
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x, strict=True)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+
+
+def test_random_resized_crop_draws_per_sample_and_is_seeded():
+    from metapl.data import random_resized_crop
+
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(16, 1, 1, 1)
+    a = random_resized_crop(x, generator=torch.Generator().manual_seed(0))
+    b = random_resized_crop(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == x.shape
+    assert len({tuple(img.flatten().tolist()) for img in a}) == 16

@@ -7,6 +7,7 @@ from metapl.data.augment import (
     STANDARD_OPS,
     RandAugment,
     cutout,
+    random_resized_crop,
     strong_augment,
     weak_augment,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "RandAugment",
     "Split",
     "cutout",
+    "random_resized_crop",
     "labeled_fraction_split",
     "labeled_unlabeled_split",
     "load_cifar",

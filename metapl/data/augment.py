@@ -367,3 +367,34 @@ def strong_augment(
     x = weak_augment(x, pad, flip, pad_mode, randaugment.fill, generator)
     x = randaugment(x, generator)
     return weak_augment(x, pad, flip, pad_mode, randaugment.fill, generator)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample random crop of area fraction ~ U(scale) and aspect ratio log-uniform in
+    `ratio`, resized back to the input size (bilinear), then a random horizontal flip: the
+    ImageNet training crop, batched. Crops that would not fit are shrunk to fit.
+    [N, C, H, W] uint8 or float -> same shape and dtype."""
+    n, _, h, w = x.shape
+    u = _uniform((n, 5), generator, x.device)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_lo, log_hi = torch.log(torch.tensor(ratio, device=x.device))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    # Width and height as fractions of the image's; the grid spans [-1, 1], so a crop of
+    # fraction f has half-width f and its center may move by up to 1 - f.
+    fw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)
+    fh = torch.sqrt(area / aspect * w / h).clamp(max=1.0)
+    cx, cy = (1 - fw) * (2 * u[:, 2] - 1), (1 - fh) * (2 * u[:, 3] - 1)
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(fw)
+    zero = torch.zeros_like(fw)
+    theta = torch.stack([torch.stack([fw * sign, zero, cx], -1),
+                         torch.stack([zero, fh, cy], -1)], 1)  # fmt: skip
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)  # fmt: skip
+    return out.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else out.to(x.dtype)
