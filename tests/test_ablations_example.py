@@ -1,0 +1,34 @@
+"""examples/ablations.py: a grid of tiny runs, one wandb group, a summary table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from metapl.data.fake import write_fake_cifar
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ablations.py"
+
+
+def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    write_fake_cifar(tmp_path / "data", n_train=100, n_test=20)
+    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    out = tmp_path / "grid"
+    summary = ablations.main([
+        "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--meta-grads", "none",
+        "first_order", "--uda", "off", "on", "--seeds", "0", "1", "--wandb-project", "test",
+        "--json", "--", "--model", "mlp", "--lr", "1e-3", "--steps", "2",
+        "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",
+        "--unlabeled-ratio", "2", "--finetune-steps", "0", "--log-every", "1",
+    ])  # fmt: skip
+    assert set(summary) == {"none/uda-off", "none/uda-on", "first_order/uda-off",
+                            "first_order/uda-on"}  # fmt: skip
+    for cell in summary.values():
+        assert len(cell["seeds"]) == 2 and 0 <= cell["mean"] <= 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    runs = list(out.glob("*/seed*/wandb/offline-run-*"))
+    assert len(runs) == 8  # one offline wandb run per cell and seed, all under the grid folder
+    assert (out / "none-uda-on" / "seed1" / "metrics.jsonl").exists()
