@@ -264,6 +264,13 @@ def _check_inputs(student, teacher, optimizer, opt_state, steps, method, log_pro
             f"got {type(optimizer).__name__}"
         )
     if opt_state is not None:
+        expected = optimizer.init({k: v.new_empty(0) for k, v in student.items()})
+        if not isinstance(opt_state, Mapping) or opt_state.keys() != expected.keys():
+            got = sorted(opt_state) if isinstance(opt_state, Mapping) else type(opt_state).__name__
+            raise ValueError(
+                f"opt_state has slots {got} but this optimizer keeps {sorted(expected)}: pass "
+                "optimizer.init(student_params) from the same optimizer, or None"
+            )
         for key, slot in opt_state.items():
             if isinstance(slot, Mapping):
                 check_same_keys(f"opt_state[{key!r}]", slot, student)

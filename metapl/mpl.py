@@ -150,7 +150,7 @@ class MPL:
         device = next(teacher.parameters()).device
         self.counters = {
             "step": torch.zeros((), device=device),
-            "h_baseline": torch.zeros((), device=device),
+            "h_baseline": torch.zeros((), device=device, dtype=next(student.parameters()).dtype),
         }
         self.ema_student = copy.deepcopy(student).eval() if ema_decay is not None else None
         if self.ema_student is not None:
@@ -210,7 +210,7 @@ class MPL:
             loss = loss_sup
             if self.uda is not None:
                 loss_uda, mask = self.uda.loss(logits[n_l : n_l + n_u], z)
-                weight = self.uda.weight_at(step)
+                weight = self.uda.weight_at(step.to(loss_uda.dtype))
                 loss = loss + weight * loss_uda
                 metrics.update({"teacher/loss_uda": loss_uda.detach(), "teacher/uda_mask": mask,
                                 "teacher/uda_weight": weight})  # fmt: skip

@@ -11,8 +11,9 @@ the gradients and the learning rate (this is what a meta-gradient flows through)
 settings the updates equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` step for step.
 
 The state is a dict of tensors (a pytree), so a step can be traced by ``torch.compile`` and
-transformed by ``torch.func``. ``state["step"]`` counts the steps taken so far as a 0-d float
-tensor; a learning-rate schedule is called with it (0 for the first update, like
+transformed by ``torch.func``. ``state["step"]`` counts the steps taken so far as a 0-d float32
+tensor (exact up to 2**24 steps; float so that ``torch.func.vjp`` can trace a step). A
+learning-rate schedule is called with it (0 for the first update, like
 ``torch.optim.lr_scheduler``).
 """
 

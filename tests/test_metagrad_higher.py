@@ -1,0 +1,109 @@
+"""metapl.meta_grad(method="exact") against `higher` (facebookresearch/higher), the reference
+implementation of differentiable torch.optim loops, on nn.Module teacher and student."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import (
+    F64,
+    assert_close,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
+from torch.func import functional_call
+
+import metapl
+from metapl import optim
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    higher = pytest.importorskip("higher")
+
+# higher's DifferentiableAdam differs from torch.optim.Adam in where eps goes. It computes
+#     p - lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps),
+# torch computes
+#     p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)          (bc_i = 1 - beta_i^t),
+# i.e. higher is torch with eps replaced by eps / sqrt(bc2_t), a different eps at every step.
+# metapl follows torch. With eps = 0 both are the same function, so the comparison uses eps = 0
+# (second moments here are far from 0). test_higher_adam_eps_placement checks this explanation.
+# Adam with eps = 0 at K = 1 is sign descent, whose meta-gradient is exactly 0, so Adam is
+# compared at K = 2, 3 here and at K = 1 (eps > 0) in test_higher_adam_eps_placement.
+CASES = {
+    "sgd-momentum": (
+        torch.optim.SGD,
+        optim.sgd,
+        {"lr": 0.3, "momentum": 0.9, "weight_decay": 0.01},
+    ),
+    "adam": (torch.optim.Adam, optim.adam, {"lr": 0.05, "eps": 0.0, "weight_decay": 0.01}),
+}
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    student = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x_u, x_l = torch.randn(8, 4, dtype=F64), torch.randn(6, 4, dtype=F64)
+    return teacher.to(F64), student.to(F64), x_u, x_l, torch.randint(0, 3, (6,))
+
+
+def soft_ce(student_logits, teacher_logits):
+    return -(teacher_logits.softmax(-1) * student_logits.log_softmax(-1)).sum(-1).mean()
+
+
+def with_higher(torch_opt, hyper, steps, seed=0):
+    teacher, student, x_u, x_l, y_l = setup(seed)
+    opt = torch_opt(student.parameters(), **hyper)
+    with higher.innerloop_ctx(student, opt, copy_initial_weights=True) as (fstudent, diffopt):
+        for _ in range(steps):
+            diffopt.step(soft_ce(fstudent(x_u), teacher(x_u)))
+        outer = F.cross_entropy(fstudent(x_l), y_l)
+        grads = torch.autograd.grad(outer, list(teacher.parameters()))
+        new_student = [p.detach() for p in fstudent.parameters()]
+    return named(teacher, grads), named(student, new_student), outer.detach()
+
+
+def named(module, tensors):
+    return {k: v for (k, _), v in zip(module.named_parameters(), tensors, strict=True)}
+
+
+def with_metapl(metapl_opt, hyper, steps, seed=0):
+    teacher, student, x_u, x_l, y_l = setup(seed)
+
+    def inner_loss(s, t):
+        return soft_ce(functional_call(student, s, (x_u,)), functional_call(teacher, t, (x_u,)))
+
+    def outer_loss(s):
+        return F.cross_entropy(functional_call(student, s, (x_l,)), y_l)
+
+    return metapl.meta_grad(
+        inner_loss, outer_loss, dict(student.named_parameters()),
+        dict(teacher.named_parameters()), metapl_opt(**hyper), steps=steps,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "steps"),
+    [("sgd-momentum", 1), ("sgd-momentum", 2), ("sgd-momentum", 3), ("adam", 2), ("adam", 3)],
+)
+def test_exact_matches_higher(case, steps):
+    torch_opt, metapl_opt, hyper = CASES[case]
+    grads, student, outer = with_higher(torch_opt, hyper, steps)
+    res = with_metapl(metapl_opt, hyper, steps)
+    assert max(g.abs().max() for g in grads.values()) > 1e-3
+    assert_close(res.teacher_grads, grads, rtol=1e-9, atol=1e-12)
+    assert_close(res.student_params, student, rtol=1e-12, atol=1e-14)
+    assert res.outer_loss.item() == pytest.approx(outer.item(), rel=1e-12)
+
+
+def test_higher_adam_eps_placement():
+    """One step of higher's Adam with eps = e equals torch's (and metapl's) Adam with
+    eps = e / sqrt(1 - beta2), and differs from it with eps = e."""
+    hyper = {"lr": 0.05, "eps": 1e-3}
+    grads, student, _ = with_higher(torch.optim.Adam, hyper, steps=1)
+    moved = with_metapl(optim.adam, {**hyper, "eps": 1e-3 / math.sqrt(1 - 0.999)}, steps=1)
+    assert_close(moved.teacher_grads, grads, rtol=1e-9, atol=1e-12)
+    assert_close(moved.student_params, student, rtol=1e-12, atol=1e-14)
+    same_eps = with_metapl(optim.adam, hyper, steps=1)
+    assert not torch.allclose(same_eps.teacher_grads["0.weight"], grads["0.weight"], rtol=1e-3)
