@@ -140,10 +140,11 @@ def _reverse(inner_grad, outer_loss, student, teacher, optimizer, state, steps, 
     trajectory, first_aux = [], None
     s, st = student, state
     for k in range(steps):
+        rng = _rng_snapshot()  # the Hessian products replay this step's dropout masks
         g, aux = inner_grad(s, teacher)
         g = reduce(g)
         first_aux = aux if k == 0 else first_aux
-        trajectory.append((s, g, st))
+        trajectory.append((s, g, st, rng))
         s, st = optimizer.step(s, g, st)
     adj_s, loss = grad_and_value(outer_loss)(s)
     adj_s, loss = reduce(adj_s), reduce({"loss": loss})["loss"]
@@ -154,10 +155,10 @@ def _reverse(inner_grad, outer_loss, student, teacher, optimizer, state, steps, 
     # (s_{k+1}, state_{k+1}) into adjoints of (s_k, g_k, state_k). The adjoint of
     # g_k = grad_s L(s_k, t) flows on through the Hessian products H_ss a and H_ts a.
     for k in reversed(range(steps)):
-        s_k, g_k, st_k = trajectory[k]
+        s_k, g_k, st_k, rng = trajectory[k]
         _, step_vjp = vjp(optimizer.step, s_k, g_k, st_k)
         adj_s_direct, adj_g, adj_state = step_vjp((adj_s, adj_state))
-        h_ss, h_ts = products(s_k, teacher, adj_g, need_student=k > 0)  # s_0's is unused
+        h_ss, h_ts = products(s_k, teacher, adj_g, k > 0, rng)  # s_0's adjoint is unused
         if k > 0:
             h_ss = reduce(h_ss)
             adj_s = {n: adj_s_direct[n] + h_ss[n] for n in s_k}
@@ -168,11 +169,11 @@ def _reverse(inner_grad, outer_loss, student, teacher, optimizer, state, steps, 
 def _exact_hessian_products(inner_grad):
     """(H_ss a, H_ts a) by reverse mode over the gradient (double backward)."""
 
-    def products(s, t, a, need_student):
+    def products(s, t, a, need_student, rng):
         if need_student:
-            _, grad_vjp = vjp(lambda s_, t_: inner_grad(s_, t_)[0], s, t)
+            _, grad_vjp = _replayed(rng, vjp, lambda s_, t_: inner_grad(s_, t_)[0], s, t)
             return grad_vjp(a)
-        _, grad_vjp = vjp(lambda t_: inner_grad(s, t_)[0], t)
+        _, grad_vjp = _replayed(rng, vjp, lambda t_: inner_grad(s, t_)[0], t)
         return None, grad_vjp(a)[0]
 
     return products
@@ -184,14 +185,16 @@ def _finite_difference_hessian_products(inner_loss, radius):
     grad_both = grad(inner_loss, argnums=(0, 1), has_aux=True)
     grad_teacher = grad(inner_loss, argnums=1, has_aux=True)
 
-    def products(s, t, a, need_student):
+    def products(s, t, a, need_student, rng):
         eps = radius / torch.clamp(_norm(a), min=torch.finfo(_dtype(a)).eps)
         plus = {n: s[n] + eps * a[n] for n in s}
         minus = {n: s[n] - eps * a[n] for n in s}
+        grad_fn = grad_both if need_student else grad_teacher
+        g_plus, _ = _replayed(rng, grad_fn, plus, t)
+        g_minus, _ = _replayed(rng, grad_fn, minus, t)
         if not need_student:
-            (g_plus, _), (g_minus, _) = grad_teacher(plus, t), grad_teacher(minus, t)
             return None, _central(g_plus, g_minus, eps)
-        ((gs_plus, gt_plus), _), ((gs_minus, gt_minus), _) = grad_both(plus, t), grad_both(minus, t)
+        (gs_plus, gt_plus), (gs_minus, gt_minus) = g_plus, g_minus
         return _central(gs_plus, gs_minus, eps), _central(gt_plus, gt_minus, eps)
 
     return products
@@ -204,13 +207,14 @@ def _central(plus: Params, minus: Params, eps: Tensor) -> Params:
 def _first_order(
     inner_grad, outer_loss, student, teacher, optimizer, state, steps, log_prob, baseline, reduce
 ):
+    rng = _rng_snapshot()  # L(s_K) sees L(s_0)'s dropout masks: h measures the step alone
     loss_before = outer_loss(student)
     s, st, first_aux = student, state, None
     for k in range(steps):
         g, aux = inner_grad(s, teacher)
         first_aux = aux if k == 0 else first_aux
         s, st = optimizer.step(s, reduce(g), st)
-    loss_after = outer_loss(s)
+    loss_after = _replayed(rng, outer_loss, s)
     # h is a difference of losses over the *whole* labeled batch: average across processes.
     losses = reduce({"before": loss_before, "after": loss_after})
     loss_before, loss_after = losses["before"], losses["after"]
@@ -281,6 +285,35 @@ def _check_inputs(student, teacher, optimizer, opt_state, steps, method, log_pro
         )
     if method != "first_order" and log_prob is not None:
         raise ValueError(f"log_prob is only used by method='first_order', not {method!r}")
+
+
+def _rng_snapshot() -> tuple | None:
+    """The global RNG states (CPU and current CUDA device), so that a repeated evaluation can
+    draw the same random numbers (dropout masks) as the first. None under torch.compile, which
+    cannot restore RNG states: there every evaluation draws afresh."""
+    if torch.compiler.is_compiling():
+        return None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+
+
+def _set_rng(snapshot: tuple) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1])
+
+
+def _replayed(snapshot: tuple | None, fn: Callable, *args):
+    """``fn(*args)`` drawing the random numbers drawn after ``snapshot``; afterwards the RNG
+    continues from where it was, so later draws never repeat earlier ones."""
+    if snapshot is None:
+        return fn(*args)
+    now = _rng_snapshot()
+    _set_rng(snapshot)
+    try:
+        return fn(*args)
+    finally:
+        _set_rng(now)
 
 
 def _identity(tree):

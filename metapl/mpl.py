@@ -132,7 +132,7 @@ class MPL:
     ):
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
-            uda, label_smoothing, temperature, ema_decay, h_baseline_decay,
+            uda, label_smoothing, temperature, ema_decay, h_baseline_decay, compile,
         )  # fmt: skip
         self.teacher, self.student = teacher, student
         for module in (teacher, student):
@@ -387,8 +387,15 @@ def _to(tree, device):
     return {k: _to(v, device) for k, v in tree.items()}
 
 
+def _has_dropout(module: nn.Module) -> bool:
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                nn.FeatureAlphaDropout)  # fmt: skip
+    return any(isinstance(m, dropouts) and m.p > 0 for m in module.modules())
+
+
 def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_labels, uda,
-                  label_smoothing, temperature, ema_decay, h_baseline_decay) -> None:  # fmt: skip
+                  label_smoothing, temperature, ema_decay, h_baseline_decay,
+                  compile) -> None:  # fmt: skip
     if not (isinstance(teacher, nn.Module) and isinstance(student, nn.Module)):
         raise TypeError("teacher and student must be torch.nn.Module instances")
     if not (isinstance(teacher_opt, Optimizer) and isinstance(student_opt, Optimizer)):
@@ -409,6 +416,12 @@ def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_lab
         raise ValueError(
             "meta_grad='first_order' is the score-function estimator for sampled labels: use "
             "pseudo_labels='hard', or meta_grad='exact' for soft labels"
+        )
+    if method == "finite_difference" and compile and _has_dropout(student):
+        raise ValueError(
+            "meta_grad='finite_difference' replays the student's dropout masks, which "
+            "torch.compile cannot do: pass compile=False, use meta_grad='exact', or a student "
+            "without dropout"
         )
     if uda is not None and not isinstance(uda, UDA):
         raise TypeError("uda must be a metapl.UDA(weight, temperature, threshold) or None")

@@ -347,3 +347,28 @@ def test_opt_state_of_another_optimizer_is_rejected():
             lambda s, t: (s["w"] * t["t"]).sum(), lambda s: s["w"].sum(), s, t,
             optim.adam(0.1), opt_state=optim.sgd(0.1).init(s),
         )  # fmt: skip
+
+
+def test_first_order_h_sees_the_same_dropout_masks_before_and_after():
+    """With a zero student learning rate the student does not move, so h must be exactly 0:
+    the outer loss after the step replays the dropout masks of the loss before it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3)
+    )
+    s, t = {k: v.detach() for k, v in model.named_parameters()}, {"z": torch.randn(6, 3)}
+    x_u, x_l, y_l = torch.randn(6, 4), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    y_hat = torch.randint(0, 3, (6,))
+
+    def inner(s_, t_):
+        return F.cross_entropy(functional_call(model, s_, (x_u,)), y_hat)
+
+    def outer(s_):
+        return F.cross_entropy(functional_call(model, s_, (x_l,)), y_l)
+
+    def log_prob(t_):
+        return F.log_softmax(t_["z"], -1).gather(-1, y_hat[:, None]).mean()
+
+    res = metapl.meta_grad(inner, outer, s, t, optim.sgd(0.0), method="first_order",
+                           log_prob=log_prob)  # fmt: skip
+    assert res.h == 0

@@ -1,0 +1,816 @@
+"""metapl.MPL against computations written by hand with plain torch.autograd.
+
+Every reference here is independent of metapl: the models' forward passes, the losses, the
+pseudo labels, the student lookahead and both optimizer updates are spelled out in this file
+(only the Gumbel-max sampler, whose random stream cannot be re-derived otherwise, is shared;
+``test_sampler_draws_from_the_softmax`` checks it on its own). Small float64 tanh MLPs make the
+comparisons tight (1e-10).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import metapl
+from metapl import optim
+from metapl.mpl import _sample_categorical
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+
+
+# --------------------------------------------------------------------------- models and batches
+
+
+def mlp(d_in=2, hidden=16, classes=3, *, seed=0, bn=False, dropout=0.0, dtype=F64) -> nn.Module:
+    """Linear -> [BatchNorm1d] -> tanh -> [Dropout] -> Linear."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers = [nn.Linear(d_in, hidden)]
+        layers += [nn.BatchNorm1d(hidden, momentum=0.3)] if bn else []
+        layers += [nn.Tanh()]
+        layers += [nn.Dropout(dropout)] if dropout else []
+        layers += [nn.Linear(hidden, classes)]
+        return nn.Sequential(*layers).to(dtype)
+
+
+def hand_mlp(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The training-mode forward of ``mlp()`` without dropout, written out."""
+    h, last = x @ p["0.weight"].T + p["0.bias"], "2"
+    if "1.weight" in p:  # BatchNorm1d: normalised with the statistics of this batch
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+        h, last = (h - mean) / torch.sqrt(var + 1e-5) * p["1.weight"] + p["1.bias"], "3"
+    return torch.tanh(h) @ p[f"{last}.weight"].T + p[f"{last}.bias"]
+
+
+@dataclass
+class Batch:
+    x_l: Tensor
+    y_l: Tensor
+    x_u: Tensor
+    x_us: Tensor | None
+
+    @property
+    def x_view(self) -> Tensor:  # what the student trains on
+        return self.x_u if self.x_us is None else self.x_us
+
+    def args(self):
+        return self.x_l, self.y_l, self.x_u, self.x_us
+
+
+def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64) -> Batch:
+    gen = torch.Generator().manual_seed(1000 + seed)
+    x_u = torch.randn(n_u, d, generator=gen, dtype=dtype)
+    return Batch(
+        x_l=torch.randn(n_l, d, generator=gen, dtype=dtype) + 0.5,  # other stats than x_u
+        y_l=torch.randint(0, classes, (n_l,), generator=gen),
+        x_u=x_u,
+        x_us=x_u + 0.5 * torch.randn(n_u, d, generator=gen, dtype=dtype) if strong else None,
+    )
+
+
+def params(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def buffers(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_buffers()}
+
+
+def leaves(tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone().requires_grad_() for k, v in tree.items()}
+
+
+def detach(tree):
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, dict):
+        return {k: detach(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(detach(v) for v in tree)
+    return tree
+
+
+def assert_tree_close(got, expected, rtol=1e-10, atol=1e-12, path="") -> None:
+    """Leafwise comparison of nested dicts of tensors / numbers (same keys required)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict), f"{path}: expected a dict, got {type(got).__name__}"
+        assert sorted(got) == sorted(expected), f"{path}: keys {sorted(got)} != {sorted(expected)}"
+        for k in expected:
+            assert_tree_close(got[k], expected[k], rtol, atol, f"{path}/{k}")
+        return
+    got = torch.as_tensor(got).detach().to(F64)
+    expected = torch.as_tensor(expected).detach().to(F64)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{path}: {m}")
+
+
+def assert_tree_equal(got, expected, path="") -> None:
+    """Bitwise equality of nested dicts of tensors."""
+    if isinstance(expected, dict):
+        assert sorted(got) == sorted(expected), f"{path}: keys {sorted(got)} != {sorted(expected)}"
+        for k in expected:
+            assert_tree_equal(got[k], expected[k], f"{path}/{k}")
+        return
+    assert torch.equal(got, expected), f"{path} differs"
+
+
+def assert_metrics(got: dict[str, float], expected: dict[str, Tensor | float], rel=1e-10):
+    missing = sorted(set(expected) - set(got))
+    assert not missing, f"metrics {missing} missing from {sorted(got)}"
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(float(v), rel=rel, abs=1e-12), k
+
+
+# --------------------------------------------------------------------------- hand references
+
+
+def hand_sgd(lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    """torch.optim.SGD's update (dampening 0); the zero buffer reproduces ``buf = d`` at step 0."""
+
+    def init(p):
+        return {"step": 0, "momentum": {k: torch.zeros_like(v) for k, v in p.items()}}
+
+    def step(p, g, state):
+        new_p, bufs = {}, {}
+        for k in p:
+            d = g[k] + weight_decay * p[k]
+            bufs[k] = momentum * state["momentum"][k] + d
+            d = d + momentum * bufs[k] if nesterov else bufs[k]
+            new_p[k] = p[k] - lr * d
+        return new_p, {"step": state["step"] + 1, "momentum": bufs}
+
+    return init, step
+
+
+def hand_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    """The textbook AdamW update ``p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``."""
+    b1, b2 = betas
+
+    def init(p):
+        zeros = {k: torch.zeros_like(v) for k, v in p.items()}
+        return {"step": 0, "exp_avg": zeros, "exp_avg_sq": dict(zeros)}
+
+    def step(p, g, state):
+        t = state["step"] + 1
+        new_p, ms, vs = {}, {}, {}
+        for k in p:
+            ms[k] = b1 * state["exp_avg"][k] + (1 - b1) * g[k]
+            vs[k] = b2 * state["exp_avg_sq"][k] + (1 - b2) * g[k] ** 2
+            m_hat, v_hat = ms[k] / (1 - b1**t), vs[k] / (1 - b2**t)
+            new_p[k] = p[k] * (1 - lr * weight_decay) - lr * m_hat / (torch.sqrt(v_hat) + eps)
+        return new_p, {"step": t, "exp_avg": ms, "exp_avg_sq": vs}
+
+    return init, step
+
+
+# name: (metapl optimizer, hand optimizer) with the same hyperparameters
+OPTIMIZERS = {
+    "momentum": lambda: (
+        optim.sgd(0.5, momentum=0.9, weight_decay=5e-3),
+        hand_sgd(0.5, momentum=0.9, weight_decay=5e-3),
+    ),
+    "nesterov": lambda: (
+        optim.sgd(0.2, momentum=0.8, nesterov=True, weight_decay=1e-3),
+        hand_sgd(0.2, momentum=0.8, nesterov=True, weight_decay=1e-3),
+    ),
+    # eps=1e-2: with a tiny eps one Adam step is sign descent and hides gradient errors
+    "adamw": lambda: (
+        optim.adamw(0.05, eps=1e-2, weight_decay=0.01),
+        hand_adamw(0.05, eps=1e-2, weight_decay=0.01),
+    ),
+}
+
+
+@dataclass
+class Config:
+    meta_grad: str | None = "exact"
+    pseudo_labels: str = "soft"
+    uda: metapl.UDA | None = None
+    label_smoothing: float = 0.0
+    temperature: float = 0.7
+    teacher_opt: str = "nesterov"
+    student_opt: str = "momentum"
+    h_baseline_decay: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def mpl(self, teacher, student, **kwargs) -> metapl.MPL:
+        kwargs = {**self.extra, **kwargs}
+        if self.h_baseline_decay is not None:
+            kwargs["h_baseline_decay"] = self.h_baseline_decay
+        return metapl.MPL(
+            teacher, student, OPTIMIZERS[self.teacher_opt]()[0], OPTIMIZERS[self.student_opt]()[0],
+            meta_grad=self.meta_grad, pseudo_labels=self.pseudo_labels, uda=self.uda,
+            label_smoothing=self.label_smoothing, temperature=self.temperature, **kwargs,
+        )  # fmt: skip
+
+
+def smoothed_ce(logits: Tensor, y: Tensor, eps: float) -> Tensor:
+    """Cross-entropy against ``(1 - eps) one_hot(y) + eps / C``."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    nll = -log_p.gather(1, y[:, None]).squeeze(1)
+    return ((1 - eps) * nll - eps * log_p.mean(-1)).mean()
+
+
+def hand_teacher_loss(tp, batch: Batch, cfg: Config, step: int):
+    """The teacher's own loss and its logits ``z`` on the student's view, from one forward."""
+    parts = [batch.x_l] + ([batch.x_u] if cfg.uda else []) + [batch.x_view]
+    logits = hand_mlp(tp, torch.cat(parts))
+    n_l, n_u = len(batch.x_l), len(batch.x_u)
+    loss_sup = smoothed_ce(logits[:n_l], batch.y_l, cfg.label_smoothing)
+    metrics = {"teacher/loss_sup": loss_sup}
+    loss = loss_sup
+    if cfg.uda:
+        u = cfg.uda
+        weak, strong = logits[n_l : n_l + n_u].detach(), logits[-n_u:]
+        q = torch.softmax(weak / u.temperature, dim=-1)
+        mask = (torch.softmax(weak, dim=-1).max(-1).values >= u.threshold).to(F64)
+        loss_uda = (mask * -(q * torch.log_softmax(strong, dim=-1)).sum(-1)).mean()
+        weight = u.weight * min(1.0, (step + 1) / u.ramp_steps) if u.ramp_steps else u.weight
+        loss = loss + weight * loss_uda
+        metrics |= {"teacher/loss_uda": loss_uda, "teacher/uda_mask": mask.mean(),
+                    "teacher/uda_weight": weight}  # fmt: skip
+    metrics["teacher/loss"] = loss
+    return loss, logits[-n_u:], metrics
+
+
+def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed=None, h_b=0.0):
+    """One MPL step by hand. Returns new (t, s, t_state, s_state), the metrics, new baseline."""
+    t_init, t_opt = OPTIMIZERS[cfg.teacher_opt]()[1]
+    s_init, s_opt = OPTIMIZERS[cfg.student_opt]()[1]
+    t_state = t_init(t) if t_state is None else t_state
+    s_state = s_init(s) if s_state is None else s_state
+    tp, sp = leaves(t), leaves(s)
+    loss_t, z, metrics = hand_teacher_loss(tp, batch, cfg, step)
+    labeled_ce = lambda p: F.cross_entropy(hand_mlp(p, batch.x_l), batch.y_l)  # noqa: E731
+    logits_u = hand_mlp(sp, batch.x_view)
+    if cfg.pseudo_labels == "soft":
+        probs = torch.softmax(z / cfg.temperature, dim=-1)
+        if cfg.meta_grad is None:
+            probs = probs.detach()
+        loss_u = -(probs * torch.log_softmax(logits_u, dim=-1)).sum(-1).mean()
+    else:
+        torch.manual_seed(seed)
+        y_hat = _sample_categorical(z.detach() / cfg.temperature)
+        loss_u = F.cross_entropy(logits_u, y_hat)
+    exact = cfg.meta_grad == "exact"
+    g_s = torch.autograd.grad(loss_u, list(sp.values()), create_graph=exact)
+    new_s, s_state = s_opt(sp, dict(zip(sp, g_s, strict=True)), s_state)
+    total = loss_t
+    if cfg.meta_grad is None:
+        metrics["student/loss_u"] = loss_u
+    elif exact:
+        loss_l = labeled_ce(new_s)  # depends on the teacher through the pseudo labels
+        (dz,) = torch.autograd.grad(loss_l, z, retain_graph=True)
+        metrics |= {"student/loss_l": loss_l, "mpl/grad_norm_logits": dz.norm()}
+        total = total + loss_l
+    else:  # first_order: (L_l(s') - L_l(s) - baseline) * grad mean_i log p_T(y_hat_i)
+        loss_l = labeled_ce(new_s)
+        h = (loss_l - labeled_ce(sp)).detach()
+        log_p = torch.log_softmax(z / cfg.temperature, dim=-1).gather(1, y_hat[:, None]).mean()
+        total = total + (h - h_b) * log_p
+        metrics |= {"student/loss_l": loss_l, "mpl/h": h}
+        if cfg.h_baseline_decay is not None:
+            metrics["mpl/h_baseline"] = h_b
+            h_b = cfg.h_baseline_decay * h_b + (1 - cfg.h_baseline_decay) * h
+    g_t = torch.autograd.grad(total, list(tp.values()))
+    new_t, t_state = t_opt(tp, dict(zip(tp, g_t, strict=True)), t_state)
+    out = detach((new_t, new_s, t_state, s_state, metrics))
+    return (*out, h_b)
+
+
+def run_both(cfg: Config, steps=2, strong=True, seeds=(11, 12, 13), bn=False):
+    """``steps`` MPL steps and the same steps by hand; returns both trajectories' ends."""
+    teacher, student = mlp(seed=1, bn=bn), mlp(seed=2, bn=bn)
+    t, s = params(teacher), params(student)
+    mpl = cfg.mpl(teacher, student)
+    t_state = s_state = None
+    h_b = 0.0
+    for k in range(steps):
+        batch = make_batch(seed=k, strong=strong)
+        torch.manual_seed(seeds[k])
+        got = mpl.step(*batch.args())
+        t, s, t_state, s_state, expected, h_b = hand_step(
+            t, s, t_state, s_state, batch, cfg, k, seed=seeds[k], h_b=h_b
+        )
+        assert_metrics(got, expected)
+    return mpl, (t, s, t_state, s_state, h_b)
+
+
+def assert_matches_hand(mpl: metapl.MPL, hand, rtol=1e-10, atol=1e-12):
+    t, s, t_state, s_state, _ = hand
+    assert_tree_close(params(mpl.teacher), t, rtol, atol, "teacher")
+    assert_tree_close(params(mpl.student), s, rtol, atol, "student")
+    assert_tree_close(mpl.teacher_state, t_state, rtol, atol, "teacher_state")
+    assert_tree_close(mpl.student_state, s_state, rtol, atol, "student_state")
+
+
+def uda_for(threshold_split=True, **kwargs) -> metapl.UDA:
+    """A UDA term whose confidence threshold masks about half of the first unlabeled batch."""
+    with torch.no_grad():
+        conf = torch.softmax(mlp(seed=1)(make_batch(0).x_u), dim=-1).amax(-1).sort().values
+    mid = len(conf) // 2
+    threshold = float(conf[mid - 1] + conf[mid]) / 2 if threshold_split else 0.0
+    return metapl.UDA(threshold=threshold, **kwargs)
+
+
+# --------------------------------------------------------------------------- 1. exact
+
+
+@pytest.mark.parametrize("teacher_opt", ["nesterov", "adamw"])
+def test_exact_soft_step_equals_hand_computation(teacher_opt):
+    cfg = Config(meta_grad="exact", teacher_opt=teacher_opt)
+    mpl, hand = run_both(cfg, steps=1)
+    assert_matches_hand(mpl, hand)
+    # the MPL term is a real part of the teacher's gradient: without it the teacher differs
+    no_mpl = Config(meta_grad=None, teacher_opt=teacher_opt)
+    _, hand_no_mpl = run_both(no_mpl, steps=1)
+    assert (hand[0]["2.weight"] - hand_no_mpl[0]["2.weight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strong", [True, False], ids=["x_u_strong", "x_u_only"])
+def test_exact_two_steps_equal_hand_computation(strong):
+    """The second step starts from non-zero momentum buffers and a step counter of 1."""
+    cfg = Config(meta_grad="exact", label_smoothing=0.1, teacher_opt="adamw")
+    mpl, hand = run_both(cfg, steps=2, strong=strong)
+    assert_matches_hand(mpl, hand)
+    assert mpl.num_steps == 2
+
+
+def test_exact_with_uda_and_label_smoothing_equals_hand_computation():
+    uda = uda_for(weight=0.3, temperature=0.4, ramp_steps=3)  # 0.3 / 3: not exact in float32
+    cfg = Config(meta_grad="exact", uda=uda, label_smoothing=0.2)
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    mpl = cfg.mpl(teacher, student)
+    batch = make_batch(0)
+    got = mpl.step(*batch.args())
+    assert got["teacher/uda_weight"] == pytest.approx(0.3 * 1 / 3, rel=1e-12)  # (0 + 1) / ramp
+    assert 0 < got["teacher/uda_mask"] < 1  # the mask actually selects
+    mpl, hand = run_both(cfg, steps=2)  # step 1 ramps to (1 + 1) / 3
+    assert_matches_hand(mpl, hand)
+
+
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+def test_step_with_batchnorm_equals_hand_computation(method):
+    """With BatchNorm the teacher normalises over the whole concatenated batch (so its pseudo
+    labels depend on x_l too, and so does the MPL gradient) and the student's labeled loss uses
+    the labeled batch's own statistics."""
+    hard = method == "first_order"
+    cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft", temperature=1.5,
+                 uda=uda_for(ramp_steps=3), label_smoothing=0.1, teacher_opt="adamw",
+                 h_baseline_decay=0.8 if hard else None)  # fmt: skip
+    mpl, hand = run_both(cfg, steps=2, bn=True)
+    assert_matches_hand(mpl, hand)
+
+
+# --------------------------------------------------------------------------- 2. finite difference
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["mlp", "batchnorm"])
+def test_finite_difference_step_approximates_exact(bn):
+    batch = make_batch(0)
+    teacher, student = mlp(seed=1, bn=bn), mlp(seed=2, bn=bn)
+    cfg = Config(uda=uda_for(), label_smoothing=0.1, teacher_opt="momentum")
+    runs = {}
+    for name, method, radius in [("exact", "exact", 1e-2), ("fd", "finite_difference", 1e-6),
+                                 ("coarse", "finite_difference", 0.5)]:  # fmt: skip
+        cfg.meta_grad = method
+        mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student), fd_radius=radius)
+        runs[name] = (mpl, mpl.step(*batch.args()))
+    (exact, m_exact), (fd, m_fd), (coarse, _) = runs["exact"], runs["fd"], runs["coarse"]
+    # the teacher's gradient is its momentum buffer after one step
+    g_exact, g_fd = exact.teacher_state["momentum"], fd.teacher_state["momentum"]
+    assert_tree_close(g_fd, g_exact, rtol=1e-6, atol=1e-9, path="teacher grad")
+    assert_tree_close(params(fd.teacher), params(exact.teacher), rtol=1e-8, atol=1e-10)
+    # the student's step does not depend on the method
+    assert_tree_close(params(fd.student), params(exact.student), **TIGHT)
+    assert_tree_close(buffers(fd.student), buffers(exact.student), **TIGHT)
+    assert_tree_close(buffers(fd.teacher), buffers(exact.teacher), **TIGHT)
+    for k in ("student/loss_l", "teacher/loss", "mpl/grad_norm_logits"):
+        assert m_fd[k] == pytest.approx(m_exact[k], rel=1e-6), k
+    # fd_radius reaches the difference: a coarse radius is visibly less accurate
+    err = lambda g: max((g[k] - g_exact[k]).abs().max().item() for k in g)  # noqa: E731
+    assert err(coarse.teacher_state["momentum"]) > 100 * err(g_fd)
+
+
+def test_finite_difference_with_student_dropout_does_not_scale_with_one_over_radius():
+    norms = []
+    for radius in (1e-2, 1e-4):
+        cfg = Config(meta_grad="finite_difference")
+        mpl = cfg.mpl(mlp(seed=1), mlp(seed=2, dropout=0.3), fd_radius=radius)
+        torch.manual_seed(0)
+        norms.append(mpl.step(*make_batch(0).args())["mpl/grad_norm_logits"])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-2)
+
+
+# --------------------------------------------------------------------------- 3. first order
+
+
+def test_sampler_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=F64).expand(40000, 4)
+    torch.manual_seed(0)
+    freq = torch.bincount(_sample_categorical(logits), minlength=4).to(F64) / len(logits)
+    p = torch.softmax(logits[0], dim=-1)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(logits)).sqrt().max()
+
+
+@pytest.mark.parametrize("decay", [None, 0.7], ids=["no_baseline", "moving_average"])
+def test_first_order_step_equals_its_formula(decay):
+    cfg = Config(meta_grad="first_order", pseudo_labels="hard", temperature=2.0,
+                 h_baseline_decay=decay, label_smoothing=0.1, teacher_opt="momentum")  # fmt: skip
+    mpl, hand = run_both(cfg, steps=3)  # the baseline is non-zero from the second step on
+    assert_matches_hand(mpl, hand)
+    h_b = hand[-1]
+    if decay is None:
+        assert float(mpl.counters["h_baseline"]) == 0.0
+    else:
+        assert abs(float(h_b)) > 1e-6
+        assert float(mpl.counters["h_baseline"]) == pytest.approx(float(h_b), rel=1e-10)
+
+
+def test_first_order_samples_at_the_temperature():
+    """The formula test is only sharp if the temperature changes the samples it reproduces."""
+    z = hand_mlp(params(mlp(seed=1)), make_batch(0).x_us)
+    torch.manual_seed(11)
+    at_t = _sample_categorical(z / 2.0)
+    torch.manual_seed(11)
+    assert not torch.equal(at_t, _sample_categorical(z))
+
+
+def test_first_order_sign_by_enumeration():
+    """Averaged over the sampled label, MPL's first-order teacher gradient is the gradient of the
+    expected labeled loss of the updated student, E_y[L_l(s'(y))] (so the sign is right)."""
+    torch.manual_seed(0)
+    batch = make_batch(0, n_u=1)
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    t0 = params(teacher)
+    temperature = 1.5
+    z = hand_mlp(t0, batch.x_us)
+    seeds = {}  # a seed that samples each class
+    for seed in range(10000):
+        torch.manual_seed(seed)
+        seeds.setdefault(int(_sample_categorical(z / temperature)), seed)
+        if len(seeds) == 3:
+            break
+    expected_sum, mpl_avg = 0.0, None
+    tp = leaves(t0)
+    p = torch.softmax(hand_mlp(tp, batch.x_us) / temperature, dim=-1)[0]
+    g_sup = dict(zip(tp, torch.autograd.grad(F.cross_entropy(hand_mlp(tp, batch.x_l), batch.y_l),
+                                             list(tp.values())), strict=True))  # fmt: skip
+    for c, seed in seeds.items():
+        mpl = metapl.MPL(copy.deepcopy(teacher), copy.deepcopy(student),
+                         optim.sgd(0.1, momentum=0.5), optim.sgd(1.0), meta_grad="first_order",
+                         pseudo_labels="hard", temperature=temperature)  # fmt: skip
+        torch.manual_seed(seed)
+        loss_l = mpl.step(*batch.args())["student/loss_l"]  # L_l(s'(c))
+        expected_sum = expected_sum + p[c] * loss_l
+        g_mpl = {k: mpl.teacher_state["momentum"][k] - g_sup[k] for k in tp}
+        p_c = p[c].detach()
+        mpl_avg = {k: (mpl_avg[k] if mpl_avg else 0) + p_c * g_mpl[k] for k in tp}
+    g_expected = torch.autograd.grad(expected_sum, list(tp.values()))
+    g_expected = dict(zip(tp, g_expected, strict=True))
+    assert max(g.abs().max() for g in g_expected.values()) > 1e-4
+    assert_tree_close(mpl_avg, g_expected, rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- 4. no MPL term
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Config(meta_grad=None, uda=uda_for(weight=1.5), label_smoothing=0.1),
+        Config(meta_grad=None, pseudo_labels="hard", temperature=2.0, teacher_opt="adamw"),
+    ],
+    ids=["soft_uda", "hard"],
+)
+def test_no_meta_grad_step_equals_hand_computation(cfg):
+    mpl, hand = run_both(cfg, steps=2)
+    assert_matches_hand(mpl, hand)
+
+
+# --------------------------------------------------------------------------- 6. determinism
+
+
+def dropout_run(seed: int, steps=3) -> metapl.MPL:
+    teacher, student = mlp(seed=1, dropout=0.3), mlp(seed=2, dropout=0.3)
+    cfg = Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.9)
+    mpl = cfg.mpl(teacher, student)
+    torch.manual_seed(seed)
+    for k in range(steps):
+        mpl.step(*make_batch(k).args())
+    return mpl
+
+
+def test_same_seed_is_bitwise_reproducible_and_another_seed_is_not():
+    a, b, c = dropout_run(0), dropout_run(0), dropout_run(1)
+    for net in ("teacher", "student"):
+        assert_tree_equal(params(getattr(a, net)), params(getattr(b, net)), net)
+        p_a, p_c = params(getattr(a, net)), params(getattr(c, net))
+        assert any(not torch.equal(p_a[k], p_c[k]) for k in p_a), net
+
+
+# --------------------------------------------------------------------------- 7. state_dict
+
+
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+@pytest.mark.parametrize("via_file", [False, True], ids=["in_memory", "torch_save"])
+def test_state_dict_round_trip_resumes_bitwise(method, via_file, tmp_path):
+    hard = method == "first_order"
+
+    def build(seed_shift=0):
+        cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft",
+                     uda=uda_for(ramp_steps=10), teacher_opt="adamw",
+                     h_baseline_decay=0.9 if hard else None)  # fmt: skip
+        teacher = mlp(seed=1 + seed_shift, bn=True, dropout=0.2)
+        student = mlp(seed=2 + seed_shift, bn=True, dropout=0.2)
+        return cfg.mpl(teacher, student, ema_decay=0.8)
+
+    def run(mpl, ks):
+        return [mpl.step(*make_batch(k).args()) for k in ks]
+
+    torch.manual_seed(0)
+    a = build()
+    run(a, range(3))
+    sd, rng = a.state_dict(), torch.get_rng_state()
+    if via_file:
+        torch.save(sd, tmp_path / "mpl.pt")
+        sd = torch.load(tmp_path / "mpl.pt", weights_only=True)
+    metrics_a = run(a, range(3, 5))
+
+    b = build(seed_shift=10)  # other initial weights: everything must come from the state_dict
+    assert not torch.equal(params(b.teacher)["0.weight"], params(a.teacher)["0.weight"])
+    b.load_state_dict(sd)
+    torch.set_rng_state(rng)
+    metrics_b = run(b, range(3, 5))
+
+    assert metrics_a == metrics_b
+    for net in ("teacher", "student", "ema_student"):
+        assert_tree_equal(getattr(b, net).state_dict(), getattr(a, net).state_dict(), net)
+    assert_tree_equal(b.teacher_state, a.teacher_state, "teacher_state")
+    assert_tree_equal(b.student_state, a.student_state, "student_state")
+    assert_tree_equal(b.counters, a.counters, "counters")
+    assert b.num_steps == 5
+
+
+def leaf_specs(tree, path=""):
+    if isinstance(tree, dict):
+        return {p: v for k, sub in tree.items() for p, v in leaf_specs(sub, f"{path}/{k}").items()}
+    return {path: (tree.dtype, tuple(tree.shape), tree.device)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_step_state_keeps_its_dtypes_and_shapes(dtype):
+    """What the step threads from one call to the next must keep its dtype and shape (under
+    ``compile=True`` a change recompiles the step)."""
+    cfg = Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.9,
+                 uda=uda_for(ramp_steps=3), teacher_opt="adamw")  # fmt: skip
+    mpl = cfg.mpl(mlp(seed=1, bn=True, dtype=dtype), mlp(seed=2, bn=True, dtype=dtype))
+    state = lambda: {"t": mpl.teacher_state, "s": mpl.student_state, "c": mpl.counters}  # noqa: E731
+    before = leaf_specs(state())
+    for k in range(2):
+        mpl.step(*make_batch(k, dtype=dtype).args())
+        assert leaf_specs(state()) == before
+
+
+def test_state_dict_is_a_snapshot():
+    mpl = Config().mpl(mlp(seed=1), mlp(seed=2))
+    sd = mpl.state_dict()
+    before = copy.deepcopy(sd)
+    mpl.step(*make_batch(0).args())
+    assert_tree_equal(sd["teacher"], before["teacher"], "teacher")
+    assert_tree_equal(sd["student_state"], before["student_state"], "student_state")
+
+
+def test_load_state_dict_with_mismatched_ema_option_raises():
+    sd = Config().mpl(mlp(seed=1), mlp(seed=2), ema_decay=0.9).state_dict()
+    with pytest.raises(ValueError, match="ema_decay"):
+        Config().mpl(mlp(seed=1), mlp(seed=2)).load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- 8. BatchNorm
+
+
+def bn_update(running: tuple[Tensor, Tensor], h: Tensor, momentum: float):
+    """torch's BatchNorm running-statistics update from a batch of activations h [B, C]."""
+    mean, var = running
+    return (1 - momentum) * mean + momentum * h.mean(0), (1 - momentum) * var + momentum * h.var(0)
+
+
+BN_CASES = {
+    "exact": ("exact", "soft"),
+    "finite_difference": ("finite_difference", "soft"),
+    "first_order": ("first_order", "hard"),
+    "none": (None, "soft"),
+}
+
+
+@pytest.mark.parametrize("case", list(BN_CASES))
+@pytest.mark.parametrize("with_uda", [True, False], ids=["uda", "no_uda"])
+def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_uda):
+    method, labels = BN_CASES[case]
+    teacher, student = mlp(seed=1, bn=True), mlp(seed=2, bn=True)
+    t0, s0 = params(teacher), params(student)
+    t_bufs0, s_bufs0 = buffers(teacher), buffers(student)
+    cfg = Config(meta_grad=method, pseudo_labels=labels, uda=uda_for() if with_uda else None)
+    mpl = cfg.mpl(teacher, student)
+    batch = make_batch(0)
+    torch.manual_seed(0)
+    mpl.step(*batch.args())
+
+    first = lambda p, x: x @ p["0.weight"].T + p["0.bias"]  # noqa: E731
+    parts = [batch.x_l] + ([batch.x_u] if with_uda else []) + [batch.x_us]
+    t_mean, t_var = bn_update((t_bufs0["1.running_mean"], t_bufs0["1.running_var"]),
+                              first(t0, torch.cat(parts)), 0.3)  # fmt: skip
+    s_mean, s_var = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
+                              first(s0, batch.x_us), 0.3)  # fmt: skip
+    t_bufs, s_bufs = buffers(mpl.teacher), buffers(mpl.student)
+    torch.testing.assert_close(t_bufs["1.running_mean"], t_mean, **TIGHT)
+    torch.testing.assert_close(t_bufs["1.running_var"], t_var, **TIGHT)
+    torch.testing.assert_close(s_bufs["1.running_mean"], s_mean, **TIGHT)
+    torch.testing.assert_close(s_bufs["1.running_var"], s_var, **TIGHT)
+    assert int(t_bufs["1.num_batches_tracked"]) == 1
+    assert int(s_bufs["1.num_batches_tracked"]) == 1
+    # discriminative: the labeled batch would have given other student statistics
+    wrong, _ = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
+                         first(s0, batch.x_l), 0.3)  # fmt: skip
+    assert (wrong - s_mean).abs().max() > 1e-3
+
+
+def test_batchnorm_student_trains_on_x_u_without_strong_view():
+    student = mlp(seed=2, bn=True)
+    s0, bufs0 = params(student), buffers(student)
+    mpl = Config().mpl(mlp(seed=1, bn=True), student)
+    batch = make_batch(0, strong=False)
+    mpl.step(*batch.args())
+    h = batch.x_u @ s0["0.weight"].T + s0["0.bias"]
+    mean, _ = bn_update((bufs0["1.running_mean"], bufs0["1.running_var"]), h, 0.3)
+    torch.testing.assert_close(buffers(mpl.student)["1.running_mean"], mean, **TIGHT)
+
+
+# --------------------------------------------------------------------------- 9. EMA
+
+
+def test_ema_student_is_the_moving_average_of_the_student():
+    decay = 0.8
+    student = mlp(seed=2, bn=True)
+    mpl = Config().mpl(mlp(seed=1, bn=True), student, ema_decay=decay)
+    ema = {**params(student), **buffers(student)}
+    for k in range(2):
+        mpl.step(*make_batch(k).args())
+        new = {**params(mpl.student), **buffers(mpl.student)}
+        ema = {
+            n: decay * v + (1 - decay) * new[n] if v.is_floating_point() else new[n]
+            for n, v in ema.items()
+        }
+        got = {**params(mpl.ema_student), **buffers(mpl.ema_student)}
+        assert_tree_close(got, ema, **TIGHT)
+    assert int(got["1.num_batches_tracked"]) == 2
+    assert not mpl.ema_student.training
+    assert (got["0.weight"] - new["0.weight"]).abs().max() > 1e-4  # it is not the student
+
+
+# --------------------------------------------------------------------------- 10. errors
+
+
+class _Wrong:
+    """Builds an MPL with one bad argument (good defaults otherwise)."""
+
+    @staticmethod
+    def build(**kwargs):
+        args = {
+            "teacher": mlp(seed=1),
+            "student": mlp(seed=2),
+            "teacher_optimizer": optim.sgd(0.1),
+            "student_optimizer": optim.sgd(0.1),
+        }
+        args.update(kwargs)  # fmt: skip
+        return metapl.MPL(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"meta_grad": "exact", "pseudo_labels": "hard"}, ValueError, "pseudo_labels='soft'"),
+        ({"meta_grad": "finite_difference", "pseudo_labels": "hard"}, ValueError, "'first_order'"),
+        ({"meta_grad": "first_order", "pseudo_labels": "soft"}, ValueError, "pseudo_labels='hard'"),
+        ({"meta_grad": "second_order"}, ValueError, "unknown meta_grad 'second_order'"),
+        ({"pseudo_labels": "sharp"}, ValueError, "'soft' or 'hard'"),
+        ({"h_baseline_decay": 0.9}, ValueError, "needs meta_grad='first_order'"),
+        (
+            {"meta_grad": "first_order", "pseudo_labels": "hard", "h_baseline_decay": 1.5},
+            ValueError,
+            r"h_baseline_decay must be in \[0, 1\)",
+        ),  # fmt: skip
+        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+        ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+        ({"ema_decay": 1.0}, ValueError, "ema_decay"),
+        ({"uda": {"weight": 1.0}}, TypeError, "metapl.UDA"),
+        ({"teacher": lambda x: x}, TypeError, "nn.Module"),
+    ],
+)
+def test_bad_config_raises_a_helpful_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _Wrong.build(**kwargs)
+
+
+def test_compiled_finite_difference_rejects_a_student_with_dropout():
+    with pytest.raises(ValueError, match="replays the student's dropout masks"):
+        _Wrong.build(meta_grad="finite_difference", compile=True,
+                     student=mlp(seed=2, dropout=0.3))  # fmt: skip
+
+
+def test_torch_optim_optimizer_is_rejected():
+    teacher = mlp(seed=1)
+    with pytest.raises(TypeError, match="metapl.optim optimizers"):
+        _Wrong.build(teacher=teacher, teacher_optimizer=torch.optim.SGD(teacher.parameters(), 0.1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"weight": -1.0}, "weight >= 0"), ({"temperature": 0.0}, "temperature > 0"),
+     ({"threshold": 1.5}, "threshold <= 1"), ({"ramp_steps": -1}, "ramp_steps")],
+)  # fmt: skip
+def test_bad_uda_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        metapl.UDA(**kwargs)
+
+
+def _batch_with(**changes):
+    b = make_batch(0)
+    args = {"x_l": b.x_l, "y_l": b.y_l, "x_u": b.x_u, "x_u_strong": b.x_us}
+    return {**args, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"y_l": torch.zeros(5, dtype=torch.long)}, ValueError, r"y_l must be .* shape \[8\]"),
+        ({"y_l": torch.zeros(8, dtype=F64)}, ValueError, "integer class indices"),
+        ({"y_l": torch.zeros(8, 3, dtype=torch.long)}, ValueError, "y_l must be integer"),
+        ({"x_u_strong": torch.zeros(11, 2, dtype=F64)}, ValueError, "x_u_strong must be a view"),
+        (
+            {"x_u": torch.zeros(12, 3, dtype=F64), "x_u_strong": None},
+            ValueError,
+            "same example shape",
+        ),  # fmt: skip
+        ({"x_l": [[0.0, 1.0]]}, TypeError, "must be tensors"),
+    ],
+)
+def test_bad_batch_raises_and_changes_nothing(changes, error, match):
+    mpl = Config().mpl(mlp(seed=1), mlp(seed=2))
+    t0 = params(mpl.teacher)
+    with pytest.raises(error, match=match):
+        mpl.step(**_batch_with(**changes))
+    assert_tree_equal(params(mpl.teacher), t0, "teacher")
+    assert mpl.num_steps == 0
+
+
+def test_uda_without_strong_view_raises():
+    mpl = Config(uda=metapl.UDA()).mpl(mlp(seed=1), mlp(seed=2))
+    with pytest.raises(ValueError, match="pass x_u_strong"):
+        mpl.step(**_batch_with(x_u_strong=None))
+
+
+def test_student_with_other_number_of_classes_raises_and_changes_nothing():
+    mpl = Config().mpl(mlp(seed=1), mlp(seed=2, classes=4))
+    t0, s0 = params(mpl.teacher), params(mpl.student)
+    with pytest.raises(ValueError, match="student outputs 4 classes but the teacher 3"):
+        mpl.step(**_batch_with())
+    assert_tree_equal(params(mpl.teacher), t0, "teacher")
+    assert_tree_equal(params(mpl.student), s0, "student")
+
+
+# --------------------------------------------------------------------------- 11. finetune
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_finetune_equals_torch_optim_sgd(label_smoothing):
+    student = mlp(seed=2, bn=True)
+    mpl = Config().mpl(mlp(seed=1, bn=True), student, ema_decay=0.9)
+    mpl.step(*make_batch(0).args())  # finetuning starts from an MPL-trained student
+    reference = copy.deepcopy(mpl.student)
+    batches = [(b.x_l, b.y_l) for b in map(make_batch, range(1, 5))]
+
+    losses = mpl.finetune(batches, optim.sgd(0.3, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                          label_smoothing=label_smoothing)  # fmt: skip
+
+    opt = torch.optim.SGD(reference.parameters(), 0.3, momentum=0.9, nesterov=True,
+                          weight_decay=1e-3)  # fmt: skip
+    reference.train()
+    expected = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = smoothed_ce(reference(x), y, label_smoothing)
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    assert losses == pytest.approx(expected, rel=1e-10)
+    assert_tree_close(params(mpl.student), params(reference), **TIGHT)
+    assert_tree_close(buffers(mpl.student), buffers(reference), **TIGHT)
+    assert_tree_close(mpl.ema_student.state_dict(), reference.state_dict(), **TIGHT)
