@@ -46,12 +46,18 @@ def measure(method, compiled, args, device):
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
     hard = method == "first_order"
     mpl = metapl.MPL(
-        teacher, student, optim.sgd(0.05, 0.9, nesterov=True, weight_decay=5e-4),
-        optim.sgd(0.05, 0.9, nesterov=True, weight_decay=5e-4), meta_grad=method,
-        pseudo_labels="hard" if hard else "soft", uda=metapl.UDA(8.0, 0.7, 0.6),
-        label_smoothing=0.15, compile=compiled, ema_decay=0.995,
+        teacher,
+        student,
+        optim.sgd(0.05, 0.9, nesterov=True, weight_decay=5e-4),
+        optim.sgd(0.05, 0.9, nesterov=True, weight_decay=5e-4),
+        meta_grad=method,
+        pseudo_labels="hard" if hard else "soft",
+        uda=metapl.UDA(8.0, 0.7, 0.6),
+        label_smoothing=0.15,
+        compile=compiled,
+        ema_decay=0.995,
         h_baseline_decay=0.99 if hard else None,
-    )  # fmt: skip
+    )
     b_l, b_u = args.labeled_batch, args.labeled_batch * args.unlabeled_ratio
     shape = (3, 32, 32)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -82,22 +88,29 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-    print(f"device: {device} ({name}), torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, python {platform.python_version()}")  # fmt: skip
-    print(f"WRN-28-2, {args.labeled_batch} labeled + {args.unlabeled_ratio}x"
-          f"{args.labeled_batch} unlabeled (two views), UDA, EMA; median of {args.repeats}")  # fmt: skip
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, python {platform.python_version()}"
+    )
+    print(
+        f"WRN-28-2, {args.labeled_batch} labeled + {args.unlabeled_ratio}x"
+        f"{args.labeled_batch} unlabeled (two views), UDA, EMA; median of {args.repeats}"
+    )
     rows = []
     for method in (None, "first_order", "exact"):
         for compiled in (False,) if args.no_compile else (False, True):
             seconds, peak, images = measure(method, compiled, args, device)
-            rows.append((method or "None", "compiled" if compiled else "eager", seconds, peak,
-                         images))  # fmt: skip
+            rows.append(
+                (method or "None", "compiled" if compiled else "eager", seconds, peak, images)
+            )
     base = rows[0][2]
     print("\n| meta_grad | mode | ms/step | x None eager | images/s | peak GiB | 300k steps (h) |")
     print("|---|---|---|---|---|---|---|")
     for method, mode, seconds, peak, images in rows:
-        print(f"| {method} | {mode} | {1000 * seconds:.1f} | {seconds / base:.2f} | "
-              f"{images / seconds:.0f} | {peak:.2f} | {300_000 * seconds / 3600:.1f} |")  # fmt: skip
+        print(
+            f"| {method} | {mode} | {1000 * seconds:.1f} | {seconds / base:.2f} | "
+            f"{images / seconds:.0f} | {peak:.2f} | {300_000 * seconds / 3600:.1f} |"
+        )
 
 
 if __name__ == "__main__":
