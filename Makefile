@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+demo: install
+	$(BIN)/python examples/two_moons.py --output-dir runs/two_moons
+	$(BIN)/python examples/digits_mpl.py --budget small --output-dir runs/digits_mpl

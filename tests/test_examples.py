@@ -1,0 +1,87 @@
+"""The examples run end to end on a tiny budget, print the promised JSON and write their outputs
+(the figure; wandb files only under the output directory)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """An empty working directory, and every wandb directory inside tmp_path."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def test_two_moons(isolated, capsys):
+    two_moons = load_example("two_moons")
+    out = isolated / "out"
+    accs = two_moons.main(["--steps", "5", "--seed", "0", "--json", "--output-dir", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == accs
+    assert list(printed) == ["supervised", "pseudo_label", "mpl", "uda", "mpl_uda"]
+    assert all(0.0 <= acc <= 1.0 for acc in printed.values())
+    figure = out / "two_moons_seed0.png"
+    assert figure.stat().st_size > 10_000
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any((isolated / "cwd").iterdir())
+
+
+def check_summary(summary: dict, rows: list[str], n_seeds: int) -> None:
+    assert list(summary) == rows
+    for row in rows:
+        assert set(summary[row]) == {"mean", "std", "seeds"}
+        assert len(summary[row]["seeds"]) == n_seeds
+        assert all(0.0 <= a <= 1.0 for a in summary[row]["seeds"])
+        assert 0.0 <= summary[row]["mean"] <= 1.0 and summary[row]["std"] >= 0.0
+
+
+def test_digits_mpl_offline_wandb(isolated, capsys, monkeypatch):
+    digits = load_example("digits_mpl")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = isolated / "out"
+    summary = digits.main(["--steps", "3", "--seeds", "0", "--json", "--output-dir", str(out),
+                           "--set", "log_every=2"])  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)  # stdout is exactly the JSON
+    assert printed == summary
+    check_summary(printed, list(digits.ROWS), n_seeds=1)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(digits.ROWS)  # one wandb run per row and seed
+    for run in runs:  # offline runs keep history and summary in one protobuf log
+        (log,) = run.glob("run-*.wandb")
+        data = log.read_bytes()
+        assert b"test/final_accuracy" in data and b"test/accuracy" in data
+    assert not any((isolated / "cwd").iterdir())  # nothing written to the working directory
+
+
+def test_digits_mpl_disabled_wandb(isolated, capsys):
+    digits = load_example("digits_mpl")
+    out = isolated / "out"
+    rows = ["supervised", "mpl_uda_first_order"]
+    summary = digits.main(["--steps", "2", "--seeds", "0", "1", "--rows", *rows, "--json",
+                           "--wandb-mode", "disabled", "--output-dir", str(out)])  # fmt: skip
+    check_summary(json.loads(capsys.readouterr().out), rows, n_seeds=2)
+    assert summary[rows[0]]["std"] >= 0.0
+    assert not (out / "wandb").exists()
+    assert not any((isolated / "cwd").iterdir())
