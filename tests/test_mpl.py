@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import ref_adamw
 from torch import Tensor, nn
 
 import metapl
@@ -148,27 +149,6 @@ def hand_sgd(lr, momentum=0.0, nesterov=False, weight_decay=0.0):
     return init, step
 
 
-def hand_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-    """The textbook AdamW update ``p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``."""
-    b1, b2 = betas
-
-    def init(p):
-        zeros = {k: torch.zeros_like(v) for k, v in p.items()}
-        return {"step": 0, "exp_avg": zeros, "exp_avg_sq": dict(zeros)}
-
-    def step(p, g, state):
-        t = state["step"] + 1
-        new_p, ms, vs = {}, {}, {}
-        for k in p:
-            ms[k] = b1 * state["exp_avg"][k] + (1 - b1) * g[k]
-            vs[k] = b2 * state["exp_avg_sq"][k] + (1 - b2) * g[k] ** 2
-            m_hat, v_hat = ms[k] / (1 - b1**t), vs[k] / (1 - b2**t)
-            new_p[k] = p[k] * (1 - lr * weight_decay) - lr * m_hat / (torch.sqrt(v_hat) + eps)
-        return new_p, {"step": t, "exp_avg": ms, "exp_avg_sq": vs}
-
-    return init, step
-
-
 # name: (metapl optimizer, hand optimizer) with the same hyperparameters
 OPTIMIZERS = {
     "momentum": lambda: (
@@ -182,7 +162,7 @@ OPTIMIZERS = {
     # eps=1e-2: with a tiny eps one Adam step is sign descent and hides gradient errors
     "adamw": lambda: (
         optim.adamw(0.05, eps=1e-2, weight_decay=0.01),
-        hand_adamw(0.05, eps=1e-2, weight_decay=0.01),
+        ref_adamw(0.05, eps=1e-2, weight_decay=0.01),
     ),
 }
 
