@@ -140,11 +140,9 @@ class MPL:
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.meta_grad, self.pseudo_labels, self.uda = meta_grad, pseudo_labels, uda
         self.label_smoothing, self.temperature = label_smoothing, temperature
-        self.ema_decay, self.h_baseline_decay, self.fd_radius = (
-            ema_decay,
-            h_baseline_decay,
-            fd_radius,
-        )
+        self.ema_decay = ema_decay
+        self.h_baseline_decay = h_baseline_decay
+        self.fd_radius = fd_radius
         self.teacher_state = teacher_optimizer.init(params_of(teacher))
         self.student_state = student_optimizer.init(params_of(student))
         device = next(teacher.parameters()).device
