@@ -1,5 +1,7 @@
 """Data parallel MPL on CPU with gloo: 2 processes == 1 process on the same global batch."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,9 +35,6 @@ def _argmax_labels(logits: torch.Tensor) -> torch.Tensor:
 
 def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    # Processes draw different random streams than one process does; label every example by
-    # its argmax instead of sampling so that only the averaging is under test.
-    metapl.mpl._sample_categorical = _argmax_labels
 
     def mlp():
         return torch.nn.Sequential(
@@ -44,9 +43,12 @@ def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 
     mpl = metapl.MPL(mlp(), mlp(), optim.sgd(0.2, momentum=0.9), optim.adam(0.05),
                      **CONFIGS[config])  # fmt: skip
-    for x_l, y_l, x_u, x_us in _batches():
-        part = lambda x: x.chunk(world)[rank]  # noqa: E731
-        mpl.step(part(x_l), part(y_l), part(x_u), part(x_us))
+    # Processes draw different random streams than one process does; label every example by
+    # its argmax instead of sampling so that only the averaging is under test.
+    with mock.patch.object(metapl.mpl, "_sample_categorical", _argmax_labels):
+        for x_l, y_l, x_u, x_us in _batches():
+            part = lambda x: x.chunk(world)[rank]  # noqa: E731
+            mpl.step(part(x_l), part(y_l), part(x_u), part(x_us))
     return {
         **mpl.teacher.state_dict(),
         **{f"s.{k}": v for k, v in mpl.student.state_dict().items()},
