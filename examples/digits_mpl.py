@@ -58,6 +58,7 @@ from tqdm import tqdm
 import metapl
 from metapl import optim
 from metapl.data.augment import cutout, weak_augment
+from metapl.recipe import set_fields
 
 # ----------------------------------------------------------------------------- config
 
@@ -290,8 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                         help="override any Config field, e.g. --set lr_student=0.1")  # fmt: skip
     args = parser.parse_args(argv)
     cfg = replace(Config(), **BUDGETS[args.budget])
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    cfg = replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items()})
+    try:
+        cfg = set_fields(cfg, args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
     if args.labeled_per_class is not None:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.recipe import set_fields
 
 # ----------------------------------------------------------------------------- config
 
@@ -210,8 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="override any Config field, e.g. --set temperature=0.5")  # fmt: skip
     args = parser.parse_args(argv)
     cfg = replace(Config(), **BUDGETS[args.budget])
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    cfg = replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in overrides.items()})
+    try:
+        cfg = set_fields(cfg, args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give

@@ -4,6 +4,8 @@ path from flags to a trained model (``examples/cifar_mpl.py``, ``examples/imagen
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -16,7 +18,15 @@ from metapl.mpl import MPL, UDA
 from metapl.tracking import Tracker
 from metapl.train import SSLData, TrainConfig, train
 
-__all__ = ["Recipe", "add_common_args", "build_mpl", "check_args", "override", "run"]
+__all__ = [
+    "Recipe",
+    "add_common_args",
+    "build_mpl",
+    "check_args",
+    "override",
+    "run",
+    "set_fields",
+]
 
 META_GRADS = ("exact", "finite_difference", "first_order", "none")
 
@@ -143,3 +153,33 @@ def run(mpl: MPL, data: SSLData, recipe: Recipe, args, name: str) -> dict[str, f
         table = f"| metric | accuracy (%) |\n|---|---|\n{rows}"
         print(json.dumps(results) if args.json else table, file=sys.stdout, flush=True)
     return results
+
+
+def set_fields(config, assignments: list[str]):
+    """The dataclass ``config`` with ``KEY=VALUE`` assignments applied (the examples' ``--set``).
+
+    Each value is parsed as a Python literal of the field's current type (``True``, ``0.1``,
+    ``(64, 64)``; strings as written). An unknown key or a value of another type raises a
+    ValueError naming the valid keys or the expected type."""
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--set takes KEY=VALUE with KEY one of {names}, got {item!r}")
+        current = getattr(config, key)
+        if isinstance(current, str):
+            changes[key] = text
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(current, float) and type(value) is int:
+            value = float(value)
+        if current is not None and type(value) is not type(current):
+            raise ValueError(
+                f"--set {key}: expected a {type(current).__name__} like {current!r}, got {text!r}"
+            )
+        changes[key] = value
+    return replace(config, **changes)
