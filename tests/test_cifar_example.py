@@ -107,3 +107,13 @@ def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
     bad_steps = _run("--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o3"),
                      "--steps", "0", check=False)  # fmt: skip
     assert bad_steps.returncode == 2 and "--steps must be >= 1" in bad_steps.stderr
+
+
+def test_default_wideresnet_runs(tmp_path, cifar_dir):
+    out = tmp_path / "wrn"
+    args = ["--data-dir", str(cifar_dir), "--output-dir", str(out), "--labels-per-class", "2",
+            "--val-per-class", "2", "--labeled-batch", "4", "--unlabeled-ratio", "2", "--steps",
+            "2", "--finetune-steps", "0", "--json"]  # fmt: skip
+    results = json.loads(_run(*args).stdout.strip().splitlines()[-1])
+    assert {"val/student", "val/teacher", "test/student", "test/teacher"} == results.keys()
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["steps"] == 2
