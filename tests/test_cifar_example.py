@@ -117,3 +117,15 @@ def test_default_wideresnet_runs(tmp_path, cifar_dir):
     results = json.loads(_run(*args).stdout.strip().splitlines()[-1])
     assert {"val/student", "val/teacher", "test/student", "test/teacher"} == results.keys()
     assert load_checkpoint(out / "checkpoint.pt")["config"]["steps"] == 2
+
+
+def test_torchrun_two_processes(tmp_path, cifar_dir):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT), "--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY,
+           "--steps", "3", "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+    results = json.loads(done.stdout.strip().splitlines()[-1])  # printed by rank 0 only
+    assert {"val/student", "test/student"} <= results.keys()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
