@@ -36,7 +36,6 @@ __all__ = [
     "adamw",
     "check_same_keys",
     "clip_grad_norm",
-    "constant",
     "sgd",
     "warmup_cosine",
 ]
@@ -191,11 +190,6 @@ def adamw(
 ) -> Optimizer:
     """Adam with decoupled weight decay, equal to ``torch.optim.AdamW``."""
     return _adam(lr, betas, eps, weight_decay, decoupled=True)
-
-
-def constant(lr: float) -> Callable[[Tensor], Tensor]:
-    """A schedule that always returns ``lr`` (handy as a base for comparisons)."""
-    return lambda step: torch.full_like(step, lr, dtype=torch.float64)
 
 
 def warmup_cosine(
