@@ -29,6 +29,7 @@ from torch import Tensor
 Params = dict[str, Tensor]
 State = dict[str, object]
 LearningRate = float | Tensor | Callable[[Tensor], float | Tensor]
+DecayMask = Callable[[str, Tensor], bool]  # (name, param) -> apply weight decay?
 
 __all__ = [
     "Optimizer",
@@ -36,6 +37,7 @@ __all__ = [
     "adamw",
     "check_same_keys",
     "clip_grad_norm",
+    "matrices_only",
     "sgd",
     "warmup_cosine",
 ]
@@ -95,10 +97,13 @@ def sgd(
     momentum: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    decay_mask: DecayMask | None = None,
 ) -> Optimizer:
     """Stochastic gradient descent, equal to ``torch.optim.SGD`` (dampening 0).
 
     Momentum buffers start at zero, which reproduces torch's first-step ``buf = grad`` exactly.
+    ``decay_mask(name, param)`` picks the parameters weight decay applies to (default: all),
+    like torch's parameter groups; e.g. ``matrices_only`` exempts biases and norm scales.
     """
     _check_lr(lr)
     if momentum < 0 or weight_decay < 0:
@@ -118,7 +123,7 @@ def sgd(
         new_params, new_buf = {}, {}
         for k, p in params.items():
             g = grads[k]
-            if weight_decay:
+            if weight_decay and (decay_mask is None or decay_mask(k, p)):
                 g = g + weight_decay * p
             if momentum:
                 buf = momentum * state["momentum"][k] + g
@@ -133,7 +138,7 @@ def sgd(
     return Optimizer(init, step, lr)
 
 
-def _adam(lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer:
+def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimizer:
     _check_lr(lr)
     beta1, beta2 = betas
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -155,9 +160,10 @@ def _adam(lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer:
         new_params, new_m, new_v = {}, {}, {}
         for k, p in params.items():
             g = grads[k]
-            if weight_decay and decoupled:
+            decay = weight_decay and (decay_mask is None or decay_mask(k, p))
+            if decay and decoupled:
                 p = p * (1 - lr_now * weight_decay)
-            elif weight_decay:
+            elif decay:
                 g = g + weight_decay * p
             m = beta1 * state["exp_avg"][k] + (1 - beta1) * g
             v = beta2 * state["exp_avg_sq"][k] + (1 - beta2) * g * g
@@ -177,9 +183,11 @@ def adam(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    decay_mask: DecayMask | None = None,
 ) -> Optimizer:
-    """Adam with L2 weight decay added to the gradient, equal to ``torch.optim.Adam``."""
-    return _adam(lr, betas, eps, weight_decay, decoupled=False)
+    """Adam with L2 weight decay added to the gradient, equal to ``torch.optim.Adam``
+    (``decay_mask`` as in ``sgd``)."""
+    return _adam(lr, betas, eps, weight_decay, decoupled=False, decay_mask=decay_mask)
 
 
 def adamw(
@@ -187,9 +195,17 @@ def adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    decay_mask: DecayMask | None = None,
 ) -> Optimizer:
-    """Adam with decoupled weight decay, equal to ``torch.optim.AdamW``."""
-    return _adam(lr, betas, eps, weight_decay, decoupled=True)
+    """Adam with decoupled weight decay, equal to ``torch.optim.AdamW`` (``decay_mask`` as in
+    ``sgd``)."""
+    return _adam(lr, betas, eps, weight_decay, decoupled=True, decay_mask=decay_mask)
+
+
+def matrices_only(name: str, param: Tensor) -> bool:
+    """A ``decay_mask`` that decays weight matrices and kernels but not biases or
+    normalisation scales (every tensor with fewer than 2 dimensions)."""
+    return param.dim() >= 2
 
 
 def warmup_cosine(

@@ -109,12 +109,14 @@ def override(recipe: Recipe, args: argparse.Namespace) -> Recipe:
 
 def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, args) -> MPL:
     """MPL with Nesterov SGD and the warm-up + cosine schedule for both networks (the student
-    waits ``student_wait_steps`` first); soft labels for exact / finite_difference, sampled hard
-    labels with the moving-average baseline for first_order."""
+    waits ``student_wait_steps`` first; weight decay on weight matrices and kernels only); soft
+    labels for exact / finite_difference, sampled hard labels with the moving-average baseline
+    for first_order."""
 
     def sgd(wait_steps: int) -> optim.Optimizer:
         lr = optim.warmup_cosine(recipe.lr, recipe.steps, recipe.warmup_steps, wait_steps)
-        return optim.sgd(lr, recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay)
+        return optim.sgd(lr, recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay,
+                         decay_mask=optim.matrices_only)  # fmt: skip
 
     method = None if args.meta_grad == "none" else args.meta_grad
     uda = None

@@ -216,3 +216,27 @@ def test_errors_name_the_fix():
             opt.step(params, {"w": params["w"]}, state)
         with pytest.raises(ValueError, match=r"unexpected \['c'\]"):
             opt.step(params, {**params, "c": params["b"]}, state)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_decay_mask_matches_torch_parameter_groups(kind):
+    """``decay_mask=matrices_only`` == torch with the bias in a group without weight decay."""
+    params = make_params()
+    hyper = {"weight_decay": 0.2, **({"momentum": 0.9} if kind == "sgd" else {})}
+    opt = getattr(optim, kind)(LR[kind], decay_mask=optim.matrices_only, **hyper)
+    state = opt.init(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    groups = [{"params": [leaves["w"]]}, {"params": [leaves["b"]], "weight_decay": 0.0}]
+    ref = TORCH[kind](groups, lr=LR[kind], **hyper)
+    for grads in make_grads(6):
+        params, state = opt.step(params, grads, state)
+        for k, leaf in leaves.items():
+            leaf.grad = grads[k].clone()
+        ref.step()
+        assert_close(params, {k: v.detach() for k, v in leaves.items()})
+    # The mask made the difference: one step from the same start decays only ``w``.
+    unmasked = getattr(optim, kind)(LR[kind], **hyper)
+    start, grads = make_params(), make_grads(1)[0]
+    plain, _ = unmasked.step(start, grads, unmasked.init(start))
+    masked, _ = opt.step(start, grads, opt.init(start))
+    assert torch.equal(plain["w"], masked["w"]) and not torch.equal(plain["b"], masked["b"])
