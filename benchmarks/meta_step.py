@@ -50,6 +50,7 @@ from torch.func import functional_call, grad
 
 import metapl
 from metapl import optim
+from metapl.functional import soft_cross_entropy
 
 SIZES = (64, 256, 256, 10)
 N_LABELED, N_UNLABELED = 64, 448
@@ -62,10 +63,6 @@ def mlp(seed: int) -> nn.Sequential:
     for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:], strict=True):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
-
-
-def soft_ce(logits: Tensor, target_probs: Tensor) -> Tensor:
-    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
 def make_batch(device: torch.device) -> tuple[Tensor, ...]:
@@ -96,7 +93,7 @@ def plain_step(teacher: nn.Module, student: nn.Module, batch):
         F.cross_entropy(teacher(x_l), y_l).backward()
         t_opt.step()
         s_opt.zero_grad()
-        soft_ce(student(x_u), pseudo).backward()
+        soft_cross_entropy(student(x_u), pseudo).backward()
         s_opt.step()
 
     return step, lambda: _params(teacher), lambda: _params(student)
@@ -112,7 +109,7 @@ def higher_step(teacher: nn.Module, student: nn.Module, batch):
         t_opt.zero_grad()
         with higher.innerloop_ctx(student, s_opt, copy_initial_weights=True) as (fs, diffopt):
             pseudo = F.softmax(teacher(x_u), dim=-1)  # with grad: the teacher learns through it
-            diffopt.step(soft_ce(fs(x_u), pseudo))
+            diffopt.step(soft_cross_entropy(fs(x_u), pseudo))
             mpl_loss = F.cross_entropy(fs(x_l), y_l)
             (mpl_loss + F.cross_entropy(teacher(x_l), y_l)).backward()
             t_opt.step()
@@ -151,7 +148,7 @@ def mpl_step_fn(teacher: nn.Module, student: nn.Module, method: str) -> tuple[Ca
 
             def inner_loss(s_, t_):
                 pseudo = F.softmax(functional_call(teacher, t_, (x_u,)), dim=-1)
-                return soft_ce(functional_call(student, s_, (x_u,)), pseudo)
+                return soft_cross_entropy(functional_call(student, s_, (x_u,)), pseudo)
 
         res = metapl.meta_grad(
             inner_loss, outer_loss, s, t, s_opt, s_state, method=method, log_prob=log_prob
@@ -187,7 +184,7 @@ def plain_step_fn(teacher: nn.Module, student: nn.Module) -> tuple[Callable, tup
             return F.cross_entropy(functional_call(teacher, t_, (x_l,)), y_l)
 
         def unlabeled(s_):
-            return soft_ce(functional_call(student, s_, (x_u,)), pseudo)
+            return soft_cross_entropy(functional_call(student, s_, (x_u,)), pseudo)
 
         new_t, new_t_state = t_opt.step(t, grad(supervised)(t), t_state)
         new_s, new_s_state = s_opt.step(s, grad(unlabeled)(s), s_state)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from metapl import distributed
+from metapl.atomic import write_atomically
 from metapl.mpl import MPL
 from metapl.optim import sgd
 from metapl.tracking import Tracker
@@ -151,13 +152,7 @@ def _autocast(device: torch.device, bf16: bool):
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` atomically: to a temporary file in the same folder, flushed to disk,
     then renamed over ``path``, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:

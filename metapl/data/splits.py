@@ -6,13 +6,13 @@ images included (`unlabeled_includes_labeled=True`).
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from metapl.atomic import write_atomically
 
 
 @dataclass(frozen=True)
@@ -85,23 +85,12 @@ def labeled_fraction_split(
 
 def save_manifest(split: Split, path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Write the split and JSON-serializable `meta` (dataset, seed, ...) to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "meta": meta,
         "labeled": split.labeled.tolist(),
         "unlabeled": split.unlabeled.tolist(),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: json.dump(doc, f), binary=False)
 
 
 def load_manifest(path: str | os.PathLike) -> tuple[Split, dict[str, Any]]:
