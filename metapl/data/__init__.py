@@ -18,6 +18,8 @@ from metapl.data.datasets import (
     load_svhn,
     normalize,
 )
+from metapl.data.digits_augment import DigitAugment
+from metapl.data.mnist import fetch_mnist, load_mnist, mnist_split, read_idx
 from metapl.data.splits import (
     Split,
     labeled_fraction_split,
@@ -31,17 +33,22 @@ __all__ = [
     "NORMALIZATION",
     "OPS",
     "STANDARD_OPS",
+    "DigitAugment",
     "ImageFolderDataset",
     "RandAugment",
     "Split",
     "cutout",
+    "fetch_mnist",
     "random_resized_crop",
     "labeled_fraction_split",
     "labeled_unlabeled_split",
     "load_cifar",
     "load_manifest",
+    "load_mnist",
+    "mnist_split",
     "load_svhn",
     "normalize",
+    "read_idx",
     "save_manifest",
     "strong_augment",
     "weak_augment",

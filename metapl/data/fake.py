@@ -1,7 +1,8 @@
 """Tiny fake datasets written in exactly the real on-disk formats, for tests and smoke runs.
 
-Images are learnable: each class has a random 4x4 color pattern, upsampled and noised, so a
-model trained on the fakes beats chance. Labels cycle through the classes (balanced).
+Images are learnable: each class has a random 4x4 pattern (color; gray for MNIST), upsampled
+and noised, so a model trained on the fakes beats chance. Labels cycle through the classes
+(balanced).
 """
 
 import os
@@ -133,4 +134,35 @@ def write_fake_imagefolder(
                 path = folder / f"img_{i:04d}.{ext}"
                 Image.fromarray(image.transpose(1, 2, 0)).save(path)
                 written[split].append((path, image, c))
+    return written
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array in LeCun's IDX format (gzipped when `path` ends in .gz)."""
+    import gzip
+    import struct
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape)
+    with gzip.open(path, "wb") if str(path).endswith(".gz") else open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fake_mnist(
+    root: str | os.PathLike, n_train: int, n_test: int, seed: int = 0, gz: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write MNIST's four IDX files (train-images-idx3-ubyte[.gz] etc.) into root: images
+    uint8 [N, 28, 28], balanced labels 0..9. Returns {"train": (images [N, 1, 28, 28],
+    labels int64 [N]), "test": ...}."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, (10, 1, 4, 4)).astype(np.float32)
+    suffix = ".gz" if gz else ""
+    written = {}
+    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        labels = _balanced_targets(rng, n, 10)
+        images = _class_images(rng, protos, labels, 28, 28)
+        write_idx(Path(root) / f"{prefix}-images-idx3-ubyte{suffix}", images[:, 0])
+        write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte{suffix}", labels.astype(np.uint8))
+        written[split] = (images, labels)
     return written
