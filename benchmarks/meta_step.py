@@ -151,7 +151,8 @@ def mpl_step_fn(teacher: nn.Module, student: nn.Module, method: str) -> tuple[Ca
                 return soft_cross_entropy(functional_call(student, s_, (x_u,)), pseudo)
 
         res = metapl.meta_grad(
-            inner_loss, outer_loss, s, t, s_opt, s_state, method=method, log_prob=log_prob
+            inner_loss, outer_loss, s, t, s_opt, s_state,
+            method="score_function" if method == "first_order" else method, log_prob=log_prob
         )
 
         def supervised(t_):

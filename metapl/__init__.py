@@ -2,8 +2,10 @@
 
 from metapl import optim
 from metapl.finetune import finetune
-from metapl.metagrad import METHODS, MetaGradResult, meta_grad
+from metapl.metagrad import CG, METHODS, MetaGradResult, Neumann, meta_grad
 from metapl.mpl import MPL, UDA
 
-__all__ = ["METHODS", "MPL", "UDA", "MetaGradResult", "finetune", "meta_grad", "optim"]
+__all__ = [
+    "CG", "METHODS", "MPL", "UDA", "MetaGradResult", "Neumann", "finetune", "meta_grad", "optim",
+]
 __version__ = "0.1.0"

@@ -40,10 +40,16 @@ from metapl.functional import (
     soft_cross_entropy,
     write_back,
 )
-from metapl.metagrad import METHODS, meta_grad
+from metapl.metagrad import meta_grad as compute_meta_grad
 from metapl.optim import Optimizer
 
 __all__ = ["MPL", "UDA"]
+
+# MPL's options, in the paper's words, and the metapl.meta_grad method each one runs. The
+# paper's "first order" is the score-function estimator for sampled labels (not first-order
+# MAML, which would drop the whole MPL signal: it is second order).
+_METHODS = {"exact": "exact", "finite_difference": "finite_difference",
+            "first_order": "score_function"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,9 @@ class MPL:
         teacher_optimizer, student_optimizer: ``metapl.optim`` optimizers (wrap them in
             ``optim.clip_grad_norm`` for gradient clipping; schedules go in their ``lr``).
         meta_grad: ``"exact"`` or ``"finite_difference"`` (soft labels), ``"first_order"``
-            (hard labels), or ``None`` for no MPL term (the pseudo-label / UDA baseline).
+            (hard labels: the paper's estimator, ``metapl.meta_grad``'s
+            ``"score_function"``), or ``None`` for no MPL term (the pseudo-label / UDA
+            baseline).
         pseudo_labels: ``"soft"`` (``softmax(z / temperature)``) or ``"hard"`` (sampled).
         uda: a ``UDA`` term for the teacher, or ``None``.
         label_smoothing: for the teacher's supervised cross-entropy.
@@ -257,10 +265,11 @@ class MPL:
             metrics["student/loss_u"] = loss_u
         else:
             baseline = counters["h_baseline"] if self.h_baseline_decay is not None else 0.0
-            res = meta_grad(
+            method = _METHODS[self.meta_grad]
+            res = compute_meta_grad(
                 inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
-                method=self.meta_grad, has_aux=True, fd_radius=self.fd_radius, baseline=baseline,
-                log_prob=log_prob if self.meta_grad == "first_order" else None, reduce=reduce,
+                method=method, has_aux=True, fd_radius=self.fd_radius, baseline=baseline,
+                log_prob=log_prob if method == "score_function" else None, reduce=reduce,
             )  # fmt: skip
             s_params, s_state, s_bufs, dz = (
                 res.student_params, res.opt_state, res.inner_aux, res.teacher_grads["z"]
@@ -401,8 +410,8 @@ def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_lab
             "teacher_optimizer and student_optimizer must be metapl.optim optimizers "
             "(optim.sgd / adam / adamw), not torch.optim ones"
         )
-    if method is not None and method not in METHODS:
-        raise ValueError(f"unknown meta_grad {method!r}; pass one of {METHODS} or None")
+    if method is not None and method not in _METHODS:
+        raise ValueError(f"unknown meta_grad {method!r}; pass one of {tuple(_METHODS)} or None")
     if pseudo_labels not in ("soft", "hard"):
         raise ValueError(f"pseudo_labels must be 'soft' or 'hard', got {pseudo_labels!r}")
     if method in ("exact", "finite_difference") and pseudo_labels == "hard":

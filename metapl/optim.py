@@ -7,8 +7,14 @@ Each optimizer is a pair of pure functions, in the style of optax::
     new_params, new_state = opt.step(params, grads, state)
 
 Nothing is mutated in place, so a step can be differentiated with respect to the parameters,
-the gradients and the learning rate (this is what a meta-gradient flows through). With the same
+the gradients and the hyperparameters (this is what a meta-gradient flows through). With the same
 settings the updates equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` step for step.
+
+Hyperparameters may be tensors, and then gradients reach them (learned hyperparameters):
+``lr`` a 0-d tensor, or a dict of tensors keyed like the parameters (one learning rate per
+parameter tensor, or per entry: Meta-SGD), and ``momentum``, ``weight_decay`` and ``betas`` 0-d
+tensors. Whether a feature is on is decided by its type, never by a tensor's value: a tensor
+momentum of 0 still runs the momentum code (with the same numbers as no momentum).
 
 The state is a dict of tensors (a pytree), so a step can be traced by ``torch.compile`` and
 transformed by ``torch.func``. ``state["step"]`` counts the steps taken so far as a 0-d float32
@@ -28,7 +34,9 @@ from torch import Tensor
 
 Params = dict[str, Tensor]
 State = dict[str, object]
-LearningRate = float | Tensor | Callable[[Tensor], float | Tensor]
+Hyper = float | Tensor  # a constant, or a 0-d tensor that gradients reach
+LrValue = float | Tensor | Mapping[str, Tensor]  # one lr, or one per parameter (Meta-SGD)
+LearningRate = LrValue | Callable[[Tensor], LrValue]
 DecayMask = Callable[[str, Tensor], bool]  # (name, param) -> apply weight decay?
 
 __all__ = [
@@ -51,7 +59,7 @@ class Optimizer(NamedTuple):
     step: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], State], tuple[Params, State]]
     lr: LearningRate
 
-    def lr_at(self, state: State) -> float | Tensor:
+    def lr_at(self, state: State) -> LrValue:
         """The learning rate the next ``step`` from ``state`` will use."""
         return _lr_at(self.lr, state["step"])
 
@@ -69,16 +77,55 @@ def check_same_keys(what: str, got: Mapping[str, Tensor], expected: Mapping[str,
 
 
 def _check_lr(lr: LearningRate) -> None:
+    if isinstance(lr, Mapping):
+        if not all(isinstance(v, Tensor) for v in lr.values()):
+            raise TypeError("a per-parameter lr must be a dict of tensors keyed like the params")
+        return
     if not (callable(lr) or isinstance(lr, (float, int, Tensor))):
         raise TypeError(
-            f"lr must be a float, a 0-d tensor or a callable(step) -> lr, got {type(lr).__name__}"
+            "lr must be a float, a 0-d tensor, a dict of tensors keyed like the parameters or a "
+            f"callable(step) -> lr, got {type(lr).__name__}"
         )
     if isinstance(lr, Tensor) and lr.dim() != 0:
-        raise ValueError(f"a tensor lr must be 0-d, got shape {tuple(lr.shape)}")
+        raise ValueError(
+            f"a tensor lr must be 0-d, got shape {tuple(lr.shape)}; for one learning rate per "
+            "parameter pass a dict keyed like the parameters"
+        )
 
 
-def _lr_at(lr: LearningRate, step: Tensor) -> float | Tensor:
+def _check_hyper(name: str, value: Hyper, low: float, high: float = math.inf) -> None:
+    """Range-check a float hyperparameter; a tensor one must be 0-d (its value is not checked:
+    that would synchronise with the device, and fail under vmap)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"a tensor {name} must be 0-d, got shape {tuple(value.shape)}")
+    elif not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+
+
+def _is_on(value: Hyper) -> bool:
+    """Whether a feature runs: always for a tensor (it may be learned away from 0)."""
+    return isinstance(value, Tensor) or value != 0
+
+
+def _check_lr_keys(lr: LearningRate, params: Mapping[str, Tensor]) -> None:
+    if not isinstance(lr, Mapping):
+        return
+    check_same_keys("a per-parameter lr", lr, params)
+    for k, p in params.items():
+        if torch.broadcast_shapes(lr[k].shape, p.shape) != p.shape:
+            raise ValueError(
+                f"lr[{k!r}] has shape {tuple(lr[k].shape)}, which does not broadcast to the "
+                f"parameter's {tuple(p.shape)}: use a 0-d tensor or one of the parameter's shape"
+            )
+
+
+def _lr_at(lr: LearningRate, step: Tensor) -> LrValue:
     return lr(step) if callable(lr) else lr
+
+
+def _lr_of(lr_now: LrValue, name: str) -> float | Tensor:
+    return lr_now[name] if isinstance(lr_now, Mapping) else lr_now
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -94,9 +141,9 @@ def _step_count(params: Mapping[str, Tensor]) -> Tensor:
 
 def sgd(
     lr: LearningRate,
-    momentum: float = 0.0,
+    momentum: Hyper = 0.0,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: Hyper = 0.0,
     decay_mask: DecayMask | None = None,
 ) -> Optimizer:
     """Stochastic gradient descent, equal to ``torch.optim.SGD`` (dampening 0).
@@ -106,14 +153,16 @@ def sgd(
     like torch's parameter groups; e.g. ``matrices_only`` exempts biases and norm scales.
     """
     _check_lr(lr)
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError("momentum and weight_decay must be >= 0")
-    if nesterov and momentum <= 0:
+    _check_hyper("momentum", momentum, 0.0)
+    _check_hyper("weight_decay", weight_decay, 0.0)
+    use_momentum, use_decay = _is_on(momentum), _is_on(weight_decay)
+    if nesterov and not use_momentum:
         raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
 
     def init(params: Mapping[str, Tensor]) -> State:
+        _check_lr_keys(lr, params)
         state: State = {"step": _step_count(params)}
-        if momentum:
+        if use_momentum:
             state["momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
         return state
 
@@ -123,15 +172,15 @@ def sgd(
         new_params, new_buf = {}, {}
         for k, p in params.items():
             g = grads[k]
-            if weight_decay and (decay_mask is None or decay_mask(k, p)):
+            if use_decay and (decay_mask is None or decay_mask(k, p)):
                 g = g + weight_decay * p
-            if momentum:
+            if use_momentum:
                 buf = momentum * state["momentum"][k] + g
                 new_buf[k] = buf
                 g = g + momentum * buf if nesterov else buf
-            new_params[k] = p - lr_now * g
+            new_params[k] = p - _lr_of(lr_now, k) * g
         new_state: State = {"step": state["step"] + 1}
-        if momentum:
+        if use_momentum:
             new_state["momentum"] = new_buf
         return new_params, new_state
 
@@ -141,12 +190,15 @@ def sgd(
 def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimizer:
     _check_lr(lr)
     beta1, beta2 = betas
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas must be in [0, 1), got {betas}")
-    if eps < 0 or weight_decay < 0:
-        raise ValueError("eps and weight_decay must be >= 0")
+    _check_hyper("betas[0]", beta1, 0.0, 1.0)
+    _check_hyper("betas[1]", beta2, 0.0, 1.0)
+    _check_hyper("weight_decay", weight_decay, 0.0)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    use_decay = _is_on(weight_decay)
 
     def init(params: Mapping[str, Tensor]) -> State:
+        _check_lr_keys(lr, params)
         return {
             "step": _step_count(params),
             "exp_avg": {k: torch.zeros_like(p) for k, p in params.items()},
@@ -159,10 +211,10 @@ def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimize
         t = state["step"] + 1
         new_params, new_m, new_v = {}, {}, {}
         for k, p in params.items():
-            g = grads[k]
-            decay = weight_decay and (decay_mask is None or decay_mask(k, p))
+            g, lr_k = grads[k], _lr_of(lr_now, k)
+            decay = use_decay and (decay_mask is None or decay_mask(k, p))
             if decay and decoupled:
-                p = p * (1 - lr_now * weight_decay)
+                p = p * (1 - lr_k * weight_decay)
             elif decay:
                 g = g + weight_decay * p
             m = beta1 * state["exp_avg"][k] + (1 - beta1) * g
@@ -171,7 +223,7 @@ def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimize
             bias1 = 1 - beta1**t_p
             bias2_sqrt = torch.sqrt(1 - beta2**t_p)
             denom = _safe_sqrt(v) / bias2_sqrt + eps
-            new_params[k] = p - (lr_now / bias1) * (m / denom)
+            new_params[k] = p - (lr_k / bias1) * (m / denom)
             new_m[k], new_v[k] = m, v
         return new_params, {"step": t, "exp_avg": new_m, "exp_avg_sq": new_v}
 
@@ -180,9 +232,9 @@ def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimize
 
 def adam(
     lr: LearningRate,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: Hyper = 0.0,
     decay_mask: DecayMask | None = None,
 ) -> Optimizer:
     """Adam with L2 weight decay added to the gradient, equal to ``torch.optim.Adam``
@@ -192,9 +244,9 @@ def adam(
 
 def adamw(
     lr: LearningRate,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: Hyper = 1e-2,
     decay_mask: DecayMask | None = None,
 ) -> Optimizer:
     """Adam with decoupled weight decay, equal to ``torch.optim.AdamW`` (``decay_mask`` as in

@@ -29,7 +29,7 @@ def mpl_step(student, teacher, x_u, x_l, y_l, method="exact"):
 
     def inner_loss(s, t):
         s_logits = functional_call(STUDENT, s, (x_u,))
-        if method == "first_order":
+        if method == "score_function":
             return F.cross_entropy(s_logits, y_hard)
         soft = torch.softmax(functional_call(TEACHER, t, (x_u,)), -1)
         return -(soft * torch.log_softmax(s_logits, -1)).sum(-1).mean()
@@ -41,7 +41,7 @@ def mpl_step(student, teacher, x_u, x_l, y_l, method="exact"):
         log_p = torch.log_softmax(functional_call(TEACHER, t, (x_u,)), -1)
         return log_p.gather(1, y_hard[:, None]).sum()
 
-    kwargs = {"log_prob": log_prob} if method == "first_order" else {}
+    kwargs = {"log_prob": log_prob} if method == "score_function" else {}
     return metapl.meta_grad(
         inner_loss, outer_loss, student, teacher, OPT, steps=2, method=method, **kwargs
     )
@@ -74,6 +74,6 @@ def test_exact_compiles_fullgraph_without_recompiles():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["finite_difference", "first_order"])
+@pytest.mark.parametrize("method", ["finite_difference", "score_function"])
 def test_other_methods_compile_fullgraph(method):
     check_compiled_matches_eager(method)

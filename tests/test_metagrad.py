@@ -166,14 +166,14 @@ def hard_label_problem(seed=0, n_u=3, classes=3):
 
 
 @pytest.mark.parametrize("baseline", [0.0, 0.25])
-def test_first_order_formula(baseline):
+def test_score_function_formula(baseline):
     """teacher_grads = (outer(s_K) - outer(s_0) - baseline) * grad log_prob(teacher)."""
     problem, log_prob, inner_loss = hard_label_problem(seed=5, n_u=6)
     y = torch.tensor([0, 2, 1, 1, 0, 2])
     opt, ref_opt = optimizers("momentum")
     res = metapl.meta_grad(
         inner_loss(y), problem.outer_loss, problem.student, problem.teacher, opt, steps=2,
-        method="first_order", log_prob=lambda t: log_prob(t, y), baseline=baseline,
+        method="score_function", log_prob=lambda t: log_prob(t, y), baseline=baseline,
     )  # fmt: skip
     after = reference_meta_grad(
         inner_loss(y), problem.outer_loss, problem.student, problem.teacher, ref_opt, 2
@@ -190,8 +190,8 @@ def test_first_order_formula(baseline):
     assert res.outer_loss.item() == pytest.approx(after.outer_loss.item(), rel=1e-12)
 
 
-def test_first_order_sign_by_enumeration():
-    """E_y[first_order estimate] is the exact gradient of E_y[L_outer(s'(y))].
+def test_score_function_sign_by_enumeration():
+    """E_y[score-function estimate] is the exact gradient of E_y[L_outer(s'(y))].
 
     3 unlabeled examples, 3 classes: all 27 hard-label configurations y, each weighted by
     p_T(y) = prod_i p_T(y_i | x_i). The student takes one SGD step on y (s'(y) does not depend on
@@ -206,7 +206,7 @@ def test_first_order_sign_by_enumeration():
         y = torch.tensor(labels)
         res = metapl.meta_grad(
             inner_loss(y), problem.outer_loss, problem.student, problem.teacher, opt,
-            method="first_order", log_prob=lambda t, y=y: log_prob(t, y),
+            method="score_function", log_prob=lambda t, y=y: log_prob(t, y),
         )  # fmt: skip
         p_y = log_prob(teacher, y).exp()
         estimate = {k: estimate[k] + p_y.detach() * g for k, g in res.teacher_grads.items()}
@@ -310,7 +310,7 @@ def test_errors_name_the_fix():
         }  # fmt: skip
         return metapl.meta_grad(**{**args, **kwargs})
 
-    with pytest.raises(ValueError, match="unknown method 'reverse'; pass one of exact"):
+    with pytest.raises(ValueError, match="unknown method 'reverse'; pass one of 'exact'"):
         call(method="reverse")
     for steps in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
@@ -327,10 +327,16 @@ def test_errors_name_the_fix():
         ValueError, match=r"with has_aux=True, inner_loss must return \(loss, aux\)"
     ):
         call(has_aux=True)
-    with pytest.raises(ValueError, match="first_order' needs log_prob="):
-        call(method="first_order")
-    with pytest.raises(ValueError, match="log_prob is only used by method='first_order'"):
+    with pytest.raises(ValueError, match="score_function' needs log_prob="):
+        call(method="score_function")
+    with pytest.raises(ValueError, match="log_prob is only used by method='score_function'"):
         call(log_prob=lambda t: t["w0"].sum())
+    with pytest.raises(ValueError, match="first-order MAML"):
+        call(method="first_order", log_prob=lambda t: t["w0"].sum())
+    with pytest.raises(ValueError, match="every path .* is second order"):
+        call(method="first_order")
+    with pytest.raises(ValueError, match="student_params=lambda meta: meta"):
+        call(student_params=problem.teacher)
     with pytest.raises(TypeError, match=r"dict of tensors, e.g. dict\(model.named_parameters"):
         call(student_params=list(problem.student.values()))
     with pytest.raises(TypeError, match="teacher_params must be a dict of tensors"):
@@ -349,7 +355,7 @@ def test_opt_state_of_another_optimizer_is_rejected():
         )  # fmt: skip
 
 
-def test_first_order_h_sees_the_same_dropout_masks_before_and_after():
+def test_score_function_h_sees_the_same_dropout_masks_before_and_after():
     """With a zero student learning rate the student does not move, so h must be exactly 0:
     the outer loss after the step replays the dropout masks of the loss before it."""
     torch.manual_seed(0)
@@ -369,6 +375,6 @@ def test_first_order_h_sees_the_same_dropout_masks_before_and_after():
     def log_prob(t_):
         return F.log_softmax(t_["z"], -1).gather(-1, y_hat[:, None]).mean()
 
-    res = metapl.meta_grad(inner, outer, s, t, optim.sgd(0.0), method="first_order",
+    res = metapl.meta_grad(inner, outer, s, t, optim.sgd(0.0), method="score_function",
                            log_prob=log_prob)  # fmt: skip
     assert res.h == 0

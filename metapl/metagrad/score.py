@@ -1,0 +1,34 @@
+"""The score-function (REINFORCE) estimator, for inner losses on *sampled* targets.
+
+When the inner loss trains on targets y drawn from p_m(y), the outer loss is not differentiable
+in m through the samples. The estimator (MPL's "first order"; Pham et al. 2021, Eq. 12 up to
+the baseline) is
+
+    d/dm E_y[L(s_K(y))] = E_y[(L(s_K(y)) - b) d/dm log p_m(y)]
+
+for any baseline b that does not depend on the sampled y; here b = L(s_0) plus the caller's
+``baseline`` (a control variate such as a moving average of h = L(s_K) - L(s_0)).
+"""
+
+from __future__ import annotations
+
+from torch.func import grad
+
+from metapl.metagrad import rng
+from metapl.metagrad.problem import Problem
+from metapl.metagrad.reverse import run_forward
+
+
+def score_function(problem: Problem, meta, opt_state, log_prob, baseline, reduce):
+    """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, h)``."""
+    s_0 = problem.start(meta)
+    snapshot = rng.snapshot()  # L(s_K) sees L(s_0)'s dropout masks: h measures the steps alone
+    loss_before = problem.outer_loss(s_0, meta)
+    s, st, first_aux = run_forward(problem, meta, opt_state, reduce)
+    loss_after = rng.replayed(snapshot, problem.outer_loss, s, meta)
+    # h is a difference of losses over the *whole* outer batch: average across processes.
+    losses = reduce({"before": loss_before, "after": loss_after})
+    h = (losses["after"] - losses["before"]).detach()
+    score = grad(log_prob)(meta)
+    meta_grads = {n: (h - baseline) * g for n, g in score.items()}
+    return meta_grads, s, st, losses["after"], first_aux, h
