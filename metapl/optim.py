@@ -113,7 +113,11 @@ def _check_lr_keys(lr: LearningRate, params: Mapping[str, Tensor]) -> None:
         return
     check_same_keys("a per-parameter lr", lr, params)
     for k, p in params.items():
-        if torch.broadcast_shapes(lr[k].shape, p.shape) != p.shape:
+        try:
+            fits = torch.broadcast_shapes(lr[k].shape, p.shape) == p.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"lr[{k!r}] has shape {tuple(lr[k].shape)}, which does not broadcast to the "
                 f"parameter's {tuple(p.shape)}: use a 0-d tensor or one of the parameter's shape"

@@ -232,3 +232,38 @@ def assert_close(got, expected, rtol=1e-10, atol=1e-12) -> None:
         torch.testing.assert_close(flat(got), flat(expected), rtol=rtol, atol=atol)
     for k, child in (children or {}).items():
         assert_close(child, _children(expected)[k], rtol, atol)
+
+
+# --------------------------------------------------------------------------- the general unroll
+
+
+def reference_general(
+    inner_loss, outer_loss, start, make_opt, meta, steps, *, batches=None, truncate=None,
+    first_order=False,
+):  # fmt: skip
+    """Plain autograd through ``steps`` reference updates, with the meta parameters in every
+    place: ``s_0 = start(meta)``, ``opt = make_opt(meta)``, ``inner_loss(s, meta[, batch_k])``,
+    ``outer_loss(s, meta)``. ``truncate=T`` cuts the graph before the last T steps;
+    ``first_order`` treats every inner gradient as a constant (no second-order terms).
+    Returns ``(meta_grads, outer_grads, s_K, state_K, outer)``."""
+    meta = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
+    s = start(meta)
+    opt = make_opt(meta)
+    state = opt.init(s)
+    first = steps - (truncate or steps)
+    for k in range(steps):
+        if k == first:
+            if first > 0:  # truncated: steps before `first` are constants
+                state = detach(state)
+                s = {n: v.detach() for n, v in s.items()}
+            s = {n: v if v.requires_grad else v.clone().requires_grad_() for n, v in s.items()}
+        args = (s, meta) if batches is None else (s, meta, {n: b[k] for n, b in batches.items()})
+        gs = torch.autograd.grad(inner_loss(*args), list(s.values()), create_graph=not first_order)
+        s, state = opt.step(s, dict(zip(s, gs, strict=True)), state)
+    outer = outer_loss(s, meta)
+    both = list(meta.values()) + list(s.values())
+    grads = torch.autograd.grad(outer, both, allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(both, grads, strict=True)]
+    meta_grads = dict(zip(meta, grads[: len(meta)], strict=True))
+    outer_grads = dict(zip(s, grads[len(meta) :], strict=True))
+    return meta_grads, outer_grads, detach(s), detach(state), outer.detach()

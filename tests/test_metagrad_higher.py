@@ -107,3 +107,60 @@ def test_higher_adam_eps_placement():
     assert_close(moved.student_params, student, rtol=1e-12, atol=1e-14)
     same_eps = with_metapl(optim.adam, hyper, steps=1)
     assert not torch.allclose(same_eps.teacher_grads["0.weight"], grads["0.weight"], rtol=1e-3)
+
+
+def maml_setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x_s, x_q = torch.randn(10, 1, dtype=F64), torch.randn(10, 1, dtype=F64)
+    return model.to(F64), x_s, torch.sin(2 * x_s), x_q, torch.sin(2 * x_q)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_matches_higher_without_copying_initial_weights(steps):
+    """MAML: higher differentiates into the model's own weights (copy_initial_weights=False);
+    metapl takes the start as a function of the meta parameters."""
+    model, x_s, y_s, x_q, y_q = maml_setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(F.mse_loss(fmodel(x_s), y_s))
+        outer = F.mse_loss(fmodel(x_q), y_q)
+        expected = named(model, torch.autograd.grad(outer, list(model.parameters())))
+
+    def inner(s, m):
+        return F.mse_loss(functional_call(model, s, (x_s,)), y_s)
+
+    def outer_loss(s):
+        return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
+
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    res = metapl.meta_grad(inner, outer_loss, lambda m: m, theta, optim.sgd(0.1, momentum=0.5),
+                           steps=steps)  # fmt: skip
+    assert max(g.abs().max() for g in expected.values()) > 1e-3
+    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
+    assert res.outer_loss.item() == pytest.approx(outer.item(), rel=1e-12)
+
+
+def test_learned_learning_rate_matches_higher_override():
+    """A learned learning rate: higher's ``override={'lr': [tensor]}`` against metapl's
+    optimizer as a function of the meta parameters."""
+    model, x_s, y_s, x_q, y_q = maml_setup(seed=1)
+    lr = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(x_s), y_s))
+        (expected,) = torch.autograd.grad(F.mse_loss(fmodel(x_q), y_q), [lr])
+
+    def inner(s, m):
+        return F.mse_loss(functional_call(model, s, (x_s,)), y_s)
+
+    def outer_loss(s):
+        return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
+
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    res = metapl.meta_grad(inner, outer_loss, start, {"lr": lr.detach()},
+                           lambda m: optim.sgd(m["lr"], momentum=0.9), steps=3)  # fmt: skip
+    assert expected.abs() > 1e-3
+    assert res.teacher_grads["lr"].item() == pytest.approx(expected.item(), rel=1e-10)

@@ -240,3 +240,75 @@ def test_decay_mask_matches_torch_parameter_groups(kind):
     plain, _ = unmasked.step(start, grads, unmasked.init(start))
     masked, _ = opt.step(start, grads, opt.init(start))
     assert torch.equal(plain["w"], masked["w"]) and not torch.equal(plain["b"], masked["b"])
+
+
+def as_tensors(hyper):
+    """Every numeric hyperparameter as a 0-d float64 tensor (nesterov and eps stay Python)."""
+    out = {}
+    for k, v in hyper.items():
+        if k == "betas":
+            out[k] = tuple(torch.tensor(b, dtype=F64) for b in v)
+        elif k in ("momentum", "weight_decay"):
+            out[k] = torch.tensor(v, dtype=F64)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
+def test_tensor_hyperparameters_match_torch_optim_step_for_step(kind, hyper):
+    """lr, momentum, weight_decay and betas as 0-d tensors: still torch.optim, step for step."""
+    compare_with_torch(kind, as_tensors(hyper), torch.tensor(LR[kind], dtype=F64), LR[kind])
+
+
+def test_per_parameter_lr_matches_torch_parameter_groups():
+    """A dict of learning rates keyed like the parameters = one torch param group per tensor."""
+    params, lrs = make_params(), {"w": 0.05, "b": 0.2}
+    opt = optim.sgd({k: torch.tensor(v, dtype=F64) for k, v in lrs.items()}, momentum=0.9)
+    state = opt.init(params)
+    leaves = {k: v.clone() for k, v in params.items()}
+    ref = torch.optim.SGD([{"params": [leaves[k]], "lr": lrs[k]} for k in leaves], momentum=0.9)
+    for grads in make_grads(6):
+        params, state = opt.step(params, grads, state)
+        for k, leaf in leaves.items():
+            leaf.grad = grads[k].clone()
+        ref.step()
+        assert_close(params, leaves)
+
+
+@pytest.mark.parametrize(("kind", "hyper"), [
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1}),
+    ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
+])  # fmt: skip
+def test_gradcheck_tensor_hyperparameters(kind, hyper):
+    """d (two steps) / d (lr, momentum | betas, weight_decay) against finite differences."""
+    params, grads = make_params(), make_grads(2)
+    grads[0] = {k: v.sign() * (v.abs() + 1) for k, v in grads[0].items()}  # smooth sqrt(v)
+    names = [k for k in ("momentum", "weight_decay") if k in hyper]
+
+    def two_steps(lr, *values):
+        h = {**hyper, **dict(zip(names, values[: len(names)], strict=True))}
+        if "betas" in hyper:
+            h["betas"] = tuple(values[len(names) :])
+        opt = getattr(optim, kind)(lr, **h)
+        p, st = params, opt.init(params)
+        for g in grads:
+            p, st = opt.step(p, g, st)
+        return tuple(p.values())
+
+    inputs = [LR[kind], *(hyper[k] for k in names), *hyper.get("betas", ())]
+    inputs = [torch.tensor(v, dtype=F64, requires_grad=True) for v in inputs]
+    assert torch.autograd.gradcheck(two_steps, inputs)
+
+
+def test_per_parameter_lr_errors_name_the_fix():
+    params = make_params()
+    with pytest.raises(ValueError, match=r"per-parameter lr must have the same keys.*\['b'\]"):
+        optim.sgd({"w": torch.tensor(0.1)}).init(params)
+    for bad in (torch.ones(3), torch.ones(2, 3, 4)):
+        with pytest.raises(ValueError, match=r"lr\['w'\] has shape .*, which does not broadcast"):
+            optim.adam({"w": bad, "b": torch.ones(4)}).init(params)
+    with pytest.raises(ValueError, match="a tensor momentum must be 0-d"):
+        optim.sgd(0.1, momentum=torch.ones(2))

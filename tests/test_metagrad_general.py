@@ -1,0 +1,373 @@
+"""meta_grad with meta parameters everywhere: the start (MAML), the inner loss, the optimizer's
+hyperparameters (learned lr / momentum / weight decay / betas, Meta-SGD) and the outer loss,
+against the plain-autograd float64 unroll in tests/reference.py, closed forms and each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import (
+    F64,
+    REFERENCE,
+    RefOptimizer,
+    assert_close,
+    flat,
+    init_mlp,
+    mlp,
+    one_thread,  # noqa: F401 (autouse fixture)
+    reference_general,
+    rel_err,
+)
+
+import metapl
+from metapl import optim
+
+SIZES = [3, 5, 3]
+
+
+def data(seed=0, n_u=7, n_l=5):
+    gen = torch.Generator().manual_seed(seed)
+    x_u = torch.randn(n_u, 3, generator=gen, dtype=F64)
+    x_l = torch.randn(n_l, 3, generator=gen, dtype=F64)
+    y_u = torch.randint(0, 3, (n_u,), generator=gen)
+    y_l = torch.randint(0, 3, (n_l,), generator=gen)
+    return gen, x_u, y_u, x_l, y_l
+
+
+def everywhere_problem(kind, seed=0):
+    """Meta parameters in all four places at once: the start (``w*``/``b*``), example weights
+    in the inner loss (``t``), the optimizer's hyperparameters (``log_lr`` and ``mom`` or
+    ``beta1`` / ``wd``) and an outer penalty (``reg``)."""
+    gen, x_u, y_u, x_l, y_l = data(seed)
+    meta = init_mlp(SIZES, gen)
+    keys = list(meta)
+    meta["t"] = torch.randn(len(y_u), generator=gen, dtype=F64)
+    meta["log_lr"] = torch.tensor(-1.2 if kind == "sgd" else -2.5, dtype=F64)
+    meta["reg"] = torch.tensor(0.3, dtype=F64)
+    if kind == "sgd":
+        meta["mom"] = torch.tensor(0.7, dtype=F64)
+    else:
+        meta["beta1"], meta["wd"] = torch.tensor(0.8, dtype=F64), torch.tensor(0.05, dtype=F64)
+
+    def start(m):
+        return {k: m[k] for k in keys}
+
+    def inner(s, m):
+        per_example = F.cross_entropy(mlp(s, x_u), y_u, reduction="none")
+        return (torch.sigmoid(m["t"]) * per_example).mean()
+
+    def outer(s, m):
+        return F.cross_entropy(mlp(s, x_l), y_l) + m["reg"] * flat(s).square().sum() / 2
+
+    def hyper(m):
+        if kind == "sgd":
+            return {"lr": m["log_lr"].exp(), "momentum": m["mom"]}
+        return {"lr": m["log_lr"].exp(), "betas": (m["beta1"], 0.999), "eps": 1e-3,
+                "weight_decay": m["wd"]}  # fmt: skip
+
+    def metapl_opt(m):
+        return getattr(optim, kind)(**hyper(m))
+
+    def ref_opt(m):
+        return REFERENCE[kind](**hyper(m))
+
+    return meta, start, inner, outer, metapl_opt, ref_opt
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_exact_through_every_path_matches_reference(kind, steps):
+    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=steps)
+    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps)
+    grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
+    for k in grads:  # every path carries a signal (momentum and beta1 act from step 2 on)
+        assert grads[k].abs().max() > 1e-4 or (k in ("mom", "beta1") and steps == 1), k
+    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
+    assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    if kind == "sgd":
+        assert_close(res.opt_state["momentum"], st["momentum"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_finite_difference_through_every_path(kind):
+    """Same reverse pass, second-order products by central differences at radius 1e-6: error
+    O(r^2) + O(eps_mach / r) ~ 1e-10 relative (see test_metagrad's finite-difference test)."""
+    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=4)
+    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=3, method="finite_difference",
+                           fd_radius=1e-6)  # fmt: skip
+    grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
+    assert rel_err(res.teacher_grads, grads) < 1e-8
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_first_order_drops_exactly_the_second_order_terms(kind):
+    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=5)
+    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=3, method="first_order")
+    grads, outer_grads, *_ = reference_general(
+        inner, outer, start, ref_opt, meta, 3, first_order=True
+    )
+    exact, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
+    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
+    assert res.teacher_grads["t"].abs().max() == 0  # the inner-loss path is purely second order
+    assert rel_err(res.teacher_grads, exact) > 1e-3  # and it is a different (cheaper) gradient
+
+
+def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
+    """FOMAML (Finn et al. 2017, Sec. 5.2): with SGD from s_0 = theta, the first-order
+    meta-gradient is grad outer(s_K)."""
+    gen, x_u, y_u, x_l, y_l = data(1)
+    theta = init_mlp(SIZES, gen)
+
+    def inner(s, m):
+        return F.cross_entropy(mlp(s, x_u), y_u)
+
+    def outer(s):
+        return F.cross_entropy(mlp(s, x_l), y_l)
+
+    res = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.4), steps=2,
+                           method="first_order")  # fmt: skip
+    adapted = {k: v.clone().requires_grad_() for k, v in res.student_params.items()}
+    expected = torch.autograd.grad(outer(adapted), list(adapted.values()))
+    assert_close(res.teacher_grads, dict(zip(adapted, expected, strict=True)), 1e-12, 1e-14)
+
+
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+@pytest.mark.parametrize("truncate", [1, 2, 4])
+def test_truncated_backpropagation(method, truncate):
+    meta, start, inner, outer, opt, ref_opt = everywhere_problem("sgd", seed=6)
+    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=4, method=method,
+                           truncate=truncate)  # fmt: skip
+    grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 4, truncate=truncate,
+                                  first_order=method == "first_order")  # fmt: skip
+    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    if truncate < 4:  # the start is cut off
+        full, *_ = reference_general(inner, outer, start, ref_opt, meta, 4)
+        assert rel_err(res.teacher_grads, full) > 1e-3
+
+
+def test_truncate_all_steps_is_exact():
+    meta, start, inner, outer, opt, _ = everywhere_problem("adamw", seed=2)
+    a = metapl.meta_grad(inner, outer, start, meta, opt, steps=3)
+    b = metapl.meta_grad(inner, outer, start, meta, opt, steps=3, truncate=3)
+    assert_close(a.teacher_grads, b.teacher_grads, rtol=0, atol=0)
+
+
+def test_inner_batches_feed_step_k_its_own_slice():
+    gen, *_ = data(7)
+    steps, xs = 3, torch.randn(3, 6, 3, generator=gen, dtype=F64)
+    ys = torch.randint(0, 3, (3, 6), generator=gen)
+    x_l, y_l = torch.randn(5, 3, generator=gen, dtype=F64), torch.randint(0, 3, (5,), generator=gen)
+    theta = init_mlp(SIZES, gen)
+    teacher = {"log_w": torch.randn(6, generator=gen, dtype=F64)}  # per-slot example weights
+
+    def inner(s, m, batch):
+        per_example = F.cross_entropy(mlp(s, batch["x"]), batch["y"], reduction="none")
+        return (m["log_w"].exp() * per_example).mean()
+
+    def outer(s, m):
+        return F.cross_entropy(mlp(s, x_l), y_l)
+
+    batches = {"x": xs, "y": ys}
+    res = metapl.meta_grad(
+        inner, lambda s: outer(s, None), theta, teacher, optim.sgd(0.3, momentum=0.9),
+        steps=steps, inner_batches=batches,
+    )  # fmt: skip
+    grads, _, s, *_ = reference_general(inner, outer, lambda m: theta,
+                                        lambda m: REFERENCE["sgd"](0.3, momentum=0.9), teacher,
+                                        steps, batches=batches)  # fmt: skip
+    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
+    # Feeding every step the first slice gives another answer: the slices are really used.
+    same = {k: v[:1].expand_as(v) for k, v in batches.items()}
+    other = metapl.meta_grad(inner, lambda s: outer(s, None), theta, teacher, optim.sgd(0.3),
+                             steps=steps, inner_batches=same)  # fmt: skip
+    assert rel_err(other.teacher_grads, grads) > 1e-2
+
+
+def test_meta_sgd_per_parameter_learning_rates():
+    """Meta-SGD (Li et al. 2017): s_1 = theta - alpha ∘ grad, with theta and the per-entry
+    rates alpha both meta parameters."""
+    gen, x_u, y_u, x_l, y_l = data(8)
+    theta = init_mlp(SIZES, gen)
+    meta = {**theta, **{f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
+                        for k, v in theta.items()}}  # fmt: skip
+
+    def start(m):
+        return {k: m[k] for k in theta}
+
+    def inner(s, m):
+        return F.cross_entropy(mlp(s, x_u), y_u)
+
+    def outer(s, m):
+        return F.cross_entropy(mlp(s, x_l), y_l)
+
+    def metapl_opt(m):
+        return optim.sgd({k: m[f"lr_{k}"] for k in theta})
+
+    def ref_opt(m):  # written out: p - alpha ∘ g
+        return RefOptimizer(lambda p: {}, lambda p, g, st: (
+            {k: p[k] - m[f"lr_{k}"] * g[k] for k in p}, st))  # fmt: skip
+
+    for steps in (1, 2):
+        res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=steps)
+        grads, *_ = reference_general(inner, outer, start, ref_opt, meta, steps)
+        assert all(grads[f"lr_{k}"].abs().max() > 1e-4 for k in theta)
+        assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- implicit
+
+
+def ridge_problem(seed=0, n=20, d=4):
+    """inner(s, m) = ||X s - y||^2 / 2n + exp(m.log_lam) / 2 ||s - m.center||^2, whose
+    minimiser is s* = A^{-1} (X^T y / n + lam c), A = X^T X / n + lam I (closed form)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    x_v, y_v = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    meta = {
+        "log_lam": torch.tensor(-0.5, dtype=F64),
+        "center": torch.randn(d, generator=gen, dtype=F64),
+    }
+
+    def inner(s, m):
+        fit = (x @ s["w"] - y).square().mean() / 2
+        return fit + m["log_lam"].exp() / 2 * (s["w"] - m["center"]).square().sum()
+
+    def outer(s):
+        return (x_v @ s["w"] - y_v).square().mean() / 2
+
+    def closed_form(m):
+        lam = m["log_lam"].exp()
+        a = x.T @ x / n + lam * torch.eye(d, dtype=F64)
+        return {"w": torch.linalg.solve(a, x.T @ y / n + lam * m["center"])}
+
+    return meta, inner, outer, closed_form, x
+
+
+@pytest.mark.parametrize(
+    "solver", [metapl.CG(), metapl.Neumann(iterations=400, alpha=0.5), metapl.CG(damping=0.0)]
+)
+def test_implicit_matches_the_ridge_closed_form(solver):
+    meta, inner, outer, closed_form, x = ridge_problem()
+    m = {k: v.clone().requires_grad_() for k, v in meta.items()}
+    loss = outer(closed_form(m))
+    expected = dict(zip(m, torch.autograd.grad(loss, list(m.values())), strict=True))
+    start = {"w": torch.zeros(x.shape[1], dtype=F64)}
+    # 400 gradient steps at lr 0.5 converge to ~1e-15 here (the stationarity IFT assumes).
+    res = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=400,
+                           method="implicit", solver=solver)  # fmt: skip
+    assert_close(res.student_params, closed_form(meta), rtol=1e-12, atol=1e-13)
+    assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_implicit_damping_changes_the_solution():
+    meta, inner, outer, _, x = ridge_problem(seed=1)
+    start = {"w": torch.zeros(x.shape[1], dtype=F64)}
+    plain = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=100,
+                             method="implicit")  # fmt: skip
+    damped = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=100,
+                              method="implicit", solver=metapl.CG(damping=10.0))  # fmt: skip
+    assert rel_err(damped.teacher_grads, plain.teacher_grads) > 0.1
+
+
+def test_implicit_imaml_matches_a_long_exact_unroll():
+    """iMAML (Rajeswaran et al. 2019): inner = task loss + lam/2 ||s - theta||^2, s_0 = theta.
+    A nonlinear task: logistic regression. The exact gradient through K steps converges to the
+    implicit one as the inner problem converges."""
+    gen, x_u, y_u, x_l, y_l = data(9, n_u=30, n_l=30)
+    theta = init_mlp([3, 3], gen)
+
+    def inner(s, m):
+        proximal = sum((s[k] - m[k]).square().sum() for k in s)
+        return F.cross_entropy(mlp(s, x_u), y_u) + 0.5 * proximal
+
+    def outer(s):
+        return F.cross_entropy(mlp(s, x_l), y_l)
+
+    implicit = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200,
+                                method="implicit")  # fmt: skip
+    exact = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200)
+    assert flat(implicit.teacher_grads).abs().max() > 1e-3
+    assert rel_err(exact.teacher_grads, implicit.teacher_grads) < 1e-8
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def sinusoid_maml(theta, x_s, y_s, x_q, y_q, steps=2, method="exact"):
+    def inner(s, m):
+        return (mlp(s, x_s) - y_s).square().mean()
+
+    def outer(s):
+        return (mlp(s, x_q) - y_q).square().mean()
+
+    return metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=steps,
+                            method=method)  # fmt: skip
+
+
+def tasks(n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    amp = 0.1 + 4.9 * torch.rand(n, 1, 1, generator=gen)
+    phase = 3.1 * torch.rand(n, 1, 1, generator=gen)
+    x = 10 * torch.rand(n, 20, 1, generator=gen, dtype=F64) - 5
+    y = amp * torch.sin(x + phase)
+    theta = init_mlp([1, 8, 1], gen)
+    return theta, x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]
+
+
+@pytest.mark.parametrize("method", ["exact", "first_order", "finite_difference"])
+def test_vmap_over_tasks_equals_a_loop(method):
+    theta, xs, ys, xq, yq = tasks()
+    batched = torch.func.vmap(
+        lambda a, b, c, d: sinusoid_maml(theta, a, b, c, d, method=method).teacher_grads
+    )(xs, ys, xq, yq)
+    for i in range(len(xs)):
+        one = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i], method=method).teacher_grads
+        assert_close({k: v[i] for k, v in batched.items()}, one, rtol=1e-10, atol=1e-13)
+
+
+def test_maml_compiles_and_matches_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    theta, xs, ys, xq, yq = tasks(seed=1)
+    compiled = torch.compile(sinusoid_maml, backend=counter, fullgraph=True)
+    for i in range(2):
+        got = compiled(theta, xs[i], ys[i], xq[i], yq[i])
+        expected = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i])
+        assert rel_err(got.teacher_grads, expected.teacher_grads) < 1e-10
+    assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unsupported_combinations_name_the_fix():
+    meta, start, inner, outer, opt, _ = everywhere_problem("sgd")
+    fixed = start(meta)
+    teacher = {"t": meta["t"]}
+    inner_t = lambda s, m: inner(s, {**meta, **m})  # noqa: E731
+    outer_1 = lambda s: outer(s, meta)  # noqa: E731
+    with pytest.raises(ValueError, match="hyperparameters have no effect"):
+        metapl.meta_grad(inner, outer, start, meta, opt, method="implicit")
+    with pytest.raises(ValueError, match="inner_batches and truncate do not apply"):
+        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2,
+                         method="implicit", truncate=1)  # fmt: skip
+    with pytest.raises(ValueError, match="leading dimension of steps=2"):
+        metapl.meta_grad(lambda s, m, b: inner_t(s, m), outer_1, fixed, teacher, optim.sgd(0.1),
+                         steps=2, inner_batches={"x": torch.zeros(3, 4)})  # fmt: skip
+    with pytest.raises(TypeError, match=r"inner_loss must take \(student, meta, batch\)"):
+        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2,
+                         inner_batches={"x": torch.zeros(2, 4)})  # fmt: skip
+    with pytest.raises(ValueError, match=r"truncate must be an int in \[1, steps=2\]"):
+        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2, truncate=3)
+    with pytest.raises(TypeError, match=r"outer_loss must take \(student\) or \(student, meta\)"):
+        metapl.meta_grad(inner_t, lambda s, m, x: 0, fixed, teacher, optim.sgd(0.1))
+    with pytest.raises(ValueError, match="solver is only used by method='implicit'"):
+        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), solver=metapl.CG())
+    with pytest.raises(ValueError, match="score_function' estimates the gradient through sampled"):
+        metapl.meta_grad(inner, outer, start, meta, opt, method="score_function",
+                         log_prob=lambda m: m["t"].sum())  # fmt: skip
