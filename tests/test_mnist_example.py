@@ -1,0 +1,112 @@
+"""examples/mnist_mpl.py end to end on small fake MNIST IDX files: every row, a few steps, the
+JSON summary, the learning curves, the split manifest and offline wandb runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metapl.data import load_manifest
+from metapl.data.fake import write_fake_mnist
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mnist_mpl.py"
+
+SMALL = ["steps=3", "eval_every=2", "log_every=1", "batch_l=8", "batch_u=8", "val_per_class=2",
+         "channels=4"]  # fmt: skip
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("example_mnist_mpl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """An empty working directory, and every wandb directory inside tmp_path."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    root = tmp_path / "mnist"
+    write_fake_mnist(root / "MNIST" / "raw", n_train=160, n_test=30, gz=True)
+    return root
+
+
+def test_every_row(isolated, mnist_dir, capsys, monkeypatch):
+    mnist = load_example()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = isolated / "out"
+    argv = ["--seeds", "0", "--json", "--data-dir", str(mnist_dir), "--output-dir", str(out),
+            "--set", *SMALL]  # fmt: skip
+    summary = mnist.main(argv)
+    printed = json.loads(capsys.readouterr().out)  # stdout is exactly the JSON
+    assert printed == summary
+    assert list(printed) == [*mnist.ROWS, "mpl_uda_minus_uda"]
+    for row in mnist.ROWS:
+        s = printed[row]
+        assert len(s["seeds"]) == 1 and 0.0 <= s["seeds"][0] <= 1.0 and s["std"] == 0.0
+        assert 0.0 <= s["val"][0] <= 1.0 and s["seconds"][0] > 0
+        assert ("teacher" in s) == (row != "supervised")
+    diff = printed["mpl_uda"]["seeds"][0] - printed["uda"]["seeds"][0]
+    assert printed["mpl_uda_minus_uda"] == [pytest.approx(diff, abs=1e-4)]
+
+    preset = out / "10-labels"
+    assert (preset / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    split, meta = load_manifest(preset / "seed0" / "split.json")
+    assert len(split.labeled) == 100 and len(meta["val"]) == 20
+    assert not np.intersect1d(split.unlabeled, meta["val"]).size
+    records = [json.loads(line) for line in (preset / "seed0" / "mpl_uda" / "metrics.jsonl")
+               .read_text().splitlines()]  # fmt: skip
+    assert [r["step"] for r in records if "val/teacher" in r] == [2, 3]
+    assert not any((isolated / "cwd").iterdir())  # nothing written to the working directory
+
+
+def test_offline_wandb_run_per_row_and_seed(isolated, mnist_dir, monkeypatch):
+    mnist = load_example()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = isolated / "out"
+    mnist.main(["--seeds", "0", "--rows", "supervised", "mpl_uda", "--data-dir", str(mnist_dir),
+                "--output-dir", str(out), "--json", "--set", *SMALL])  # fmt: skip
+    runs = sorted((out / "10-labels" / "seed0").glob("*/wandb/offline-run-*"))
+    assert len(runs) == 2
+    for run in runs:  # offline runs keep history and summary in one protobuf log
+        (log,) = run.glob("run-*.wandb")
+        data = log.read_bytes()
+        assert b"final/test" in data and b"val/" in data and b"10-labels/" in data
+    assert not any((isolated / "cwd").iterdir())
+
+
+def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
+    mnist = load_example()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = isolated / "out"
+    summary = mnist.main(["--preset", "1-label", "--seeds", "0", "1", "--rows", "supervised",
+                          "mpl_first_order", "--data-dir", str(mnist_dir), "--output-dir",
+                          str(out), "--set", *SMALL])  # fmt: skip
+    table = capsys.readouterr().out
+    assert "MNIST 1-label (10 labels)" in table and "| mpl_first_order |" in table
+    assert "mpl_uda_minus_uda" not in summary and len(summary["supervised"]["seeds"]) == 2
+    assert len(load_manifest(out / "1-label" / "seed1" / "split.json")[0].labeled) == 10
+
+
+def test_missing_data_names_the_fix(isolated, capsys):
+    mnist = load_example()
+    with pytest.raises(FileNotFoundError, match="make mnist"):
+        mnist.main(["--data-dir", str(isolated / "nowhere"), "--output-dir",
+                    str(isolated / "out"), "--seeds", "0"])  # fmt: skip
