@@ -37,7 +37,7 @@ from torch import Tensor
 from metapl.metagrad import curvature, tree
 from metapl.metagrad.check import check_arguments
 from metapl.metagrad.implicit import CG, Neumann, implicit
-from metapl.metagrad.problem import make_problem, scalar_loss
+from metapl.metagrad.problem import Schedule, make_problem, scalar_loss
 from metapl.metagrad.reverse import reverse
 from metapl.metagrad.score import score_function
 from metapl.optim import Optimizer, State
@@ -77,6 +77,7 @@ def meta_grad(
     baseline: float | Tensor = 0.0,
     solver: CG | Neumann | None = None,
     reduce: Callable[[Params], Params] | None = None,
+    compile: bool = False,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K[, m])`` with respect to the meta parameters
     ``m = teacher_params``, where ``s_0 = student_params(m)`` (or the dict itself) and
@@ -123,6 +124,11 @@ def meta_grad(
             step, to the outer gradient and losses, and to the student-side Hessian products,
             so every process takes the same student steps. The returned ``teacher_grads`` are
             this process's share: average them across processes too.
+        compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
+            as one ``torch.compile``'d graph, compiled once for every step (compile time does
+            not grow with K; later calls with the same shapes reuse it). To compile a whole
+            short unroll into one graph instead, ``torch.compile`` a function that calls
+            ``meta_grad``.
     """
     check_arguments(
         inner_loss=inner_loss, outer_loss=outer_loss, student_params=student_params,
@@ -132,28 +138,37 @@ def meta_grad(
     )  # fmt: skip
     if method == "implicit" and reduce is not None:
         raise ValueError("method='implicit' does not support reduce (data parallelism) yet")
+    if compile and (method not in ("exact", "first_order") or reduce is not None):
+        raise ValueError(
+            "compile=True compiles the reverse pass' step of method='exact' or 'first_order' "
+            f"without reduce (got method={method!r}, reduce={reduce is not None}); otherwise "
+            "torch.compile a function that calls meta_grad"
+        )
     meta = {k: v.detach() for k, v in teacher_params.items()}
     problem = make_problem(
-        inner_loss, outer_loss, student_params, optimizer, steps, inner_batches, has_aux
+        inner_loss, outer_loss, student_params, optimizer, inner_batches is not None, has_aux
     )
+    schedule = Schedule(steps, inner_batches)
     reduce = reduce or tree.identity
     h, outer_grads = None, None
     if method == "score_function":
         log_prob = scalar_loss("log_prob", log_prob, False)
         grads, s, st, loss, aux, h = score_function(
-            problem, meta, opt_state, log_prob, baseline, reduce
+            problem, schedule, meta, opt_state, log_prob, baseline, reduce
         )
     elif method == "implicit":
-        grads, s, st, loss, aux, outer_grads = implicit(problem, meta, opt_state, solver or CG())
+        grads, s, st, loss, aux, outer_grads = implicit(
+            problem, schedule, meta, opt_state, solver or CG()
+        )
     else:
         if method == "exact":
-            curv = curvature.Exact(problem, last=steps - 1)
+            stepper = curvature.Exact(problem, reduce)
         elif method == "finite_difference":
-            curv = curvature.FiniteDifference(problem, fd_radius)
+            stepper = curvature.FiniteDifference(problem, reduce, fd_radius)
         else:
-            curv = curvature.FirstOrder(problem)
+            stepper = curvature.FirstOrder(problem, reduce)
         grads, s, st, loss, aux, outer_grads = reverse(
-            problem, meta, opt_state, curv, reduce, truncate or steps
+            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps, compile
         )
     result = MetaGradResult(
         grads, s, st, loss, aux if has_aux else None, h, outer_grads

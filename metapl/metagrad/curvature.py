@@ -1,17 +1,20 @@
-"""How the adjoint of an inner gradient reaches the student and the meta parameters.
+"""One inner step forward, and its pullback, for each reverse-mode method.
 
-Step k computes ``g_k = grad_s inner(s_k, m, b_k)``. In the reverse pass the adjoint ``a`` of
-``g_k`` contributes ``(H_ss a, H_ms a)`` (second derivatives of the inner loss) to the adjoints
-of ``s_k`` and ``m``. Each method supplies these products its own way:
+Step k maps ``(s_k, st_k, m)`` to ``optimizer(m).step(s_k, g_k, st_k)`` with
+``g_k = grad_s inner(s_k, m, b_k)``. Its pullback maps the adjoints ``(a_s, a_st)`` of the
+step's outputs to those of ``(s_k, st_k, m)``. Through ``g_k`` this needs the second-order
+products ``(H_ss a_g, H_ms a_g)`` of the inner loss, which each method supplies its own way:
 
-- ``Exact``: reverse mode over the gradient (double backward), recomputing step k's forward
-  in the reverse pass so no step keeps its activations; the last step keeps its graph from the
-  forward pass (it is needed at once), so one step costs no recomputation.
+- ``Exact``: reverse mode over the gradient (double backward). Step k's forward is recomputed in
+  the reverse pass, so no step keeps its activations; the last step keeps its graph from the
+  forward pass (it is needed at once). Without data parallelism the whole step is one VJP.
 - ``FiniteDifference``: central differences of first-order gradients at ``s ± eps a``.
 - ``FirstOrder``: the products dropped (first-order MAML and its generalisation).
 
-``gradient`` runs in the forward pass; ``linearize`` in the reverse pass returns ``g_k`` and a
-function ``a -> (H_ss a or None, H_ms a)``.
+``advance`` runs in the forward pass and returns what the trajectory keeps for the step
+(``keep=True``: the last step's graph, when the reverse pass will need it at once);
+``pullback`` runs in the reverse pass. Neither depends on the step's index, so each compiles
+once for all steps.
 """
 
 from __future__ import annotations
@@ -19,81 +22,126 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vjp
 
-from metapl.metagrad import rng as rng_
-from metapl.metagrad import tree
+from metapl.metagrad import rng, tree
 from metapl.metagrad.problem import Problem
 
 
-class Exact:
-    stores_gradients = False  # g_k comes back from the recomputation
+class _Split:
+    """Shared by the methods that pull back through the optimizer and the gradient separately:
+    the optimizer's own VJP (first order, elementwise) gives ``a_g``, then ``products``."""
 
-    def __init__(self, problem: Problem, last: int):
-        self.problem, self.last, self._kept = problem, last, None
+    def __init__(self, problem: Problem, reduce):
+        self.problem, self.reduce = problem, reduce
 
-    def _vjp(self, s, m, batch, need_s):
+    def advance(self, s, st, m, batch, need_s, keep):
+        g, aux = self.problem.inner_grad(s, m, batch)
+        g = self.reduce(g)
+        s_next, st_next = self.problem.optimizer(m).step(s, g, st)
+        return s_next, st_next, aux, g
+
+    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+        """``(g_k, a -> (H_ss a or None, H_ms a or None))``."""
+        raise NotImplementedError
+
+    def pullback(self, s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+        """The adjoints of ``(s_k or None, st_k, m or None)`` from those of the step's output."""
+        g, products = self.gradient_and_products(s, m, batch, memo, snapshot, need_s)
+        problem = self.problem
+        if problem.learns_optimizer:
+            step = lambda s_, g_, st_, m_: problem.optimizer(m_).step(s_, g_, st_)  # noqa: E731
+            _, step_vjp = vjp(step, s, g, st, m)
+            a_s_direct, a_g, a_st, a_m = step_vjp((a_s, a_st))
+        else:
+            _, step_vjp = vjp(problem.optimizer(m).step, s, g, st)
+            (a_s_direct, a_g, a_st), a_m = step_vjp((a_s, a_st)), None
+        h_ss, h_ms = products(a_g)
+        if h_ms is not None:
+            a_m = h_ms if a_m is None else tree.add(a_m, h_ms)
+        if need_s and h_ss is not None:
+            a_s_direct = tree.add(a_s_direct, self.reduce(h_ss))
+        return a_s_direct, a_st, a_m
+
+
+class Exact(_Split):
+    def __init__(self, problem: Problem, reduce):
+        super().__init__(problem, reduce)
+        self.fused = reduce is tree.identity  # an all-reduce has no VJP: split the step then
+
+    def _step_vjp(self, s, st, m, batch, need_s):
+        """VJP of the whole step; ``(s_next, st_next), pull, aux``."""
+        problem = self.problem
+
+        def step(s_, st_, m_):
+            g, aux = problem.inner_grad(s_, m_, batch)
+            return problem.optimizer(m_).step(s_, g, st_), aux
+
+        if need_s:
+            return vjp(step, s, st, m, has_aux=True)
+        out, pull_m, aux = vjp(lambda m_: step(s, st, m_), m, has_aux=True)
+        return out, (lambda cot: (None, None, pull_m(cot)[0])), aux
+
+    def _grad_vjp(self, s, m, batch, need_s):
+        """``g, (a -> (H_ss a, H_ms a)), aux`` by reverse mode over the gradient."""
         inner_grad = self.problem.inner_grad
         if need_s:
-            g, pull, aux = vjp(lambda s_, m_: inner_grad(s_, m_, batch), s, m, has_aux=True)
-            return g, pull, aux
+            return vjp(lambda s_, m_: inner_grad(s_, m_, batch), s, m, has_aux=True)
         g, pull, aux = vjp(lambda m_: inner_grad(s, m_, batch), m, has_aux=True)
         return g, (lambda a: (None, pull(a)[0])), aux
 
-    def gradient(self, k, s, m, batch, need_s):
-        if k == self.last:
-            g, pull, aux = self._vjp(s, m, batch, need_s)
-            self._kept = (g, pull)
-            return g, aux
-        return self.problem.inner_grad(s, m, batch)
+    def advance(self, s, st, m, batch, need_s, keep):
+        if not keep:
+            s_next, st_next, aux, _ = super().advance(s, st, m, batch, need_s, keep)
+            return s_next, st_next, aux, None
+        if self.fused:
+            (s_next, st_next), pull, aux = self._step_vjp(s, st, m, batch, need_s)
+            return s_next, st_next, aux, pull
+        g, products, aux = self._grad_vjp(s, m, batch, need_s)
+        s_next, st_next = self.problem.optimizer(m).step(s, self.reduce(g), st)
+        return s_next, st_next, aux, (g, products)
 
-    def linearize(self, k, s, m, batch, g, snapshot, need_s):
-        if k == self.last:
-            (g, pull), self._kept = self._kept, None
-            return g, pull
-        g, pull, _ = rng_.replayed(snapshot, self._vjp, s, m, batch, need_s)
-        return g, pull
+    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+        g, products = memo if memo is not None else rng.replayed(
+            snapshot, self._grad_vjp, s, m, batch, need_s
+        )[:2]  # fmt: skip
+        return self.reduce(g), products
+
+    def pullback(self, s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+        if not self.fused:
+            return super().pullback(s, st, m, batch, memo, snapshot, need_s, a_s, a_st)
+        if memo is None:
+            _, memo, _ = rng.replayed(snapshot, self._step_vjp, s, st, m, batch, need_s)
+        return memo((a_s, a_st))
 
 
-class FiniteDifference:
+class FiniteDifference(_Split):
     """H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps), with eps = radius / ||a||: each
     perturbation has norm ``radius`` in parameter space (as in DARTS)."""
 
-    stores_gradients = True
-
-    def __init__(self, problem: Problem, radius: float):
-        self.problem, self.radius = problem, radius
+    def __init__(self, problem: Problem, reduce, radius: float):
+        super().__init__(problem, reduce)
+        self.radius = radius
         self._grad_both = grad(problem.inner_loss, argnums=(0, 1), has_aux=True)
         self._grad_meta = grad(problem.inner_loss, argnums=1, has_aux=True)
 
-    def gradient(self, k, s, m, batch, need_s):
-        return self.problem.inner_grad(s, m, batch)
-
-    def linearize(self, k, s, m, batch, g, snapshot, need_s):
-        def pull(a):
+    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+        def products(a):
             eps = self.radius / torch.clamp(tree.norm(a), min=torch.finfo(tree.dtype(a)).eps)
             plus = {n: s[n] + eps * a[n] for n in s}
             minus = {n: s[n] - eps * a[n] for n in s}
             fn = self._grad_both if need_s else self._grad_meta
-            g_plus, _ = rng_.replayed(snapshot, fn, plus, m, batch)
-            g_minus, _ = rng_.replayed(snapshot, fn, minus, m, batch)
+            g_plus, _ = rng.replayed(snapshot, fn, plus, m, batch)
+            g_minus, _ = rng.replayed(snapshot, fn, minus, m, batch)
             if not need_s:
                 return None, _central(g_plus, g_minus, eps)
             (s_plus, m_plus), (s_minus, m_minus) = g_plus, g_minus
             return _central(s_plus, s_minus, eps), _central(m_plus, m_minus, eps)
 
-        return g, pull
+        return memo, products
 
 
-class FirstOrder:
-    stores_gradients = True
-
-    def __init__(self, problem: Problem):
-        self.problem = problem
-
-    def gradient(self, k, s, m, batch, need_s):
-        return self.problem.inner_grad(s, m, batch)
-
-    def linearize(self, k, s, m, batch, g, snapshot, need_s):
-        return g, lambda a: (None, None)
+class FirstOrder(_Split):
+    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+        return memo, lambda a: (None, None)
 
 
 def _central(plus, minus, eps):

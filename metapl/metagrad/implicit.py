@@ -20,7 +20,7 @@ import torch
 from torch.func import vjp
 
 from metapl.metagrad import tree
-from metapl.metagrad.problem import Problem
+from metapl.metagrad.problem import Problem, Schedule
 from metapl.metagrad.reverse import _outer_grads, run_forward
 
 __all__ = ["CG", "Neumann"]
@@ -80,9 +80,9 @@ class Neumann:
         return tree.scale(total, self.alpha)
 
 
-def implicit(problem: Problem, meta, opt_state, solver: CG | Neumann):
+def implicit(problem: Problem, schedule: Schedule, meta, opt_state, solver: CG | Neumann):
     """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``."""
-    s, st, first_aux = run_forward(problem, meta, opt_state)
+    s, st, first_aux = run_forward(problem, schedule, meta, opt_state)
     a_s, a_m, loss = _outer_grads(problem, s, meta)
 
     def inner_grad_at(s_, m_):

@@ -28,11 +28,17 @@ class Problem(NamedTuple):
     outer_loss: Callable[[Params, Params], Tensor]  # (s, m) -> loss
     start: Callable[[Params], Params]  # m -> s_0
     optimizer: Callable[[Params], Optimizer]  # m -> optimizer
-    batches: Any  # pytree with leading dimension `steps`, or None
-    steps: int
     learns_start: bool  # the start depends on m
     learns_optimizer: bool  # the optimizer depends on m
     outer_takes_meta: bool  # outer_loss(s, m)
+
+
+class Schedule(NamedTuple):
+    """How many steps, and what each sees (kept apart from ``Problem`` so that the compiled
+    step functions, which see the problem, do not depend on K)."""
+
+    steps: int
+    batches: Any  # pytree with leading dimension `steps`, or None
 
     def batch(self, k: int):
         return None if self.batches is None else index(self.batches, k)
@@ -55,13 +61,12 @@ def make_problem(
     outer_loss: Callable,
     student_params: Mapping[str, Tensor] | Callable,
     optimizer: Optimizer | Callable,
-    steps: int,
-    inner_batches: Any,
+    batched: bool,
     has_aux: bool,
 ) -> Problem:
     """Normalise the user's arguments (already validated) into a ``Problem``."""
     inner = scalar_loss("inner_loss", inner_loss, has_aux)
-    inner3 = (lambda s, m, b: inner(s, m)) if inner_batches is None else inner
+    inner3 = inner if batched else (lambda s, m, b: inner(s, m))  # noqa: E731
     outer_takes_meta = positional_arity(outer_loss) == 2
     outer = scalar_loss("outer_loss", outer_loss, False)
     outer2 = outer if outer_takes_meta else (lambda s, m: outer(s))  # noqa: E731
@@ -79,8 +84,6 @@ def make_problem(
         outer_loss=outer2,
         start=start,
         optimizer=opt,
-        batches=inner_batches,
-        steps=steps,
         learns_start=learns_start,
         learns_optimizer=learns_optimizer,
         outer_takes_meta=outer_takes_meta,

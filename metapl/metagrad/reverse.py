@@ -2,10 +2,10 @@
 "first_order").
 
 The forward pass keeps only the trajectory (each step's student, optimizer state and, where
-the curvature needs it, gradient), never a step's activations: memory grows with K by the
-trajectory alone. The reverse pass walks back from the outer loss (Eq. numbers: the adjoint
-recursion of reverse-mode hypergradients, Maclaurin et al. 2015, Alg. 2; Franceschi et al.
-2017, Eq. 9):
+the method needs it, gradient), never a step's activations: memory grows with K by the
+trajectory alone (see metagrad/curvature.py for each method's step). The reverse pass walks
+back from the outer loss (the adjoint recursion of reverse-mode hypergradients; Maclaurin et
+al. 2015, Alg. 2; Franceschi et al. 2017, Sec. 3):
 
     a_s  <- dL/ds_K,  a_m <- dL/dm (the outer loss' own meta path),  a_st <- 0
     for k = K-1 .. K-T:
@@ -19,15 +19,26 @@ T = ``truncate`` (default K).
 
 from __future__ import annotations
 
+import torch
 from torch.func import grad_and_value, vjp
 
 from metapl.metagrad import rng, tree
-from metapl.metagrad.problem import Problem
+from metapl.metagrad.problem import Problem, Schedule
 
 
-def reverse(problem: Problem, meta, opt_state, curvature, reduce, truncate: int):
-    """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``."""
-    m, steps = meta, problem.steps
+def reverse(
+    problem: Problem, schedule: Schedule, meta, opt_state, method, reduce, truncate: int,
+    compiled: bool,
+):  # fmt: skip
+    """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``.
+
+    ``compiled``: run each step's forward and pullback as a torch.compile'd function, the same
+    graph for every step (compile time does not grow with K); random numbers are replayed
+    around the compiled pullback, and the last step is recomputed like the others."""
+    m, steps = meta, schedule.steps
+    advance, pullback = method.advance, method.pullback
+    if compiled:
+        advance, pullback = _compiled_step(method)
     first = steps - truncate  # the earliest step the reverse pass reaches
     reaches_start = first == 0 and problem.learns_start
 
@@ -38,45 +49,59 @@ def reverse(problem: Problem, meta, opt_state, curvature, reduce, truncate: int)
         s, start_pull = vjp(problem.start, m)
     else:
         s = problem.start(m)
-    opt = problem.optimizer(m)
-    st = opt.init(s) if opt_state is None else opt_state
+    if compiled:  # a start aliasing the meta parameters (MAML) would need a graph of its own
+        s = {k: v.clone() for k, v in s.items()}
+    st = problem.optimizer(m).init(s) if opt_state is None else opt_state
 
     trajectory, first_aux = [], None
     for k in range(steps):
         snapshot = rng.snapshot()  # the reverse pass replays this step's dropout masks
-        batch = problem.batch(k)
-        g, aux = curvature.gradient(k, s, m, batch, need_s(k))
-        g = reduce(g)
+        batch = schedule.batch(k)
+        keep = k == steps - 1 and not compiled  # the reverse pass starts here: keep its graph
+        s_next, st_next, aux, memo = advance(s, st, m, batch, need_s(k), keep)
         first_aux = aux if k == 0 else first_aux
         if k >= first:
-            stored = g if curvature.stores_gradients else None
-            trajectory.append((s, st, stored, snapshot))
-        s, st = opt.step(s, g, st)
+            trajectory.append((s, st, memo, snapshot))
+        s, st = s_next, st_next
 
     a_s, a_m, loss = _outer_grads(problem, s, m)
     a_s, loss = reduce(a_s), reduce({"loss": loss})["loss"]
     outer_grads, a_st = a_s, tree.zeros_like(st)
     for k in reversed(range(first, steps)):
-        s_k, st_k, g_k, snapshot = trajectory.pop()  # frees step k's trajectory as we go
-        g_k, pull = curvature.linearize(k, s_k, m, problem.batch(k), g_k, snapshot, need_s(k))
-        if not curvature.stores_gradients:
-            g_k = reduce(g_k)
-        if problem.learns_optimizer:
-            step = lambda s_, g_, st_, m_: problem.optimizer(m_).step(s_, g_, st_)  # noqa: E731
-            _, step_vjp = vjp(step, s_k, g_k, st_k, m)
-            a_s_direct, a_g, a_st, a_m_opt = step_vjp((a_s, a_st))
-            a_m = tree.add(a_m, a_m_opt)
-        else:
-            _, step_vjp = vjp(opt.step, s_k, g_k, st_k)
-            a_s_direct, a_g, a_st = step_vjp((a_s, a_st))
-        h_ss, h_ms = pull(a_g)
-        if h_ms is not None:
-            a_m = tree.add(a_m, h_ms)
-        if need_s(k):
-            a_s = a_s_direct if h_ss is None else tree.add(a_s_direct, reduce(h_ss))
+        s_k, st_k, memo, snapshot = trajectory.pop()  # frees step k's trajectory as we go
+        a_s_k, a_st, a_m_k = pullback(
+            s_k, st_k, m, schedule.batch(k), memo, snapshot, need_s(k), a_s, a_st
+        )
+        if a_m_k is not None:
+            a_m = tree.add(a_m, a_m_k)
+        a_s = a_s_k
     if reaches_start:
         a_m = tree.add(a_m, start_pull(a_s)[0])
     return a_m, s, st, loss, first_aux, outer_grads
+
+
+@torch.compile(fullgraph=True)
+def _compiled_advance(method, s, st, m, batch, need_s):
+    return method.advance(s, st, m, batch, need_s, False)
+
+
+@torch.compile(fullgraph=True)
+def _compiled_pullback(method, s, st, m, batch, memo, need_s, a_s, a_st):
+    return method.pullback(s, st, m, batch, memo, None, need_s, a_s, a_st)
+
+
+def _compiled_step(method):
+    """(advance, pullback) with the signatures of ``method``'s, each one compiled graph."""
+
+    def advance(s, st, m, batch, need_s, keep):
+        return _compiled_advance(method, s, st, m, batch, need_s)
+
+    def pullback(s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+        return rng.replayed(
+            snapshot, _compiled_pullback, method, s, st, m, batch, memo, need_s, a_s, a_st
+        )
+
+    return advance, pullback
 
 
 def _outer_grads(problem: Problem, s, m):
@@ -88,14 +113,14 @@ def _outer_grads(problem: Problem, s, m):
     return a_s, tree.zeros_like(m), loss
 
 
-def run_forward(problem: Problem, meta, opt_state, reduce=tree.identity):
+def run_forward(problem: Problem, schedule: Schedule, meta, opt_state, reduce=tree.identity):
     """The inner steps alone: ``(s_K, opt_state_K, first_aux)``."""
     s = problem.start(meta)
     opt = problem.optimizer(meta)
     st = opt.init(s) if opt_state is None else opt_state
     first_aux = None
-    for k in range(problem.steps):
-        g, aux = problem.inner_grad(s, meta, problem.batch(k))
+    for k in range(schedule.steps):
+        g, aux = problem.inner_grad(s, meta, schedule.batch(k))
         first_aux = aux if k == 0 else first_aux
         s, st = opt.step(s, reduce(g), st)
     return s, st, first_aux

@@ -15,16 +15,17 @@ from __future__ import annotations
 from torch.func import grad
 
 from metapl.metagrad import rng
-from metapl.metagrad.problem import Problem
+from metapl.metagrad.problem import Problem, Schedule
 from metapl.metagrad.reverse import run_forward
 
 
-def score_function(problem: Problem, meta, opt_state, log_prob, baseline, reduce):
+def score_function(problem: Problem, schedule: Schedule, meta, opt_state, log_prob, baseline,
+                   reduce):  # fmt: skip
     """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, h)``."""
     s_0 = problem.start(meta)
     snapshot = rng.snapshot()  # L(s_K) sees L(s_0)'s dropout masks: h measures the steps alone
     loss_before = problem.outer_loss(s_0, meta)
-    s, st, first_aux = run_forward(problem, meta, opt_state, reduce)
+    s, st, first_aux = run_forward(problem, schedule, meta, opt_state, reduce)
     loss_after = rng.replayed(snapshot, problem.outer_loss, s, meta)
     # h is a difference of losses over the *whole* outer batch: average across processes.
     losses = reduce({"before": loss_before, "after": loss_after})
