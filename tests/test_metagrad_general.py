@@ -147,6 +147,14 @@ def test_truncated_backpropagation(method, truncate):
         assert rel_err(res.teacher_grads, full) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_checkpoint_off_keeps_graphs_and_gives_the_same_numbers(kind):
+    meta, start, inner, outer, opt, _ = everywhere_problem(kind, seed=3)
+    lean = metapl.meta_grad(inner, outer, start, meta, opt, steps=4)
+    kept = metapl.meta_grad(inner, outer, start, meta, opt, steps=4, checkpoint=False)
+    assert_close(kept.teacher_grads, lean.teacher_grads, rtol=1e-13, atol=1e-15)
+
+
 def test_truncate_all_steps_is_exact():
     meta, start, inner, outer, opt, _ = everywhere_problem("adamw", seed=2)
     a = metapl.meta_grad(inner, outer, start, meta, opt, steps=3)

@@ -77,6 +77,7 @@ def meta_grad(
     baseline: float | Tensor = 0.0,
     solver: CG | Neumann | None = None,
     reduce: Callable[[Params], Params] | None = None,
+    checkpoint: bool = True,
     compile: bool = False,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K[, m])`` with respect to the meta parameters
@@ -124,6 +125,10 @@ def meta_grad(
             step, to the outer gradient and losses, and to the student-side Hessian products,
             so every process takes the same student steps. The returned ``teacher_grads`` are
             this process's share: average them across processes too.
+        checkpoint: ``"exact"``: recompute each step in the reverse pass (the default: memory
+            grows with K by the trajectory only); ``False`` keeps every step's graph from the
+            forward pass instead, faster for short unrolls of small models (no recomputation)
+            with memory growing by each step's activations.
         compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
             as one ``torch.compile``'d graph, compiled once for every step (compile time does
             not grow with K; later calls with the same shapes reuse it). To compile a whole
@@ -168,8 +173,9 @@ def meta_grad(
         else:
             stepper = curvature.FirstOrder(problem, reduce)
         grads, s, st, loss, aux, outer_grads = reverse(
-            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps, compile
-        )
+            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps, checkpoint,
+            compile,
+        )  # fmt: skip
     result = MetaGradResult(
         grads, s, st, loss, aux if has_aux else None, h, outer_grads
     )  # fmt: skip

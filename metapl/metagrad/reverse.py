@@ -28,13 +28,15 @@ from metapl.metagrad.problem import Problem, Schedule
 
 def reverse(
     problem: Problem, schedule: Schedule, meta, opt_state, method, reduce, truncate: int,
-    compiled: bool,
+    checkpoint: bool, compiled: bool,
 ):  # fmt: skip
     """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``.
 
-    ``compiled``: run each step's forward and pullback as a torch.compile'd function, the same
-    graph for every step (compile time does not grow with K); random numbers are replayed
-    around the compiled pullback, and the last step is recomputed like the others."""
+    ``checkpoint=False``: every step keeps its graph from the forward pass (no recomputation;
+    memory grows with K by each step's activations). ``compiled``: run each step's forward and
+    pullback as a torch.compile'd function, the same graph for every step (compile time does
+    not grow with K); random numbers are replayed around the compiled pullback, and every step
+    is recomputed."""
     m, steps = meta, schedule.steps
     advance, pullback = method.advance, method.pullback
     if compiled:
@@ -57,7 +59,7 @@ def reverse(
     for k in range(steps):
         snapshot = rng.snapshot()  # the reverse pass replays this step's dropout masks
         batch = schedule.batch(k)
-        keep = k == steps - 1 and not compiled  # the reverse pass starts here: keep its graph
+        keep = (k == steps - 1 or not checkpoint) and not compiled
         s_next, st_next, aux, memo = advance(s, st, m, batch, need_s(k), keep)
         first_aux = aux if k == 0 else first_aux
         if k >= first:

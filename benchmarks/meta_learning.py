@@ -1,0 +1,320 @@
+"""Meta-learning workloads timed side by side: metapl.meta_grad against `higher` (and a raw
+torch.func unroll as the floor of what torch.func costs per call).
+
+MAML: sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 (ReLU), 10 support + 10 query
+points per task, K = 5 inner SGD steps (lr 0.01), the gradient of the query MSE w.r.t. the
+initial weights (second order). Rows: one task eager (also with checkpoint=False: no
+recomputation); 25 tasks (metapl under torch.func.vmap, higher in a loop); metapl compiled
+(torch.compile of the function calling meta_grad).
+
+Learned learning rate: MLP 64-256-256-10 on 1200 examples (full batch), SGD momentum 0.9 with
+lr = exp(log_lr) a meta parameter, K = 20 and 100 inner steps, the gradient of the validation
+loss (300 examples) w.r.t. log_lr. Rows: metapl exact (memory-lean reverse pass), metapl exact
+with compile=True (the step compiled once for every K), metapl first_order, higher (learned lr
+via ``override``), torchopt when it is installed and runs on this torch. Columns: median step
+time, ratio to higher, peak memory above the start of the call (torch.profiler's CPU allocator
+events; CUDA: max_memory_allocated), first call minus median (compile time).
+
+Every exact row is checked against higher's gradient (after timing, so that first calls
+compile from a fresh cache).
+
+    python benchmarks/meta_learning.py              # all rows
+    python benchmarks/meta_learning.py --quick      # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from meta_step import _cpu_name, _git_commit, measure_step
+from torch import nn
+from torch.func import functional_call, grad
+
+import metapl
+from metapl import optim
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import higher
+
+MAML_STEPS, MAML_LR, TASKS = 5, 0.01, 25
+HYPER_SIZES, N_TRAIN, N_VAL, MOMENTUM = (64, 256, 256, 10), 1200, 300, 0.9
+
+
+# --------------------------------------------------------------------------- MAML
+
+
+def maml_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                         nn.Linear(40, 1))  # fmt: skip
+
+
+def sinusoid_tasks(n: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    amp = 0.1 + 4.9 * torch.rand(n, 1, 1, generator=gen)
+    phase = torch.pi * torch.rand(n, 1, 1, generator=gen)
+    x = 10 * torch.rand(n, 20, 1, generator=gen) - 5
+    y = amp * torch.sin(x + phase)
+    return x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]
+
+
+def metapl_maml(model: nn.Module, checkpoint: bool = True) -> Callable:
+    opt = optim.sgd(MAML_LR)
+
+    def task_grad(theta, x_s, y_s, x_q, y_q):
+        def inner(s, m):
+            return F.mse_loss(functional_call(model, s, (x_s,)), y_s)
+
+        def outer(s):
+            return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
+
+        return metapl.meta_grad(inner, outer, lambda m: m, theta, opt, steps=MAML_STEPS,
+                                checkpoint=checkpoint).teacher_grads  # fmt: skip
+
+    return task_grad
+
+
+def torch_func_maml(model: nn.Module) -> Callable:
+    """MAML written directly with torch.func (grad of the unrolled steps): the floor."""
+
+    def query_loss(theta, x_s, y_s, x_q, y_q):
+        def support(s):
+            return F.mse_loss(functional_call(model, s, (x_s,)), y_s)
+
+        s = theta
+        for _ in range(MAML_STEPS):
+            g = grad(support)(s)
+            s = {k: s[k] - MAML_LR * g[k] for k in s}
+        return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
+
+    return grad(query_loss)
+
+
+def higher_maml(model: nn.Module) -> Callable:
+    opt = torch.optim.SGD(model.parameters(), lr=MAML_LR)
+
+    def task_grad(x_s, y_s, x_q, y_q):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(MAML_STEPS):
+                diffopt.step(F.mse_loss(fmodel(x_s), y_s))
+            query = F.mse_loss(fmodel(x_q), y_q)
+            return torch.autograd.grad(query, list(model.parameters()))
+
+    return task_grad
+
+
+def maml_rows(args) -> list[tuple]:
+    model = maml_model()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    tasks = sinusoid_tasks(TASKS)
+    one = tuple(t[0] for t in tasks)
+    ours, floor, ref = metapl_maml(model), torch_func_maml(model), higher_maml(model)
+    kept = metapl_maml(model, checkpoint=False)
+    batched = torch.func.vmap(ours, in_dims=(None, 0, 0, 0, 0))
+    kept_batched = torch.func.vmap(kept, in_dims=(None, 0, 0, 0, 0))
+    floor_batched = torch.func.vmap(floor, in_dims=(None, 0, 0, 0, 0))
+    compiled_one = torch.compile(ours, fullgraph=True)
+    compiled_batched = torch.compile(batched, fullgraph=True)
+    rows = [
+        ("1 task: higher", lambda: ref(*one), "ref1"),
+        ("1 task: torch.func unroll (floor)", lambda: floor(theta, *one), "ref1"),
+        ("1 task: metapl eager", lambda: ours(theta, *one), "ref1"),
+        ("1 task: metapl eager, checkpoint=False", lambda: kept(theta, *one), "ref1"),
+        ("1 task: metapl compiled", lambda: compiled_one(theta, *one), "ref1"),
+        (f"{TASKS} tasks: higher loop",
+         lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)], "ref25"),
+        (f"{TASKS} tasks: torch.func unroll, vmap (floor)",
+         lambda: floor_batched(theta, *tasks), "ref25"),
+        (f"{TASKS} tasks: metapl vmap", lambda: batched(theta, *tasks), "ref25"),
+        (f"{TASKS} tasks: metapl vmap, checkpoint=False", lambda: kept_batched(theta, *tasks),
+         "ref25"),
+        (f"{TASKS} tasks: metapl vmap compiled", lambda: compiled_batched(theta, *tasks), "ref25"),
+    ]  # fmt: skip
+    table = _time_rows(rows, args, memory=False)
+    expected = ref(*one)  # checked after timing, so that the first calls above compile
+    for name, fn in (("eager", ours), ("checkpoint=False", kept), ("compiled", compiled_one)):
+        _check(name, fn(theta, *one), expected)
+    loop = [ref(*(t[i] for t in tasks)) for i in range(TASKS)]
+    per_task = [torch.stack([g[j] for g in loop]) for j in range(len(loop[0]))]
+    for name, fn in (("vmap", batched), ("vmap, checkpoint=False", kept_batched),
+                     ("vmap compiled", compiled_batched)):  # fmt: skip
+        _check(name, fn(theta, *tasks), per_task)
+    return table
+
+
+# --------------------------------------------------------------------------- learned lr
+
+
+def hyper_problem():
+    torch.manual_seed(0)
+    layers = []
+    for i, (a, b) in enumerate(zip(HYPER_SIZES[:-1], HYPER_SIZES[1:], strict=True)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(HYPER_SIZES) - 2 else [])
+    model = nn.Sequential(*layers)
+    x, x_v = torch.randn(N_TRAIN, HYPER_SIZES[0]), torch.randn(N_VAL, HYPER_SIZES[0])
+    y, y_v = torch.randint(0, 10, (N_TRAIN,)), torch.randint(0, 10, (N_VAL,))
+    return model, x, y, x_v, y_v
+
+
+def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False) -> Callable:
+    s0 = {k: v.detach() for k, v in model.named_parameters()}
+    meta = {"log_lr": torch.tensor(-3.0)}
+
+    def inner(s, m):
+        return F.cross_entropy(functional_call(model, s, (x,)), y)
+
+    def outer(s):
+        return F.cross_entropy(functional_call(model, s, (x_v,)), y_v)
+
+    def optimizer(m):
+        return optim.sgd(m["log_lr"].exp(), momentum=MOMENTUM)
+
+    def run():
+        return metapl.meta_grad(inner, outer, s0, meta, optimizer, steps=steps, method=method,
+                                compile=compile).teacher_grads["log_lr"]  # fmt: skip
+
+    return run
+
+
+def higher_hyper(model, x, y, x_v, y_v, steps) -> Callable:
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM)
+
+    def run():
+        log_lr = torch.tensor(-3.0, requires_grad=True)
+        with higher.innerloop_ctx(model, opt, override={"lr": [log_lr.exp()]}) as (fm, diffopt):
+            for _ in range(steps):
+                diffopt.step(F.cross_entropy(fm(x), y))
+            (g,) = torch.autograd.grad(F.cross_entropy(fm(x_v), y_v), [log_lr])
+        return g
+
+    return run
+
+
+def torchopt_hyper(model, x, y, x_v, y_v, steps) -> Callable | str:
+    try:
+        import torchopt
+    except ImportError as e:
+        return f"not installed ({e.name})"
+    try:
+        net = model
+
+        def run():
+            log_lr = torch.tensor(-3.0, requires_grad=True)
+            opt = torchopt.MetaSGD(net, lr=log_lr.exp(), momentum=MOMENTUM)
+            snapshot = torchopt.extract_state_dict(net)
+            for _ in range(steps):
+                opt.step(F.cross_entropy(net(x), y))
+            (g,) = torch.autograd.grad(F.cross_entropy(net(x_v), y_v), [log_lr])
+            torchopt.recover_state_dict(net, snapshot)
+            return g
+
+        run()
+        return run
+    except Exception as e:  # noqa: BLE001 (report any failure as a table row)
+        return f"fails on torch {torch.__version__}: {type(e).__name__}: {e}"[:120]
+
+
+def hyper_rows(args, steps: int) -> list[tuple]:
+    problem = hyper_problem()
+    ref = higher_hyper(*problem, steps)
+    rows, exact = [(f"K={steps}: higher", ref, "ref")], []
+    for name, kwargs in (("metapl exact", {}), ("metapl exact, compile=True", {"compile": True}),
+                         ("metapl first_order", {"method": "first_order"})):  # fmt: skip
+        fn = metapl_hyper(*problem, steps, **kwargs)
+        rows.append((f"K={steps}: {name}", fn, "ref"))
+        exact += [(name, fn)] if "first_order" not in name else []
+    other = torchopt_hyper(*problem, steps)
+    if isinstance(other, str):
+        print(f"torchopt: {other}")
+    else:
+        rows.append((f"K={steps}: torchopt (MetaSGD)", other, "ref"))
+        exact.append(("torchopt", other))
+    table = _time_rows(rows, args, memory=True)
+    expected = ref()
+    for name, fn in exact:  # float32 through K steps: agreement to ~1e-4 relative
+        _check(name, [fn()], [expected], rtol=1e-3)
+    return table
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _check(name: str, got, expected, rtol: float = 1e-4) -> None:
+    got = list(got.values()) if isinstance(got, dict) else list(got)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-6, msg=f"{name} differs from higher")
+
+
+def _time_rows(rows, args, memory: bool) -> list[tuple]:
+    """(name, median s, ratio to the row group's reference, peak bytes or None, first call
+    minus median). A compiled row's first call compiles from a fresh dynamo cache."""
+    first = {}
+    for name, fn, _ in rows:
+        if "compile" in name:
+            torch._dynamo.reset()
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+    for _name, fn, _ in rows:  # (re)compiles what a later reset dropped, outside the timing
+        for _ in range(args.warmup):
+            fn()
+    times = {name: [] for name, _, _ in rows}
+    for _ in range(args.repeats):  # round-robin: every row sees the same machine load
+        for name, fn, _ in rows:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    refs = {group: medians[name] for name, _, group in rows if "higher" in name}
+    out = []
+    for name, fn, group in rows:
+        peak = measure_step(fn, torch.device("cpu"))[0] if memory else None
+        out.append((name, medians[name], medians[name] / refs[group], peak,
+                    max(first[name] - medians[name], 0.0)))  # fmt: skip
+    return out
+
+
+def _table(rows: list[tuple]) -> str:
+    lines = ["| row | median ms | ratio to higher | peak MiB | first call - median (s) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, median, ratio, peak, compile_s in rows:
+        mib = "" if peak is None else f"{peak / 2**20:.0f}"
+        lines.append(f"| {name} | {median * 1e3:.1f} | {ratio:.2f}x | {mib} | {compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    parser.add_argument("--quick", action="store_true", help="5 repeats, K=5 only")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 5
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1 and --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    print(f"- machine: {platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch "
+          f"thread(s); python {platform.python_version()}, torch {torch.__version__}, higher "
+          f"{importlib.metadata.version('higher')}, metapl {metapl.__version__} "
+          f"({_git_commit()})")  # fmt: skip
+    print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin\n")
+    print("MAML, sinusoid, MLP 1-40-40-1, K=5:\n")
+    print(_table(maml_rows(args)))
+    for steps in (5,) if args.quick else (5, 20, 100):
+        print(f"\nLearned learning rate, MLP 64-256-256-10, {N_TRAIN} examples, K={steps}:\n")
+        print(_table(hyper_rows(args, steps)))
+
+
+if __name__ == "__main__":
+    main()
