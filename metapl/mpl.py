@@ -373,9 +373,14 @@ def _mean_floats(buffers):
 
 
 def _sample_categorical(logits: Tensor) -> Tensor:
-    """One class index per row of ``logits`` [B, C], sampled by the Gumbel-max trick."""
-    uniform = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
-    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+    """One class index per row of ``logits`` [B, C], sampled by the Gumbel-max trick in at
+    least float32 (outside autocast): in bfloat16 the Gumbel noise loses its tails and rounding
+    ties go to the lowest class, a visibly different distribution."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    with torch.autocast(logits.device.type, enabled=False):
+        uniform = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
+        return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
 
 
 def _ema_update(ema, params, buffers, decay):

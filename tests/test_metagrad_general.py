@@ -82,6 +82,7 @@ def test_exact_through_every_path_matches_reference(kind, steps):
     for k in grads:  # every path carries a signal (momentum and beta1 act from step 2 on)
         assert grads[k].abs().max() > 1e-4 or (k in ("mom", "beta1") and steps == 1), k
     assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert res.meta_grads is res.teacher_grads
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)

@@ -58,6 +58,11 @@ class MetaGradResult(NamedTuple):
     h: Tensor | None = None  # score_function: outer(s_K) - outer(s_0), before the baseline
     outer_grads: Params | None = None  # d outer / d s_K (None for score_function)
 
+    @property
+    def meta_grads(self) -> Params:
+        """``teacher_grads`` under the general name: d outer / d meta parameters."""
+        return self.teacher_grads
+
 
 def meta_grad(
     inner_loss: Callable[..., Tensor],

@@ -59,7 +59,9 @@ def reverse(
     for k in range(steps):
         snapshot = rng.snapshot()  # the reverse pass replays this step's dropout masks
         batch = schedule.batch(k)
-        keep = (k == steps - 1 or not checkpoint) and not compiled
+        # Keep the step's graph when the reverse pass starts here, when asked to, and inside a
+        # caller's torch.compile, where a recomputation could not replay the dropout masks.
+        keep = (k == steps - 1 or not checkpoint or torch.compiler.is_compiling()) and not compiled
         s_next, st_next, aux, memo = advance(s, st, m, batch, need_s(k), keep)
         first_aux = aux if k == 0 else first_aux
         if k >= first:

@@ -12,7 +12,8 @@ for any baseline b that does not depend on the sampled y; here b = L(s_0) plus t
 
 from __future__ import annotations
 
-from torch.func import grad
+import torch
+from torch.func import grad, vmap
 
 from metapl.metagrad import rng
 from metapl.metagrad.problem import Problem, Schedule
@@ -23,10 +24,19 @@ def score_function(problem: Problem, schedule: Schedule, meta, opt_state, log_pr
                    reduce):  # fmt: skip
     """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, h)``."""
     s_0 = problem.start(meta)
-    snapshot = rng.snapshot()  # L(s_K) sees L(s_0)'s dropout masks: h measures the steps alone
-    loss_before = problem.outer_loss(s_0, meta)
-    s, st, first_aux = run_forward(problem, schedule, meta, opt_state, reduce)
-    loss_after = rng.replayed(snapshot, problem.outer_loss, s, meta)
+    # L(s_K) must see L(s_0)'s dropout masks, so that h measures the steps alone: replay the
+    # RNG in eager mode; under torch.compile (which cannot restore RNG states) evaluate both in
+    # one vmap whose random numbers are shared.
+    if torch.compiler.is_compiling():
+        s, st, first_aux = run_forward(problem, schedule, meta, opt_state, reduce)
+        pair = {k: torch.stack([s_0[k], s[k]]) for k in s}
+        both = vmap(lambda s_: problem.outer_loss(s_, meta), randomness="same")(pair)
+        loss_before, loss_after = both[0], both[1]
+    else:
+        snapshot = rng.snapshot()
+        loss_before = problem.outer_loss(s_0, meta)
+        s, st, first_aux = run_forward(problem, schedule, meta, opt_state, reduce)
+        loss_after = rng.replayed(snapshot, problem.outer_loss, s, meta)
     # h is a difference of losses over the *whole* outer batch: average across processes.
     losses = reduce({"before": loss_before, "after": loss_after})
     h = (losses["after"] - losses["before"]).detach()
