@@ -101,24 +101,28 @@ def dropout_problem(seed=0):
     return inner, outer, s, t
 
 
-def test_exact_under_compile_with_dropout_equals_eager():
+@pytest.mark.parametrize(
+    "reduce",
+    [pytest.param(None, marks=pytest.mark.slow, id="fused"), pytest.param(lambda t: t, id="split")],
+)
+def test_exact_under_compile_with_dropout_equals_eager(reduce):
     """Inside torch.compile the RNG cannot be replayed, so a recomputed step would draw new
     dropout masks (the gradient was 32% off for the CIFAR preset). meta_grad keeps every
     step's graph there instead. With eager random numbers in the compiled graph, compiled ==
-    eager; the identity reduce takes the step-by-step path data parallelism uses."""
+    eager; "split": the identity reduce takes the path data parallelism (torchrun) uses.
+    Without the fix: 21% off."""
     inner, outer, s, t = dropout_problem()
 
-    def run(reduce):
-        return metapl.meta_grad(inner, outer, s, t, OPT, steps=3, reduce=reduce).teacher_grads
+    def run():
+        return metapl.meta_grad(inner, outer, s, t, OPT, steps=2, reduce=reduce).teacher_grads
 
-    for reduce in (None, lambda tree: tree):
+    torch.manual_seed(0)
+    expected = run()
+    with torch._inductor.config.patch(fallback_random=True):
+        torch._dynamo.reset()
         torch.manual_seed(0)
-        expected = run(reduce)
-        with torch._inductor.config.patch(fallback_random=True):
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            got = torch.compile(run, fullgraph=True)(reduce)
-        assert rel_err(got, expected) < 1e-5
+        got = torch.compile(run, fullgraph=True)()
+    assert rel_err(got, expected) < 1e-5
 
 
 def test_score_function_h_shares_dropout_masks_under_compile():
