@@ -129,8 +129,10 @@ class FiniteDifference(_Split):
             plus = {n: s[n] + eps * a[n] for n in s}
             minus = {n: s[n] - eps * a[n] for n in s}
             fn = self._grad_both if need_s else self._grad_meta
-            g_plus, _ = rng.replayed(snapshot, fn, plus, m, batch)
-            g_minus, _ = rng.replayed(snapshot, fn, minus, m, batch)
+            # Outside autocast: in bfloat16 weights a perturbation of norm `radius` rounds away.
+            with torch.autocast(next(iter(s.values())).device.type, enabled=False):
+                g_plus, _ = rng.replayed(snapshot, fn, plus, m, batch)
+                g_minus, _ = rng.replayed(snapshot, fn, minus, m, batch)
             if not need_s:
                 return None, _central(g_plus, g_minus, eps)
             (s_plus, m_plus), (s_minus, m_minus) = g_plus, g_minus
