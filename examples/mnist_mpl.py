@@ -39,9 +39,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -351,6 +353,23 @@ def print_table(summary: dict, preset: str, cfg: Config, seeds: list[int], secon
 # ----------------------------------------------------------------------------- main
 
 
+_DATA: dict[tuple, Data] = {}  # per process: the data of each seed, loaded once
+
+
+def task(cfg: Config, args: argparse.Namespace, seed: int, row: str, bar: tqdm | None = None):
+    """One run in this process (a worker of --jobs, or the main process)."""
+    torch.set_num_threads(args.threads)
+    key = (str(args.data_dir), args.preset, seed)
+    if key not in _DATA:
+        _DATA.clear()
+        manifest = args.output_dir / args.preset / f"seed{seed}" / "split.json"
+        _DATA[key] = load_data(cfg, args.data_dir, seed, manifest)
+    if bar is not None:
+        return run(cfg, _DATA[key], args.preset, seed, row, args, bar)
+    with tqdm(total=cfg.steps, disable=True) as quiet:
+        return run(cfg, _DATA[key], args.preset, seed, row, args, quiet)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="10-labels")
@@ -359,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--data-dir", type=Path, default=Path("data/mnist"))
     parser.add_argument("--output-dir", type=Path, default=Path("runs/mnist_mpl"))
     parser.add_argument("--wandb-project", default="metapl-mnist")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, in worker processes (2 on a 2-core CPU)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override any Config field, e.g. --set steps=300")  # fmt: skip
@@ -369,20 +390,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
-    (args.output_dir / args.preset).mkdir(parents=True, exist_ok=True)
+    _, y = load_mnist(args.data_dir, train=True)
+    for seed in args.seeds:  # write the split manifests once, before any worker reads them
+        manifest = args.output_dir / args.preset / f"seed{seed}" / "split.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        mnist_split(y, cfg.labels_per_class, cfg.val_per_class, seed, manifest)
 
-    results: dict[str, list[dict]] = {row: [] for row in args.rows}
+    tasks = [(seed, row) for seed in args.seeds for row in args.rows]
     start = time.perf_counter()
-    total = len(args.seeds) * len(args.rows) * cfg.steps
-    with tqdm(total=total, file=sys.stderr, disable=None) as bar:
-        for seed in args.seeds:
-            manifest = args.output_dir / args.preset / f"seed{seed}" / "split.json"
-            manifest.parent.mkdir(parents=True, exist_ok=True)
-            data = load_data(cfg, args.data_dir, seed, manifest)
-            for row in args.rows:
-                results[row].append(run(cfg, data, args.preset, seed, row, args, bar))
+    if args.jobs > 1:
+        # spawn: fresh workers (no forked OpenMP state); deterministic all the same, as each
+        # run seeds its own networks and generators.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(task, cfg, args, seed, row) for seed, row in tasks]
+            outcomes = [f.result() for f in futures]
+    else:
+        with tqdm(total=len(tasks) * cfg.steps, file=sys.stderr, disable=None) as bar:
+            outcomes = [task(cfg, args, seed, row, bar) for seed, row in tasks]
     seconds = time.perf_counter() - start
 
+    results: dict[str, list[dict]] = {row: [] for row in args.rows}
+    for (_, row), outcome in zip(tasks, outcomes, strict=True):
+        results[row].append(outcome)
     summary = summarize(results)
     plot_curves(results, args.seeds, args.output_dir / args.preset / "curves.png")
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -110,3 +111,22 @@ def test_missing_data_names_the_fix(isolated, capsys):
     with pytest.raises(FileNotFoundError, match="make mnist"):
         mnist.main(["--data-dir", str(isolated / "nowhere"), "--output-dir",
                     str(isolated / "out"), "--seeds", "0"])  # fmt: skip
+
+
+@pytest.mark.slow  # three fresh Python processes import torch: ~10 s on an idle 2-core CPU
+def test_jobs_match_sequential_runs(isolated, mnist_dir, monkeypatch):
+    """--jobs 2 runs in spawned workers (the script as a command) and gets exactly the
+    sequential accuracies: each run seeds its own networks and generators."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    common = ["--seeds", "0", "1", "--rows", "supervised", "mpl_first_order", "--data-dir",
+              str(mnist_dir), "--json", "--set", *SMALL]  # fmt: skip
+    sequential = load_example().main([*common, "--output-dir", str(isolated / "a")])
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *common, "--jobs", "2", "--output-dir", str(isolated / "b")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    parallel = json.loads(done.stdout)
+    for row in ("supervised", "mpl_first_order"):
+        assert parallel[row]["seeds"] == sequential[row]["seeds"]
+        assert parallel[row]["val"] == sequential[row]["val"]
