@@ -58,14 +58,17 @@ class UDA:
 
     ``weight * min(1, (step + 1) / ramp_steps) * mean_i[mask_i * CE(q_i, p_strong_i)]`` with
     ``q = softmax(logits_weak / temperature)`` (no gradient) and
-    ``mask_i = max_c softmax(logits_weak)_ic >= threshold`` (the UDA paper's convention: the
-    confidence of the unsharpened prediction). ``ramp_steps=0`` disables the ramp.
+    ``mask_i = max_c p_ic >= threshold``, where p is the unsharpened ``softmax(logits_weak)``
+    (``mask_on="unsharpened"``: the UDA paper's convention) or the sharpened target q
+    (``mask_on="sharpened"``: the official MPL code, for which its threshold 0.6 was tuned).
+    ``ramp_steps=0`` disables the ramp.
     """
 
     weight: float = 1.0
     temperature: float = 0.4
     threshold: float = 0.8
     ramp_steps: int = 0
+    mask_on: str = "unsharpened"
 
     def __post_init__(self):
         if self.weight < 0 or self.temperature <= 0 or not 0 <= self.threshold <= 1:
@@ -75,12 +78,15 @@ class UDA:
             )
         if self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        if self.mask_on not in ("unsharpened", "sharpened"):
+            raise ValueError(f"mask_on must be 'unsharpened' or 'sharpened', got {self.mask_on!r}")
 
     def loss(self, logits_weak: Tensor, logits_strong: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(loss, mask_fraction)``; logits: [B, C]."""
         weak = logits_weak.detach()
         target = torch.softmax(weak / self.temperature, dim=-1)
-        mask = (torch.softmax(weak, dim=-1).amax(-1) >= self.threshold).to(logits_strong.dtype)
+        confidence = target if self.mask_on == "sharpened" else torch.softmax(weak, dim=-1)
+        mask = (confidence.amax(-1) >= self.threshold).to(logits_strong.dtype)
         per_example = -(target * F.log_softmax(logits_strong, dim=-1)).sum(-1)
         return (per_example * mask).mean(), mask.mean()
 
@@ -111,6 +117,10 @@ class MPL:
             parameters and float buffers, for evaluation.
         h_baseline_decay: ``"first_order"`` only: subtract a moving average of ``h`` with this
             decay (the paper's control variate); ``None`` uses no moving average.
+        log_prob_reduction: ``"first_order"`` only: ``"mean"`` averages the log-probability of
+            the sampled labels over the batch (the paper's code), which makes the term 1/B_u of
+            the score-function estimate of the gradient of the expected loss; ``"sum"`` is that
+            estimate itself, on the scale of ``"exact"`` (for ablations comparing the two).
         fd_radius: ``"finite_difference"`` only: see ``metapl.meta_grad``.
 
     Data parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each
@@ -137,11 +147,17 @@ class MPL:
         ema_decay: float | None = None,
         h_baseline_decay: float | None = None,
         fd_radius: float = 1e-2,
+        log_prob_reduction: str = "mean",
     ):
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
             uda, label_smoothing, temperature, ema_decay, h_baseline_decay, compile,
         )  # fmt: skip
+        if log_prob_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"log_prob_reduction must be 'mean' (the paper's scale) or 'sum', got "
+                f"{log_prob_reduction!r}"
+            )
         self.teacher, self.student = teacher, student
         for module in (teacher, student):
             broadcast_module(module)  # identical replicas (a no-op in a single process)
@@ -151,6 +167,7 @@ class MPL:
         self.ema_decay = ema_decay
         self.h_baseline_decay = h_baseline_decay
         self.fd_radius = fd_radius
+        self.log_prob_reduction = log_prob_reduction
         self.teacher_state = teacher_optimizer.init(params_of(teacher))
         self.student_state = student_optimizer.init(params_of(student))
         device = next(teacher.parameters()).device
@@ -252,9 +269,10 @@ class MPL:
         def outer_loss(sp):
             return F.cross_entropy(student_forward(sp, x_l)[0], y_l)
 
-        def log_prob(labels):  # mean over the batch: the paper's scale (1/B of the joint)
+        def log_prob(labels):  # "mean": the paper's scale (1/B of the joint log-probability)
             log_p = F.log_softmax(labels["z"] / self.temperature, dim=-1)
-            return log_p.gather(-1, target[:, None]).mean()
+            log_p = log_p.gather(-1, target[:, None])
+            return log_p.mean() if self.log_prob_reduction == "mean" else log_p.sum()
 
         s_lr = self.student_optimizer.lr_at(s_state)
         if self.meta_grad is None:

@@ -209,7 +209,8 @@ def hand_teacher_loss(tp, batch: Batch, cfg: Config, step: int):
         u = cfg.uda
         weak, strong = logits[n_l : n_l + n_u].detach(), logits[-n_u:]
         q = torch.softmax(weak / u.temperature, dim=-1)
-        mask = (torch.softmax(weak, dim=-1).max(-1).values >= u.threshold).to(F64)
+        confidence = q if u.mask_on == "sharpened" else torch.softmax(weak, dim=-1)
+        mask = (confidence.max(-1).values >= u.threshold).to(F64)
         loss_uda = (mask * -(q * torch.log_softmax(strong, dim=-1)).sum(-1)).mean()
         weight = u.weight * min(1.0, (step + 1) / u.ramp_steps) if u.ramp_steps else u.weight
         loss = loss + weight * loss_uda
@@ -252,7 +253,8 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     else:  # first_order: (L_l(s') - L_l(s) - baseline) * grad mean_i log p_T(y_hat_i)
         loss_l = labeled_ce(new_s)
         h = (loss_l - labeled_ce(sp)).detach()
-        log_p = torch.log_softmax(z / cfg.temperature, dim=-1).gather(1, y_hat[:, None]).mean()
+        log_p = torch.log_softmax(z / cfg.temperature, dim=-1).gather(1, y_hat[:, None])
+        log_p = log_p.sum() if cfg.extra.get("log_prob_reduction") == "sum" else log_p.mean()
         total = total + (h - h_b) * log_p
         metrics |= {"student/loss_l": loss_l, "mpl/h": h}
         if cfg.h_baseline_decay is not None:
@@ -335,6 +337,19 @@ def test_exact_with_uda_and_label_smoothing_equals_hand_computation():
     assert_matches_hand(mpl, hand)
 
 
+def test_uda_mask_on_the_sharpened_prediction_equals_hand_computation():
+    """mask_on="sharpened" (the official MPL code): the threshold applies to q = softmax(z / T),
+    which is more confident than softmax(z), so more examples pass than with the default."""
+    uda = uda_for(weight=0.5, temperature=0.4, mask_on="sharpened")
+    cfg = Config(meta_grad="exact", uda=uda)
+    mpl, hand = run_both(cfg, steps=2)
+    assert_matches_hand(mpl, hand)
+    unsharpened = Config(meta_grad="exact", uda=uda_for(weight=0.5, temperature=0.4))
+    first = cfg.mpl(mlp(seed=1), mlp(seed=2)).step(*make_batch(0).args())
+    default = unsharpened.mpl(mlp(seed=1), mlp(seed=2)).step(*make_batch(0).args())
+    assert first["teacher/uda_mask"] > default["teacher/uda_mask"]
+
+
 @pytest.mark.parametrize("method", ["exact", "first_order"])
 def test_step_with_batchnorm_equals_hand_computation(method):
     """With BatchNorm the teacher normalises over the whole concatenated batch (so its pseudo
@@ -397,6 +412,17 @@ def test_sampler_draws_from_the_softmax():
     freq = torch.bincount(_sample_categorical(logits), minlength=4).to(F64) / len(logits)
     p = torch.softmax(logits[0], dim=-1)
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(logits)).sqrt().max()
+
+
+def test_first_order_log_prob_sum_equals_hand_computation():
+    """log_prob_reduction="sum": the score-function estimate on the scale of exact (B_u times
+    the paper's batch mean)."""
+    cfg = Config(meta_grad="first_order", pseudo_labels="hard",
+                 extra={"log_prob_reduction": "sum"})  # fmt: skip
+    mpl, hand = run_both(cfg, steps=2)
+    assert_matches_hand(mpl, hand)
+    _, hand_mean = run_both(Config(meta_grad="first_order", pseudo_labels="hard"), steps=2)
+    assert (hand[0]["2.weight"] - hand_mean[0]["2.weight"]).abs().max() > 1e-4
 
 
 def test_sampler_draws_in_float32_under_bfloat16_autocast():
