@@ -165,7 +165,8 @@ def hyper_problem():
     return model, x, y, x_v, y_v
 
 
-def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False) -> Callable:
+def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
+                 whole=False) -> Callable:  # fmt: skip
     s0 = {k: v.detach() for k, v in model.named_parameters()}
     meta = {"log_lr": torch.tensor(-3.0)}
 
@@ -182,7 +183,7 @@ def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False) ->
         return metapl.meta_grad(inner, outer, s0, meta, optimizer, steps=steps, method=method,
                                 compile=compile).teacher_grads["log_lr"]  # fmt: skip
 
-    return run
+    return torch.compile(run, fullgraph=True) if whole else run
 
 
 def higher_hyper(model, x, y, x_v, y_v, steps) -> Callable:
@@ -245,6 +246,25 @@ def hyper_rows(args, steps: int) -> list[tuple]:
     return table
 
 
+def compile_times(args) -> str:
+    """Seconds dynamo + inductor spend compiling (torch's own accounting, inductor's on-disk
+    graph cache off so every row compiles from scratch): compile=True against one
+    torch.compile around the whole call."""
+    problem = hyper_problem()
+    lines = ["| compiled | K | compile s |", "|---|---|---|"]
+    cases = [("meta_grad(compile=True)", k, {"compile": True}) for k in args.compile_steps]
+    cases += [("torch.compile(whole call)", k, {"whole": True}) for k in args.whole_steps]
+    for name, steps, kwargs in cases:
+        torch._dynamo.reset()
+        torch._dynamo.utils.compilation_time_metrics.clear()
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            metapl_hyper(*problem, steps, **kwargs)()
+        headers, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        seconds = float(dict(zip(headers, values, strict=True))["_compile.compile_inner"])
+        lines.append(f"| {name} | {steps} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -298,6 +318,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
     parser.add_argument("--quick", action="store_true", help="5 repeats, K=5 only")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--compile-steps",
+        type=int,
+        nargs="*",
+        default=[5, 100],
+        help="K for the compile-time rows of compile=True",
+    )
+    parser.add_argument(
+        "--whole-steps",
+        type=int,
+        nargs="*",
+        default=[5, 20],
+        help="K for the compile-time rows of torch.compile(whole call)",
+    )
+    parser.add_argument("--only-compile-times", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 5
@@ -309,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{importlib.metadata.version('higher')}, metapl {metapl.__version__} "
           f"({_git_commit()})")  # fmt: skip
     print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin\n")
-    print("MAML, sinusoid, MLP 1-40-40-1, K=5:\n")
+    print("Compile time, learned learning rate, MLP 64-256-256-10:\n")
+    print(compile_times(args))
+    if args.only_compile_times:
+        return
+    print("\nMAML, sinusoid, MLP 1-40-40-1, K=5:\n")
     print(_table(maml_rows(args)))
     for steps in (5,) if args.quick else (5, 20, 100):
         print(f"\nLearned learning rate, MLP 64-256-256-10, {N_TRAIN} examples, K={steps}:\n")
