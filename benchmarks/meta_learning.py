@@ -8,15 +8,14 @@ recomputation); 25 tasks (metapl under torch.func.vmap, higher in a loop); metap
 (torch.compile of the function calling meta_grad).
 
 Learned learning rate: MLP 64-256-256-10 on 1200 examples (full batch), SGD momentum 0.9 with
-lr = exp(log_lr) a meta parameter, K = 20 and 100 inner steps, the gradient of the validation
+lr = exp(log_lr) a meta parameter, K = 5, 20 and 100 inner steps, the gradient of the validation
 loss (300 examples) w.r.t. log_lr. Rows: metapl exact (memory-lean reverse pass), metapl exact
 with compile=True (the step compiled once for every K), metapl first_order, higher (learned lr
 via ``override``), torchopt when it is installed and runs on this torch. Columns: median step
 time, ratio to higher, peak memory above the start of the call (torch.profiler's CPU allocator
-events; CUDA: max_memory_allocated), first call minus median (compile time).
+events; CUDA: max_memory_allocated). Compile times from torch's own accounting.
 
-Every exact row is checked against higher's gradient (after timing, so that first calls
-compile from a fresh cache).
+Every exact row is checked against higher's gradient.
 
     python benchmarks/meta_learning.py              # all rows
     python benchmarks/meta_learning.py --quick      # fewer repeats
@@ -140,7 +139,7 @@ def maml_rows(args) -> list[tuple]:
         (f"{TASKS} tasks: metapl vmap compiled", lambda: compiled_batched(theta, *tasks), "ref25"),
     ]  # fmt: skip
     table = _time_rows(rows, args, memory=False)
-    expected = ref(*one)  # checked after timing, so that the first calls above compile
+    expected = ref(*one)
     for name, fn in (("eager", ours), ("checkpoint=False", kept), ("compiled", compiled_one)):
         _check(name, fn(theta, *one), expected)
     loop = [ref(*(t[i] for t in tasks)) for i in range(TASKS)]
@@ -275,17 +274,9 @@ def _check(name: str, got, expected, rtol: float = 1e-4) -> None:
 
 
 def _time_rows(rows, args, memory: bool) -> list[tuple]:
-    """(name, median s, ratio to the row group's reference, peak bytes or None, first call
-    minus median). A compiled row's first call compiles from a fresh dynamo cache."""
-    first = {}
-    for name, fn, _ in rows:
-        if "compile" in name:
-            torch._dynamo.reset()
-        start = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - start
-    for _name, fn, _ in rows:  # (re)compiles what a later reset dropped, outside the timing
-        for _ in range(args.warmup):
+    """(name, median s, ratio to the row group's reference, peak bytes or None)."""
+    for _name, fn, _ in rows:  # compiles the compiled rows, outside the timing
+        for _ in range(1 + args.warmup):
             fn()
     times = {name: [] for name, _, _ in rows}
     for _ in range(args.repeats):  # round-robin: every row sees the same machine load
@@ -298,17 +289,15 @@ def _time_rows(rows, args, memory: bool) -> list[tuple]:
     out = []
     for name, fn, group in rows:
         peak = measure_step(fn, torch.device("cpu"))[0] if memory else None
-        out.append((name, medians[name], medians[name] / refs[group], peak,
-                    max(first[name] - medians[name], 0.0)))  # fmt: skip
+        out.append((name, medians[name], medians[name] / refs[group], peak))
     return out
 
 
 def _table(rows: list[tuple]) -> str:
-    lines = ["| row | median ms | ratio to higher | peak MiB | first call - median (s) |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for name, median, ratio, peak, compile_s in rows:
+    lines = ["| row | median ms | ratio to higher | peak MiB |", "|---|---|---|---|"]
+    for name, median, ratio, peak in rows:
         mib = "" if peak is None else f"{peak / 2**20:.0f}"
-        lines.append(f"| {name} | {median * 1e3:.1f} | {ratio:.2f}x | {mib} | {compile_s:.1f} |")
+        lines.append(f"| {name} | {median * 1e3:.1f} | {ratio:.2f}x | {mib} |")
     return "\n".join(lines)
 
 
