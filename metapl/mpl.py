@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from metapl.distributed import all_reduce_mean, broadcast_module, is_distributed
+from metapl.distributed import all_reduce_mean, broadcast_module, is_distributed, world_size
 from metapl.functional import (
     buffers_of,
     forward,
@@ -293,7 +293,8 @@ class MPL:
                 res.student_params, res.opt_state, res.inner_aux, res.teacher_grads["z"]
             )  # fmt: skip
             metrics["student/loss_l"] = res.outer_loss
-            metrics["mpl/grad_norm_logits"] = torch.linalg.vector_norm(dz)
+            # Squared here; the whole batch's norm is taken after the mean across processes.
+            metrics["mpl/grad_norm_logits"] = dz.square().sum()
             if res.h is not None:
                 metrics["mpl/h"] = res.h
                 if self.h_baseline_decay is not None:
@@ -305,6 +306,11 @@ class MPL:
         if reduce:
             t_grads, t_bufs, s_bufs = reduce(t_grads), _mean_floats(t_bufs), _mean_floats(s_bufs)
             metrics = reduce(metrics)
+        if "mpl/grad_norm_logits" in metrics:
+            # Each process's dz is N x its rows of the one-process dz (its losses average over
+            # B / N rows), so ||dz_full||^2 = mean_p ||dz_p||^2 / N.
+            sq = metrics["mpl/grad_norm_logits"] / world_size()
+            metrics["mpl/grad_norm_logits"] = torch.sqrt(sq)
         metrics["teacher/lr"] = torch.as_tensor(self.teacher_optimizer.lr_at(t_state))
         metrics["student/lr"] = torch.as_tensor(s_lr)
         t_params, t_state = self.teacher_optimizer.step(t_params, t_grads, t_state)
