@@ -146,7 +146,7 @@ class MPL:
         temperature: float = 1.0,
         ema_decay: float | None = None,
         h_baseline_decay: float | None = None,
-        fd_radius: float = 1e-2,
+        fd_radius: float = 3e-4,
         log_prob_reduction: str = "mean",
     ):
         _check_config(
