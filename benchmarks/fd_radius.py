@@ -6,7 +6,7 @@ unlabeled batch, one SGD-momentum lookahead step, the labeled cross-entropy afte
 radius, the relative error ||g_fd - g_exact|| / ||g_exact|| in float32 (and the exact float64
 gradient as the reference for both), optionally under bfloat16 autocast.
 
-    python benchmarks/fd_radius.py --batch 8             # WRN-28-2, batch 8 + 8, CPU
+    python benchmarks/fd_radius.py                       # WRN-28-2, batch 8 + 8, CPU
     python benchmarks/fd_radius.py --autocast bf16
 """
 
@@ -53,8 +53,9 @@ def meta_grad(dtype, batch, method, autocast, **kwargs):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16, help="labeled = unlabeled batch size")
-    parser.add_argument("--radii", type=float, nargs="+", default=[1.0, 0.1, 1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5])
+    parser.add_argument("--batch", type=int, default=8, help="labeled = unlabeled batch size")
+    radii = [1.0, 0.1, 1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
+    parser.add_argument("--radii", type=float, nargs="+", default=radii)
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = parser.parse_args(argv)
     autocast = args.autocast == "bf16"
