@@ -49,10 +49,13 @@ def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     with mock.patch.object(metapl.mpl, "_sample_categorical", _argmax_labels):
         for x_l, y_l, x_u, x_us in _batches():
             part = lambda x: x.chunk(world)[rank]  # noqa: E731
-            mpl.step(part(x_l), part(y_l), part(x_u), part(x_us))
+            metrics = mpl.step(part(x_l), part(y_l), part(x_u), part(x_us), sync=False)
+    # Metrics are of the whole batch too (the logit-gradient norm averaged per-shard norms).
+    logged = {f"m.{k}": v for k, v in metrics.items() if k.startswith(("mpl/", "student/"))}
     return {
         **mpl.teacher.state_dict(),
         **{f"s.{k}": v for k, v in mpl.student.state_dict().items()},
+        **logged,
     }
 
 
