@@ -26,6 +26,7 @@ if dist.is_available():
 
 __all__ = [
     "all_reduce_mean",
+    "all_reduce_mean_floats",
     "barrier",
     "broadcast_module",
     "init_from_env",
@@ -114,6 +115,13 @@ def all_reduce_mean(tree: Mapping[str, Tensor]) -> dict[str, Tensor]:
         for k, piece in zip(keys, flat.split([tree[k].numel() for k in keys]), strict=True):
             out[k] = piece.view_as(tree[k])
     return out
+
+
+def all_reduce_mean_floats(buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``all_reduce_mean`` of the floating-point entries (e.g. BatchNorm running statistics);
+    integer counters are left as they are (every process counts the same steps)."""
+    floats = all_reduce_mean({k: v for k, v in buffers.items() if v.is_floating_point()})
+    return {**buffers, **floats}
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
-from metapl.distributed import all_reduce_mean
+from metapl.distributed import all_reduce_mean, all_reduce_mean_floats
 from metapl.functional import buffers_of, forward, params_of, write_back
 from metapl.optim import Optimizer
 
@@ -26,8 +26,8 @@ def finetune(
     label_smoothing: float = 0.0,
 ) -> list[float]:
     """Train ``model`` in place on ``(x [B, ...], y [B])`` batches with cross-entropy, one
-    optimizer step per batch (gradients averaged across processes when distributed).
-    Returns the loss of every step."""
+    optimizer step per batch (gradients and BatchNorm running statistics averaged across
+    processes when distributed). Returns the loss of every step."""
     params, buffers = params_of(model), buffers_of(model)
     state = optimizer.init(params)
     model.train()
@@ -41,6 +41,7 @@ def finetune(
     for x, y in batches:
         grads, (buffers, loss) = grad(loss_fn, has_aux=True)(params, buffers, x, y)
         params, state = optimizer.step(params, all_reduce_mean(grads), state)
+        buffers = all_reduce_mean_floats(buffers)
         losses.append(float(loss))
     write_back(model, params, buffers)
     return losses

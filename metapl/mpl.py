@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from metapl.distributed import all_reduce_mean, broadcast_module, is_distributed, world_size
+from metapl.distributed import (
+    all_reduce_mean,
+    all_reduce_mean_floats,
+    broadcast_module,
+    is_distributed,
+    world_size,
+)
 from metapl.functional import (
     buffers_of,
     forward,
@@ -304,7 +310,8 @@ class MPL:
 
         (t_grads,) = teacher_vjp((torch.ones((), device=z.device, dtype=z.dtype), dz))
         if reduce:
-            t_grads, t_bufs, s_bufs = reduce(t_grads), _mean_floats(t_bufs), _mean_floats(s_bufs)
+            t_grads = reduce(t_grads)
+            t_bufs, s_bufs = all_reduce_mean_floats(t_bufs), all_reduce_mean_floats(s_bufs)
             metrics = reduce(metrics)
         if "mpl/grad_norm_logits" in metrics:
             # Each process's dz is N x its rows of the one-process dz (its losses average over
@@ -388,12 +395,6 @@ def _grad_aux_and_value(loss_fn, params, *args):
 
     grads, (aux, loss) = grad(with_value, has_aux=True)(params, *args)
     return (grads, aux), loss
-
-
-def _mean_floats(buffers):
-    """Average the floating-point buffers (running statistics) across processes."""
-    floats = all_reduce_mean({k: v for k, v in buffers.items() if v.is_floating_point()})
-    return {**buffers, **floats}
 
 
 def _sample_categorical(logits: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Data parallel MPL on CPU with gloo: 2 processes == 1 process on the same global batch."""
 
+import functools
 from pathlib import Path
 from unittest import mock
 
@@ -59,6 +60,19 @@ def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _finetune(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The finetune phase on a BatchNorm model: after one step the running mean of N processes
+    (averaged across them) equals one process's on the whole batch. (Later steps differ: each
+    process normalises with its own batch statistics, as DDP without SyncBatchNorm.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()  # fmt: skip
+    x_l, y_l, *_ = next(_batches())
+    batches = [(x_l.chunk(world)[rank], y_l.chunk(world)[rank])]
+    metapl.finetune(model, batches, optim.sgd(0.1))
+    return {k: v for k, v in model.state_dict().items() if k.endswith("running_mean")}
+
+
 def _gloo_threads() -> list[str]:
     tasks = Path("/proc/self/task")
     names = (p / "comm" for p in tasks.iterdir()) if tasks.is_dir() else ()
@@ -70,6 +84,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                             world_size=world)  # fmt: skip
     try:
         results = {config: _train(config, rank, world) for config in CONFIGS}
+        results["finetune"] = _finetune(rank, world)
         if rank == 0:
             torch.save(results, out)
     except BaseException:
@@ -89,9 +104,10 @@ def two_process_results(tmp_path_factory):
     return torch.load(tmp / "rank0.pt")
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", [*CONFIGS, "finetune"])
 def test_two_processes_equal_one(two_process_results, config):
-    single, double = _train(config, rank=0, world=1), two_process_results[config]
+    train = _finetune if config == "finetune" else functools.partial(_train, config)
+    single, double = train(rank=0, world=1), two_process_results[config]
     assert single.keys() == double.keys()
     for k in single:
         torch.testing.assert_close(double[k], single[k], rtol=1e-10, atol=1e-12, msg=k)
