@@ -128,8 +128,11 @@ def _lr_at(lr: LearningRate, step: Tensor) -> LrValue:
     return lr(step) if callable(lr) else lr
 
 
-def _lr_of(lr_now: LrValue, name: str) -> float | Tensor:
-    return lr_now[name] if isinstance(lr_now, Mapping) else lr_now
+def _lr_of(lr_now: LrValue, name: str, param: Tensor) -> float | Tensor:
+    """The learning rate of one parameter, as a tensor in the parameter's dtype (a float64
+    schedule must not promote a 0-d float32 parameter to float64)."""
+    lr = lr_now[name] if isinstance(lr_now, Mapping) else lr_now
+    return lr.to(param.dtype) if isinstance(lr, Tensor) else lr
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -182,7 +185,7 @@ def sgd(
                 buf = momentum * state["momentum"][k] + g
                 new_buf[k] = buf
                 g = g + momentum * buf if nesterov else buf
-            new_params[k] = p - _lr_of(lr_now, k) * g
+            new_params[k] = p - _lr_of(lr_now, k, p) * g
         new_state: State = {"step": state["step"] + 1}
         if use_momentum:
             new_state["momentum"] = new_buf
@@ -215,7 +218,7 @@ def _adam(lr, betas, eps, weight_decay, decoupled: bool, decay_mask) -> Optimize
         t = state["step"] + 1
         new_params, new_m, new_v = {}, {}, {}
         for k, p in params.items():
-            g, lr_k = grads[k], _lr_of(lr_now, k)
+            g, lr_k = grads[k], _lr_of(lr_now, k, p)
             decay = use_decay and (decay_mask is None or decay_mask(k, p))
             if decay and decoupled:
                 p = p * (1 - lr_k * weight_decay)

@@ -312,3 +312,13 @@ def test_per_parameter_lr_errors_name_the_fix():
             optim.adam({"w": bad, "b": torch.ones(4)}).init(params)
     with pytest.raises(ValueError, match="a tensor momentum must be 0-d"):
         optim.sgd(0.1, momentum=torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_float64_schedule_keeps_float32_parameters_float32(kind):
+    """warmup_cosine computes in float64; a 0-d float32 parameter (e.g. a learned
+    hyperparameter meta-optimized with these optimizers) must stay float32."""
+    params = {"log_lr": torch.tensor(-2.0), "w": torch.ones(3)}
+    opt = getattr(optim, kind)(optim.warmup_cosine(0.1, total_steps=10, warmup_steps=2))
+    new, _ = opt.step(params, {k: torch.ones_like(v) for k, v in params.items()}, opt.init(params))
+    assert all(v.dtype == torch.float32 for v in new.values())
