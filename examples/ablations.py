@@ -6,6 +6,7 @@
 Every run is examples/cifar_mpl.py with its own output folder; all runs of one grid share one
 wandb group (offline without an API key). Arguments after ``--`` go to every run. Prints the
 summary table: test accuracy of the final student (mean ± std over seeds) for each cell.
+``--resume`` continues an interrupted grid: runs that had started resume, the others start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from metapl import distributed
+from metapl.recipe import cli
+from metapl.rundir import CHECKPOINT, CONFIG
 
 CIFAR_MPL = Path(__file__).resolve().parent / "cifar_mpl.py"
 
@@ -33,6 +38,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--wandb-project")
     p.add_argument("--group", help="wandb group (default: ablation-<preset>)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
     if argv is None:
         argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -52,23 +58,31 @@ def main(argv=None) -> dict[str, dict]:
     example = _cifar_mpl()
     group = args.group or f"ablation-{args.preset}"
     summary = {}
-    for meta_grad, uda in itertools.product(args.meta_grads, args.uda):
-        cell = f"{meta_grad}/uda-{uda}"
-        accuracies = []
-        for seed in args.seeds:
-            out = args.output_dir / f"{meta_grad}-uda-{uda}" / f"seed{seed}"
-            run_argv = ["--preset", args.preset, "--data-dir", args.data_dir,
-                        "--output-dir", str(out), "--meta-grad", meta_grad, "--seed", str(seed),
-                        "--wandb-group", group, *passthrough]  # fmt: skip
-            if uda == "off":
-                run_argv.append("--no-uda")
-            if args.wandb_project:
-                run_argv += ["--wandb-project", args.wandb_project]
-            accuracies.append(example.main(run_argv)["test/student"])
-        std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        summary[cell] = {"mean": statistics.mean(accuracies), "std": std, "seeds": accuracies}
+    with distributed.process_group():  # joined once for every run (under torchrun)
+        for meta_grad, uda in itertools.product(args.meta_grads, args.uda):
+            summary.update(_cell(example, args, passthrough, group, meta_grad, uda))
     print(json.dumps(summary) if args.json else table(summary))
     return summary
+
+
+def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda: str) -> dict:
+    """Every seed of one (meta-gradient, UDA) cell, each run in its own output folder."""
+    accuracies = []
+    for seed in args.seeds:
+        out = args.output_dir / f"{meta_grad}-uda-{uda}" / f"seed{seed}"
+        run_argv = ["--preset", args.preset, "--data-dir", args.data_dir, "--output-dir",
+                    str(out), "--meta-grad", meta_grad, "--seed", str(seed), "--wandb-group",
+                    group, *passthrough]  # fmt: skip
+        if uda == "off":
+            run_argv.append("--no-uda")
+        if args.wandb_project:
+            run_argv += ["--wandb-project", args.wandb_project]
+        if args.resume and any((out / f).exists() for f in (CONFIG, CHECKPOINT)):
+            run_argv.append("--resume")
+        accuracies.append(example.main(run_argv)["test/student"])
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    summary = {"mean": statistics.mean(accuracies), "std": std, "seeds": accuracies}
+    return {f"{meta_grad}/uda-{uda}": summary}
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -81,4 +95,4 @@ def table(summary: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

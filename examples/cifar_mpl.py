@@ -5,13 +5,16 @@
     python examples/cifar_mpl.py ... --resume                                    # after a crash
 
 Data stays on the device as uint8; augmentation (pad-crop, flip, RandAugment, Cutout) runs
-batched there. The split (labeled / unlabeled / validation indices) is written to
-``<output-dir>/split.json`` and reused on --resume. Hyperparameters: docs/reproducing.md.
+batched there. The output folder holds the run's configuration (config.json), its split
+(split.json, reused on --resume), checkpoints and the final models (final.pt, results.json);
+an existing run there is continued only with --resume and the same flags. Hyperparameters and
+the output folder: docs/reproducing.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +33,17 @@ from metapl.data import (
     weak_augment,
 )
 from metapl.models import build_model
-from metapl.recipe import Recipe, add_common_args, build_mpl, check_args, override, run
+from metapl.recipe import (
+    MAY_CHANGE_ON_RESUME,
+    Recipe,
+    add_common_args,
+    build_mpl,
+    check_args,
+    cli,
+    override,
+    run,
+)
+from metapl.rundir import open_run
 from metapl.train import SSLData
 
 
@@ -120,20 +133,23 @@ def _split(y: torch.Tensor, spec: DataSpec, args) -> tuple[torch.Tensor, ...]:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    device = distributed.init_from_env()
     spec, recipe = PRESETS[args.preset]
     recipe = override(recipe, args)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(spec, args, device)
-    torch.manual_seed(args.seed)
-    kw = {"dropout": recipe.dropout}
-    if args.model == "mlp":
-        kw.update(in_features=3 * 32 * 32, hidden=(32,))
-    teacher, student = (build_model(args.model, 10, **kw).to(device) for _ in range(2))
-    if args.channels_last:
-        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
-    return run(build_mpl(teacher, student, recipe, args), data, recipe, args, args.preset)
+    config = {"args": args, "data": spec, "recipe": recipe}
+    with (
+        distributed.process_group() as device,
+        open_run(args.output_dir, config, args.resume, MAY_CHANGE_ON_RESUME),
+    ):
+        data = load_data(spec, args, device)
+        torch.manual_seed(args.seed)
+        kw = {"dropout": recipe.dropout}
+        if args.model == "mlp":
+            kw.update(in_features=3 * 32 * 32, hidden=(32,))
+        teacher, student = (build_model(args.model, 10, **kw).to(device) for _ in range(2))
+        if args.channels_last:
+            teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+        return run(build_mpl(teacher, student, recipe, args), data, recipe, args, args.preset)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -3,16 +3,19 @@
     torchrun --nproc_per_node 8 examples/imagenet_mpl.py --data-dir /data/imagenet \
         --output-dir runs/in10 --compile --wandb-project metapl
 
-``--data-dir`` holds ILSVRC2012 as ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``. Images
+``--data-dir`` holds ILSVRC2012 as ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (class
+indices come from train/'s folders; val/ may lack a class but not add one). Images
 are decoded on demand by a thread pool (resize 256, center 224) and augmented batched on the
 device (random-resized crop, flip, RandAugment). ``val/`` is the test set, reported once at the
 end; ``--val-per-class`` training images per class are held out for validation. The recipe
-below is a starting point, not the paper's tuned schedule: see docs/reproducing.md.
+below is a starting point, not the paper's tuned schedule: see docs/reproducing.md (also for
+what the output folder holds and what --resume checks).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -30,7 +33,17 @@ from metapl.data import (
 )
 from metapl.data.lazy import DecodedImages
 from metapl.models import resnet50
-from metapl.recipe import Recipe, add_common_args, build_mpl, check_args, override, run
+from metapl.recipe import (
+    MAY_CHANGE_ON_RESUME,
+    Recipe,
+    add_common_args,
+    build_mpl,
+    check_args,
+    cli,
+    override,
+    run,
+)
+from metapl.rundir import open_run
 from metapl.train import SSLData
 
 RECIPE = Recipe(
@@ -59,9 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, device: torch.device) -> SSLData:
+def load_data(args, device: torch.device) -> tuple[SSLData, int]:
+    """The data and the number of classes (train/'s class folders; val/ is labelled with
+    train/'s class indices)."""
     train_set = ImageFolderDataset(args.data_dir / "train", size=args.image_size)
-    test_set = ImageFolderDataset(args.data_dir / "val", size=args.image_size)
+    test_set = ImageFolderDataset(args.data_dir / "val", size=args.image_size,
+                                  classes=train_set.classes)  # fmt: skip
     labeled, unlabeled, val = _split(train_set.targets, args)
     randaugment = RandAugment(2, 17.0, cutout=0)
 
@@ -80,7 +96,7 @@ def load_data(args, device: torch.device) -> SSLData:
 
     (x_l, y_l), (x_u, _), (x_v, y_v) = (store(train_set, i) for i in (labeled, unlabeled, val))
     x_t, y_t = store(test_set, np.arange(len(test_set)))
-    return SSLData(x_l, y_l, x_u, x_v, y_v, x_t, y_t, weak, strong, prepare)
+    return SSLData(x_l, y_l, x_u, x_v, y_v, x_t, y_t, weak, strong, prepare), len(train_set.classes)
 
 
 def _split(targets: np.ndarray, args) -> tuple[np.ndarray, ...]:
@@ -116,17 +132,20 @@ def build_resnet50(num_classes: int, dropout: float) -> nn.Module:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    device = distributed.init_from_env()
     recipe = override(RECIPE, args)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(args, device)
-    torch.manual_seed(args.seed)
-    num_classes = int(data.labeled_y.max()) + 1  # every class has >= 1 label
-    teacher, student = (build_resnet50(num_classes, recipe.dropout).to(device) for _ in range(2))
-    if args.channels_last:
-        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
-    return run(build_mpl(teacher, student, recipe, args), data, recipe, args, "imagenet")
+    config = {"args": args, "recipe": recipe}
+    with (
+        distributed.process_group() as device,
+        open_run(args.output_dir, config, args.resume, MAY_CHANGE_ON_RESUME),
+    ):
+        data, num_classes = load_data(args, device)
+        torch.manual_seed(args.seed)
+        teacher, student = (build_resnet50(num_classes, recipe.dropout).to(device)
+                            for _ in range(2))  # fmt: skip
+        if args.channels_last:
+            teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+        return run(build_mpl(teacher, student, recipe, args), data, recipe, args, "imagenet")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

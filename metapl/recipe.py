@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -15,14 +16,17 @@ from torch import nn
 
 from metapl import distributed, optim
 from metapl.mpl import MPL, UDA
+from metapl.rundir import CHECKPOINT, CONFIG, RunError
 from metapl.tracking import Tracker
 from metapl.train import SSLData, TrainConfig, train
 
 __all__ = [
+    "MAY_CHANGE_ON_RESUME",
     "Recipe",
     "add_common_args",
     "build_mpl",
     "check_args",
+    "cli",
     "override",
     "run",
     "set_fields",
@@ -55,12 +59,35 @@ class Recipe:
     finetune_batch: int = 512
     finetune_lr: float = 3e-5
 
+    def scaled_to(self, steps: int) -> Recipe:
+        """This recipe over ``steps`` steps: warm-up, student wait and UDA ramp keep their
+        share of the schedule, rounded, and at least one step where the recipe has any, as
+        far as the run has room (warm-up + wait must stay below ``steps``)."""
+        if steps == self.steps:
+            return self
+        scale = steps / self.steps
+        phases = {k: getattr(self, k) for k in ("warmup_steps", "student_wait_steps", "uda_steps")}
+        new = {k: min(steps, max(1, round(v * scale))) if v > 0 else 0 for k, v in phases.items()}
+        while new["warmup_steps"] + new["student_wait_steps"] >= steps > 0:
+            longer = max(("student_wait_steps", "warmup_steps"), key=new.__getitem__)
+            new[longer] -= 1
+        return replace(self, steps=steps, **new)
+
+
+# Command-line fields a resumed run may change (the rest must equal the saved config.json):
+# where things are read and written, how often the run logs, evaluates and saves, and what
+# it prints. None of them changes the trained weights.
+MAY_CHANGE_ON_RESUME = frozenset(f"args.{name}" for name in (
+    "resume", "data_dir", "output_dir", "eval_every", "log_every", "checkpoint_every", "json",
+    "download", "decode_threads",
+))  # fmt: skip
+
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--steps", type=int, help="training steps (shrinks the schedule to fit)")
-    p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt")
+    p.add_argument("--steps", type=int, help="training steps (the schedule scales with them)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--meta-grad", default="exact", choices=META_GRADS)
     p.add_argument("--no-uda", action="store_true", help="drop the teacher's UDA loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the MPL step")
@@ -83,8 +110,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fail fast, before any data is read, on paths and values that cannot work."""
     if not args.data_dir.is_dir():
         p.error(f"--data-dir {args.data_dir} is not a folder (see docs/data.md for the layout)")
-    if args.resume and not (args.output_dir / "checkpoint.pt").exists():
-        p.error(f"--resume: no checkpoint in {args.output_dir}; start without --resume")
+    if args.resume and not any((args.output_dir / f).exists() for f in (CONFIG, CHECKPOINT)):
+        p.error(f"--resume: no run to resume in {args.output_dir} (no {CONFIG} or {CHECKPOINT}); "
+                "start without --resume")  # fmt: skip
     for name in ("steps", "labeled_batch", "unlabeled_ratio", "eval_every", "log_every",
                  "checkpoint_every"):  # fmt: skip
         value = getattr(args, name)
@@ -95,16 +123,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def override(recipe: Recipe, args: argparse.Namespace) -> Recipe:
-    """The recipe with the command line's overrides. A shorter --steps shrinks the warm-up,
-    student wait and UDA ramp in proportion, so short runs keep the schedule's shape."""
+    """The recipe with the command line's overrides. Another --steps scales the warm-up,
+    student wait and UDA ramp with it (``Recipe.scaled_to``), so short runs keep the
+    schedule's shape."""
     names = ("lr", "labeled_batch", "unlabeled_ratio", "finetune_steps")
     recipe = replace(recipe, **{k: getattr(args, k) for k in names if getattr(args, k) is not None})
-    if args.steps and args.steps != recipe.steps:
-        scale = args.steps / recipe.steps
-        shrunk = {k: int(getattr(recipe, k) * scale)
-                  for k in ("warmup_steps", "student_wait_steps", "uda_steps")}  # fmt: skip
-        recipe = replace(recipe, steps=args.steps, **shrunk)
-    return recipe
+    return recipe.scaled_to(args.steps) if args.steps else recipe
 
 
 def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, args) -> MPL:
@@ -147,6 +171,7 @@ def run(mpl: MPL, data: SSLData, recipe: Recipe, args, name: str) -> dict[str, f
         args.output_dir, args.wandb_project, group=args.wandb_group or f"{name}-{args.meta_grad}",
         name=f"{name}-{args.meta_grad}-uda{int(not args.no_uda)}-seed{args.seed}",
         config={**asdict(recipe), **{k: str(v) for k, v in vars(args).items()}}, enabled=is_main,
+        resume=args.resume,
     )  # fmt: skip
     results = train(mpl, data, config, args.output_dir, tracker, resume=args.resume)
     tracker.finish()
@@ -155,6 +180,17 @@ def run(mpl: MPL, data: SSLData, recipe: Recipe, args, name: str) -> dict[str, f
         table = f"| metric | accuracy (%) |\n|---|---|\n{rows}"
         print(json.dumps(results) if args.json else table, file=sys.stdout, flush=True)
     return results
+
+
+def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Run an example's ``main`` as a command: a run that cannot start or go on (RunError, a
+    bad value, a missing file) prints one ``error:`` line instead of a traceback and exits 1."""
+    try:
+        main(argv)
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def set_fields(config, assignments: list[str]):

@@ -2,18 +2,22 @@
 
 Every run writes ``metrics.jsonl`` in its output folder whatever wandb does, so results stay
 readable without an account. wandb runs online only when ``WANDB_API_KEY`` is set (or
-``WANDB_MODE`` says otherwise); ``WANDB_MODE=disabled`` turns it off.
+``WANDB_MODE`` says otherwise); ``WANDB_MODE=disabled`` turns it off. The wandb run's id is
+kept in ``<output-dir>/wandb-run-id`` so that a resumed run logs to the same wandb run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from metapl.atomic import write_atomically
 
 __all__ = ["Tracker", "wandb_mode"]
 
@@ -34,6 +38,8 @@ class Tracker:
         group, name: wandb run group (e.g. one ablation) and run name.
         config: hyperparameters to record.
         enabled: False on non-zero ranks of a distributed run.
+        resume: continue the wandb run whose id is in ``output_dir/wandb-run-id`` (a new run
+            when there is none); otherwise start a new run and write its id there.
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class Tracker:
         name: str | None = None,
         config: Mapping[str, Any] | None = None,
         enabled: bool = True,
+        resume: bool = False,
     ):
         self.enabled = enabled
         self.run = None
@@ -55,6 +62,11 @@ class Tracker:
         if project is not None and wandb_mode() != "disabled":
             import wandb
 
+            id_path = self.output_dir / "wandb-run-id"
+            run_id = id_path.read_text().strip() if resume and id_path.exists() else None
+            if not run_id:
+                run_id = secrets.token_hex(4)
+                write_atomically(id_path, lambda f: f.write(run_id + "\n"), binary=False)
             self.run = wandb.init(
                 project=project,
                 group=group,
@@ -63,6 +75,8 @@ class Tracker:
                 dir=str(self.output_dir),
                 mode=wandb_mode(),
                 reinit="finish_previous",
+                id=run_id,
+                resume="allow",
             )
 
     def log(self, metrics: Mapping[str, float | Tensor], step: int) -> None:
@@ -73,6 +87,25 @@ class Tracker:
         self._jsonl.flush()
         if self.run is not None:
             self.run.log(values, step=step)
+
+    def rewind(self, step: int) -> None:
+        """Forget the JSONL records of steps after ``step`` (a resumed run logs them again)."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        path = self.output_dir / "metrics.jsonl"
+        keep = 0
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):  # cut short by a crash
+                    break
+                try:
+                    if json.loads(line)["step"] > step:
+                        break
+                except (ValueError, KeyError, TypeError):
+                    break
+                keep += len(line)
+        os.truncate(path, keep)  # the file is open for appending: writes go to the new end
 
     def summary(self, metrics: Mapping[str, float]) -> None:
         if self.run is not None:

@@ -4,12 +4,21 @@ Determinism: the batch of step ``k`` and its augmentation depend only on ``(seed
 (epoch permutations and a generator seeded per step), and the checkpoint stores the global RNG
 states (dropout, sampled pseudo labels). A run killed and resumed from its last checkpoint
 therefore ends bit-identical on CPU to one never interrupted.
+
+Nothing good is lost: checkpoints are written atomically, the one before the latest is kept as
+``checkpoint.prev.pt``, and a non-finite loss or parameter stops the run (``DivergenceError``)
+before it can overwrite a good checkpoint. The final models are written to ``final.pt`` with
+their evaluation (``results.json``). File names: ``metapl.rundir``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -23,11 +32,22 @@ from tqdm import tqdm
 
 from metapl import distributed
 from metapl.atomic import write_atomically
+from metapl.finetune import finetune
 from metapl.mpl import MPL
 from metapl.optim import sgd
+from metapl.rundir import (
+    CHECKPOINT,
+    FINAL,
+    PREVIOUS,
+    RESULTS,
+    RunError,
+    check_config,
+    remove_temporaries,
+)
 from metapl.tracking import Tracker
 
 __all__ = [
+    "DivergenceError",
     "SSLData",
     "TrainConfig",
     "evaluate",
@@ -36,6 +56,16 @@ __all__ = [
     "stream_indices",
     "train",
 ]
+
+# TrainConfig fields a resumed run may change: they decide what is logged and saved, not the
+# trained weights.
+RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "eval_batch")
+
+
+class DivergenceError(RunError):
+    """A loss or parameter became NaN or infinite. The message names the first step and loss
+    term; the last good checkpoint is left as it was."""
+
 
 # (uint8 images [B, C, H, W], generator) -> float, normalized model inputs [B, C, H, W]
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -149,14 +179,78 @@ def _autocast(device: torch.device, bf16: bool):
     return nullcontext()
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, state: dict, keep_previous: bool = False) -> None:
     """Write ``state`` atomically: to a temporary file in the same folder, flushed to disk,
-    then renamed over ``path``, so a crash never leaves a half-written checkpoint."""
+    then renamed over ``path``, so a crash never leaves a half-written checkpoint.
+
+    ``keep_previous``: first keep the file being replaced as ``<stem>.prev<suffix>`` next to it
+    (``checkpoint.prev.pt``), so a checkpoint that turns out bad never costs the one before."""
+    path = Path(path)
+    if keep_previous and path.exists():
+        _copy_atomically(path, _previous(path))
     write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
+def _previous(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` in one rename: a hard link where the file system has
+    them (no bytes copied), a copy otherwise."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already a link to it (a run killed while writing a checkpoint)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # rename() leaves it when both names were one file
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+    """Read a checkpoint: its tensors on ``device``, except the RNG states (``"rng"``), which
+    stay CPU byte tensors as ``torch.set_rng_state`` needs them. A file that cannot be read
+    (missing, empty, truncated, not a checkpoint) raises RunError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged zip or pickle
+        raise RunError(
+            f"cannot read checkpoint {path} ({_first_line(e)}): the file is empty, truncated or "
+            f"not a checkpoint{_previous_hint(path)}"
+        ) from None
+    if not isinstance(state, dict):
+        raise RunError(f"{path} is not a checkpoint: it holds a {type(state).__name__}")
+    return {k: v if k == "rng" else _to_device(v, torch.device(device)) for k, v in state.items()}
+
+
+def _previous_hint(path: Path) -> str:
+    if path.name == CHECKPOINT and (path.parent / PREVIOUS).exists():
+        return (f"; the checkpoint before it is {path.parent / PREVIOUS}: move that to {path} to "
+                "resume from it")  # fmt: skip
+    return ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _to_device(tree, device: torch.device):
+    if isinstance(tree, Tensor):
+        return tree if tree.device == device else tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_device(v, device) for v in tree)
+    return tree
 
 
 def _rng_states() -> dict:
@@ -170,12 +264,17 @@ def _rng_states() -> dict:
     return states
 
 
+def _byte_tensor(state: Tensor) -> Tensor:
+    """An RNG state as the CPU uint8 tensor ``set_rng_state`` takes, wherever it was loaded."""
+    return state.detach().to("cpu", torch.uint8)
+
+
 def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(_byte_tensor(states["torch"]))
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in states["cuda"]])
 
 
 def train(
@@ -186,31 +285,45 @@ def train(
     tracker: Tracker | None = None,
     resume: bool = False,
 ) -> dict[str, float]:
-    """Train ``mpl`` for ``config.steps`` steps (then finetune the student if configured) and
-    return the final validation and test accuracies.
+    """Train ``mpl`` for ``config.steps`` steps, finetune the final student if configured,
+    and return the final validation and test accuracies.
 
-    Writes ``output_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end;
-    ``resume=True`` continues from it. Test accuracy is measured once, at the end: model
-    selection, if any, uses the validation split.
+    Writes ``output_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end (the
+    one before kept as ``checkpoint.prev.pt``), then the final models with their accuracies
+    (``final.pt``, ``results.json``). The final student is the EMA student (the raw student
+    without EMA), finetuned on the labeled data when ``finetune_steps > 0``, as the PyTorch
+    port of the paper does. Test accuracy is measured once, at the end: model selection, if
+    any, uses the validation split.
+
+    ``resume=True`` continues from ``checkpoint.pt`` when there is one (else starts at step 0),
+    after checking that it can be read and fits ``mpl`` and ``config``; without it an existing
+    checkpoint is never overwritten. Either refusal raises RunError naming the file or field.
+    A NaN or infinite loss or parameter raises DivergenceError before anything is saved.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = output_dir / "checkpoint.pt"
+    ckpt_path = output_dir / CHECKPOINT
+    if not resume and ckpt_path.exists():
+        raise RunError(
+            f"{ckpt_path} exists: resume that run (--resume, train(resume=True)) or write to a "
+            "new output folder"
+        )
     is_main = distributed.rank() == 0
     tracker = tracker or Tracker(output_dir, enabled=is_main)
     device = data.labeled_y.device
     start = 0
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_checkpoint(ckpt_path, device)
-        mpl.load_state_dict(state["mpl"])
-        _set_rng_states(state["rng"])
-        start = state["step"]
+        if ckpt_path.exists():
+            start = _resume(mpl, config, ckpt_path, device)
+        tracker.rewind(start)
+        if is_main:
+            remove_temporaries(output_dir)
 
     n_l, n_u = len(data.labeled_x), len(data.unlabeled_x)
     b_l, b_u = config.labeled_batch, config.labeled_batch * config.unlabeled_ratio
     eval_model = mpl.ema_student if mpl.ema_student is not None else mpl.student
+    guard = _FiniteGuard(device)
+    saved_step = start if ckpt_path.exists() else None
     tick, images = time.perf_counter(), 0
     bar = tqdm(
         range(start, config.steps),
@@ -235,46 +348,180 @@ def train(
             metrics = mpl.step(x_l, data.labeled_y[idx_l], x_uw, x_us, sync=False)
         images += len(idx_l) + len(idx_u)
         done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
+        guard.update(metrics, done)
+        log = done % config.log_every == 0 or done == config.steps
+        val = done % config.eval_every == 0 or done == config.steps
+        save = done % config.checkpoint_every == 0 or done == config.steps
+        if log or val or save:
+            guard.check(ckpt_path, saved_step)  # one host sync; every process raises alike
+        if log:
             now = time.perf_counter()
             logged = {k: float(v) for k, v in metrics.items()}
             logged["images_per_s"] = images * distributed.world_size() / (now - tick)
             tick, images = now, 0
             tracker.log(logged, step=done)
             bar.set_postfix(t=f"{logged['teacher/loss']:.3f}", s_lr=f"{logged['student/lr']:.3g}")
-        if done % config.eval_every == 0 or done == config.steps:
+        if val:
             tracker.log(_val_metrics(mpl, eval_model, data, config), step=done)
-        if is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "mpl": mpl.state_dict(),
-                    "step": done,
-                    "rng": _rng_states(),
-                    "config": asdict(config),
-                },
-            )
+        if save:
+            _check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
+            if is_main:
+                state = {"mpl": mpl.state_dict(), "step": done, "rng": _rng_states(),
+                         "config": asdict(config)}  # fmt: skip
+                save_checkpoint(ckpt_path, state, keep_previous=True)
+            saved_step = done
 
     results = {}
+    final = eval_model
     if config.finetune_steps:
         results["val/student_before_finetune"] = evaluate(
-            mpl.student, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
+            eval_model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
         )
+        final = copy.deepcopy(eval_model)
         batches = _finetune_batches(data, config, device)
         optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True)
         with _autocast(device, config.bf16):
-            mpl.finetune(batches, optimizer)
-        eval_model = mpl.student
+            losses = finetune(final, batches, optimizer)
+        bad = next((k for k, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            raise DivergenceError(
+                f"finetuning diverged: finetune/loss is {losses[bad]} at finetune step "
+                f"{bad + 1}; the checkpoint of the trained run ({ckpt_path}) is kept. Lower "
+                "--finetune-lr or check the labeled data"
+            )
+        _check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
     for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
         results[f"{split}/student"] = evaluate(
-            eval_model, x, y, data.prepare, config.eval_batch, config.bf16
+            final, x, y, data.prepare, config.eval_batch, config.bf16
         )
         results[f"{split}/teacher"] = evaluate(
             mpl.teacher, x, y, data.prepare, config.eval_batch, config.bf16
         )
     tracker.log(results, step=config.steps + config.finetune_steps)
     tracker.summary(results)
+    if is_main:
+        _save_final(output_dir, mpl, final, results, config)
     return results
+
+
+def _networks(mpl: MPL) -> dict[str, nn.Module]:
+    nets = {"teacher": mpl.teacher, "student": mpl.student, "ema_student": mpl.ema_student}
+    return {k: m for k, m in nets.items() if m is not None}
+
+
+def _save_final(output_dir: Path, mpl: MPL, final: nn.Module, results: dict, config) -> None:
+    """``final.pt``: the final student (``"final"``) and the networks it came from, with the
+    accuracies; ``results.json``: the accuracies alone. Both written atomically."""
+    state = {"final": final.state_dict(), "results": results, "config": asdict(config),
+             **{name: m.state_dict() for name, m in _networks(mpl).items()}}  # fmt: skip
+    save_checkpoint(output_dir / FINAL, state)
+    text = json.dumps(results, indent=1, sort_keys=True) + "\n"
+    write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
+
+
+def _resume(mpl: MPL, config: TrainConfig, path: Path, device: torch.device) -> int:
+    """Load the checkpoint at ``path`` into ``mpl`` and the RNGs; return its step."""
+    state = load_checkpoint(path, device)
+    missing = sorted({"mpl", "step", "rng", "config"} - state.keys())
+    if missing:
+        raise RunError(f"{path} is not a metapl training checkpoint (it has no {missing})")
+    check_config(state["config"], asdict(config), RESUMABLE_CHANGES, source=f"checkpoint {path}")
+    _load_fitting(mpl, state["mpl"], path)
+    _set_rng_states(state["rng"])
+    return int(state["step"])
+
+
+def _load_fitting(mpl: MPL, saved, path: Path) -> None:
+    """``mpl.load_state_dict(saved)``, or a RunError naming the first tensor that does not fit."""
+    for name, module in _networks(mpl).items():
+        theirs = saved.get(name) if isinstance(saved, dict) else None
+        if not isinstance(theirs, dict):
+            raise RunError(f"checkpoint {path} holds no {name}: it is not from a run like this one")
+        ours = module.state_dict()
+        for k in sorted(ours.keys() | theirs.keys()):
+            if k not in theirs:
+                problem = f"lacks {name}.{k}"
+            elif k not in ours:
+                problem = f"has {name}.{k}, which this model lacks"
+            elif ours[k].shape != theirs[k].shape:
+                problem = (f"has {name}.{k} of shape {tuple(theirs[k].shape)}, this model "
+                           f"{tuple(ours[k].shape)}")  # fmt: skip
+            else:
+                continue
+            raise RunError(
+                f"checkpoint {path} is of another model: it {problem}; resume with the settings "
+                "it was trained with, or start a new run in another output folder"
+            )
+    try:
+        mpl.load_state_dict(saved)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise RunError(f"checkpoint {path} does not fit this run: {_first_line(e)}") from None
+
+
+class _FiniteGuard:
+    """Watches the step metrics for NaN and infinity without a host sync per step: the first
+    step at which each metric was not finite, and its value there, are kept on the device;
+    ``check`` reads them (one sync) and raises DivergenceError."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: tuple[str, ...] = ()
+        self.first: Tensor | None = None
+        self.value: Tensor | None = None
+        self.failure: tuple[str, int, float] | None = None
+
+    def update(self, metrics: dict, step: int) -> None:
+        names = tuple(metrics)
+        if names != self.names:  # another set of metrics: settle the old one first
+            self.failure = self.failure or self._read()
+            self.names, self.first = names, None
+        values = torch.stack([torch.as_tensor(metrics[k], device=self.device).detach().float()
+                              .reshape(()) for k in names])  # fmt: skip
+        if self.first is None:
+            self.first, self.value = torch.full_like(values, -1.0), torch.zeros_like(values)
+        new = ~torch.isfinite(values) & (self.first < 0)
+        self.first = torch.where(new, float(step), self.first)
+        self.value = torch.where(new, values, self.value)
+
+    def _read(self) -> tuple[str, int, float] | None:
+        if self.first is None:
+            return None
+        bad = [(s, i) for i, s in enumerate(self.first.tolist()) if s >= 0]
+        if not bad:
+            return None
+        step, i = min(bad)
+        return self.names[i], int(step), float(self.value[i])
+
+    def check(self, ckpt_path: Path, saved_step: int | None) -> None:
+        failure = self.failure or self._read()
+        if failure is not None:
+            name, step, value = failure
+            raise DivergenceError(
+                f"training diverged: {name} is {value} at step {step} (the first non-finite "
+                f"value); {_kept(ckpt_path, saved_step)}. Lower the learning rate, or check the "
+                "input data for NaN"
+            )
+
+
+def _kept(ckpt_path: Path, saved_step: int | None) -> str:
+    if saved_step is None:
+        return "no checkpoint had been written"
+    return f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
+
+
+def _check_parameters(nets: dict[str, nn.Module], when: str, ckpt_path: Path,
+                      saved_step: int | None) -> None:  # fmt: skip
+    """DivergenceError naming the first parameter or buffer of ``nets`` that is not finite."""
+    tensors = [(f"{net}.{k}", t) for net, m in nets.items()
+               for k, t in m.state_dict().items() if t.is_floating_point()]  # fmt: skip
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(finite.all()):
+        return
+    name = tensors[int((~finite).nonzero()[0, 0])][0]
+    raise DivergenceError(
+        f"training diverged: {name} is not finite after {when}; {_kept(ckpt_path, saved_step)}. "
+        "Lower the learning rate"
+    )
 
 
 def _val_metrics(mpl: MPL, eval_model: nn.Module, data: SSLData, config: TrainConfig) -> dict:

@@ -1,11 +1,14 @@
 """examples/imagenet_mpl.py end to end (ResNet-50, 2 steps, then a resume) on a tiny fake
 ImageNet in the real layout: train/<class>/*.png and val/<class>/*.png."""
 
+import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from metapl.data.fake import write_fake_imagefolder
 from metapl.train import load_checkpoint
@@ -43,3 +46,14 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
 def test_imagenet_example_rejects_a_folder_without_train_and_val(tmp_path):
     with pytest.raises(SystemExit):
         _example().main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+
+
+def test_val_images_keep_their_training_class_when_a_class_has_none(tmp_path):
+    write_fake_imagefolder(tmp_path, num_classes=3, train_per_class=4, val_per_class=2)
+    shutil.rmtree(tmp_path / "val" / "class_000")  # the first class: no validation images
+    args = argparse.Namespace(data_dir=tmp_path, image_size=32, label_fraction=0.5,
+                              val_per_class=1, seed=0, decode_threads=1,
+                              output_dir=tmp_path / "run")  # fmt: skip
+    data, num_classes = _example().load_data(args, torch.device("cpu"))
+    assert num_classes == 3
+    assert data.test_y.tolist() == [1, 1, 2, 2]  # class_001 and class_002, not shifted to 0, 1

@@ -39,3 +39,17 @@ def test_override_shrinks_the_schedule_with_the_steps():
     recipe = override(Recipe(), args)
     assert (recipe.steps, recipe.labeled_batch) == (3000, 32)
     assert (recipe.warmup_steps, recipe.student_wait_steps, recipe.uda_steps) == (50, 30, 50)
+
+
+def test_short_runs_keep_a_warm_up_and_a_student_wait():
+    args = argparse.Namespace(lr=None, labeled_batch=None, unlabeled_ratio=None,
+                              finetune_steps=None, steps=4)  # fmt: skip
+    recipe = override(Recipe(), args)
+    assert recipe.steps == 4
+    assert (recipe.warmup_steps, recipe.student_wait_steps, recipe.uda_steps) == (1, 1, 1)
+    assert Recipe().scaled_to(600_000).warmup_steps == 10_000  # longer runs scale up too
+    assert Recipe().scaled_to(300_000) == Recipe()
+    assert Recipe(student_wait_steps=0).scaled_to(10).student_wait_steps == 0
+    for steps in (1, 2, 3):  # as much as fits: the schedule needs warm-up + wait < steps
+        r = Recipe().scaled_to(steps)
+        assert r.warmup_steps + r.student_wait_steps < steps and r.warmup_steps == min(1, steps - 1)

@@ -1,8 +1,15 @@
-"""metapl.train: the data stream that makes runs resumable and shardable."""
+"""metapl.train: the data stream that makes runs resumable and shardable; what a run writes
+and what resuming it checks (faults and kills: test_faults.py)."""
 
+import json
+
+import pytest
 import torch
+from faulty_run import tiny_data, tiny_mpl, tiny_train
 
-from metapl.train import stream_indices
+from metapl.rundir import RunError
+from metapl.tracking import Tracker
+from metapl.train import _set_rng_states, evaluate, load_checkpoint, stream_indices
 
 
 def test_stream_is_a_permutation_per_epoch_and_deterministic():
@@ -20,3 +27,86 @@ def test_any_window_of_the_stream_can_be_read_directly():
     whole = stream_indices(n, 0, 50, seed)
     for start, count in [(0, 1), (5, 4), (6, 9), (13, 21), (49, 1)]:
         assert torch.equal(stream_indices(n, start, count, seed), whole[start : start + count])
+
+
+# ------------------------------------------------------------------ outputs and resume
+
+
+def test_the_finetuned_final_model_is_saved_with_its_evaluation(tmp_path):
+    results = tiny_train(tmp_path, steps=6, finetune_steps=3)
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert final["results"] == results == json.loads((tmp_path / "results.json").read_text())
+    assert {"final", "teacher", "student", "ema_student", "config"} <= final.keys()
+    finetuned = any(not torch.equal(final["final"][k], v) for k, v in final["ema_student"].items())
+    assert finetuned, "the final model is the EMA student after finetuning"
+    model = tiny_mpl().student
+    model.load_state_dict(final["final"])
+    data = tiny_data()
+    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+        assert evaluate(model, x, y, data.prepare) == results[f"{split}/student"]
+    # Without finetuning the final model is the EMA student itself.
+    tiny_train(tmp_path / "no_finetune", steps=3, finetune_steps=0)
+    plain = torch.load(tmp_path / "no_finetune" / "final.pt", weights_only=False)
+    assert plain["final"].keys() == plain["ema_student"].keys()
+    assert all(torch.equal(plain["final"][k], v) for k, v in plain["ema_student"].items())
+
+
+def test_rng_states_are_restored_as_cpu_byte_tensors_wherever_the_checkpoint_is_mapped(tmp_path):
+    tiny_train(tmp_path, steps=3, finetune_steps=0)
+    state = load_checkpoint(tmp_path / "checkpoint.pt", "meta")  # stands in for a GPU
+    assert state["rng"]["torch"].device.type == "cpu"
+    assert state["rng"]["torch"].dtype == torch.uint8
+    assert next(iter(state["mpl"]["teacher"].values())).device.type == "meta"
+    before = torch.get_rng_state()
+    try:
+        _set_rng_states(state["rng"])
+        assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+        # A state a caller mapped elsewhere (here: a float copy) is still restored.
+        _set_rng_states({**state["rng"], "torch": state["rng"]["torch"].double()})
+        assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+    finally:
+        torch.set_rng_state(before)
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):
+    tiny_train(tmp_path, steps=3, finetune_steps=0)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunError, match="checkpoint.pt exists: resume"):
+        tiny_train(tmp_path, steps=3, finetune_steps=0)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_names_the_config_field_that_differs(tmp_path):
+    tiny_train(tmp_path, steps=3, finetune_steps=0)
+    with pytest.raises(RunError, match="steps is 6 but checkpoint .* used 3"):
+        tiny_train(tmp_path, steps=6, resume=True, finetune_steps=0)
+    with pytest.raises(RunError, match="seed is 1 but"):
+        tiny_train(tmp_path, steps=3, resume=True, finetune_steps=0, seed=1)
+    # Logging and saving intervals may change.
+    tiny_train(tmp_path, steps=3, resume=True, finetune_steps=0, log_every=1, eval_every=1)
+
+
+def test_resume_forgets_the_metrics_logged_after_the_checkpoint(tmp_path):
+    tracker = Tracker(tmp_path)
+    for step in (1, 2, 3, 4):
+        tracker.log({"loss": step}, step=step)
+    tracker._jsonl.write('{"step": 5, "lo')  # a line cut short by a kill
+    tracker.rewind(2)
+    tracker.log({"loss": 3.5}, step=3)
+    tracker.finish()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"step": 3, "loss": 3.5}]
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = Tracker(tmp_path, project="metapl-test", name="run")
+    run_id = first.run.id
+    first.finish()
+    resumed = Tracker(tmp_path, project="metapl-test", name="run", resume=True)
+    assert resumed.run.id == run_id == (tmp_path / "wandb-run-id").read_text().strip()
+    resumed.finish()
+    fresh = Tracker(tmp_path / "other", project="metapl-test", name="run")
+    assert fresh.run.id != run_id
+    fresh.finish()

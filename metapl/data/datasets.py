@@ -6,7 +6,7 @@ int64: augmentation and normalization (`normalize`) run batched on the device af
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -143,6 +143,10 @@ class ImageFolderDataset(Dataset):
     `resize` (default size * 8 / 7, i.e. 256 for 224) with `interpolation`, then center-cropped
     to size x size, so batches stack; random-resized crops are done on the device afterwards.
     Classes are the sorted sub-folder names; `targets` ([N] int64) feeds the split functions.
+
+    `classes`: the class names to number by, in order (pass the training set's `classes` to
+    a validation or test folder, so both share one mapping). A class without a folder here is
+    fine (its index is kept); a folder not in `classes` raises a ValueError naming it.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class ImageFolderDataset(Dataset):
         resize: int | None = None,
         interpolation: str = "bicubic",
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+        classes: Sequence[str] | None = None,
     ):
         from PIL import Image
 
@@ -171,12 +176,21 @@ class ImageFolderDataset(Dataset):
                 " (ImageNet: ILSVRC2012 train/val from https://image-net.org/download.php, with"
                 " val/ sorted into one folder per class)"
             )
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        folders = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = folders if classes is None else list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        unknown = [c for c in folders if c not in self.class_to_idx]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise ValueError(
+                f"{self.root} has {len(unknown)} class folder(s) not among the given classes (the"
+                f" training set's): {shown}; remove them, or add those classes to the training"
+                " folder"
+            )
         exts = tuple(e.lower() for e in extensions)
         self.samples = [
-            (p, i)
-            for i, c in enumerate(self.classes)
+            (p, self.class_to_idx[c])
+            for c in folders
             for p in sorted((self.root / c).iterdir())
             if p.suffix.lower() in exts
         ]

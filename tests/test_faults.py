@@ -1,0 +1,256 @@
+"""Fault injection: kills, damaged checkpoints, NaN data, stale folders, changed flags.
+
+Every fault ends in a clear error or in the result an uninterrupted run gets, and no file that
+was good before the fault is lost. The tiny run lives in tests/faulty_run.py; the command-line
+faults run examples/cifar_mpl.py on a fake CIFAR-10.
+"""
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from faulty_run import tiny_data, tiny_mpl, tiny_train
+
+from metapl.data import ImageFolderDataset
+from metapl.data.fake import write_fake_cifar, write_fake_imagefolder
+from metapl.rundir import RunError
+from metapl.train import DivergenceError, load_checkpoint
+
+TESTS = Path(__file__).resolve().parent
+CIFAR = TESTS.parent / "examples" / "cifar_mpl.py"
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}  # fmt: skip
+
+
+def _assert_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_equal(a[k], b[k], f"{path}.{k}")
+    else:
+        assert a == b, path
+
+
+# ------------------------------------------------------------------ kills, then resume
+
+
+def _driver(out: Path, *flags: str, killed: bool = False) -> None:
+    cmd = [sys.executable, str(TESTS / "faulty_run.py"), str(out), *flags]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    if killed:
+        assert done.returncode == -9, done.stderr[-2000:]
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
+    _driver(tmp_path / "whole")
+    out = tmp_path / "killed"
+    rng = random.Random(9)  # the kill points are random, and the same in every test run
+    kills = [("--die-at-step", str(rng.randint(1, 5))),  # before or after the first checkpoint
+             ("--die-in-save", "1", "--die-while", "torch_save"),
+             ("--die-in-save", "2", "--die-while", "keeping_previous"),
+             ("--die-at-step", str(rng.randint(2, 4)))]  # fmt: skip
+    for i, kill in enumerate(kills):
+        _driver(out, *(["--resume"] if i else []), *kill, killed=True)
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            if (out / name).exists():  # whatever is there is a whole, loadable checkpoint
+                assert 0 < load_checkpoint(out / name)["step"] <= 12
+    _driver(out, "--resume")
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    resumed = load_checkpoint(out / "checkpoint.pt")
+    assert resumed["step"] == whole["step"] == 12
+    _assert_equal(resumed["mpl"], whole["mpl"], "mpl")
+    final = load_checkpoint(tmp_path / "whole" / "final.pt")
+    _assert_equal(load_checkpoint(out / "final.pt"), final, "final")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "teacher/loss" in x]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]  # no step logged twice
+    assert not list(out.glob(".*.tmp")), "a resumed run removes the temporary files of a kill"
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    tiny_train(out, steps=6)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "wrong_model", "not_mpl"])
+def test_a_damaged_checkpoint_is_named_and_nothing_is_lost(tmp_path, finished_run, damage):
+    out = tmp_path / "run"
+    out.mkdir()
+    for p in finished_run.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    ckpt = out / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    if damage == "truncated":
+        ckpt.write_bytes(good[: len(good) // 2])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint\n" * 10)
+    elif damage == "wrong_model":
+        other = tiny_mpl(hidden=5)
+        state = load_checkpoint(ckpt)
+        torch.save({**state, "mpl": other.state_dict()}, ckpt)
+    else:
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    before = _digests(out)
+    with pytest.raises(RunError) as e:
+        tiny_train(out, steps=6, resume=True)
+    message = str(e.value)
+    assert str(ckpt) in message and "\n" not in message
+    expected = {"truncated": "truncated", "empty": "empty", "garbage": "not a checkpoint",
+                "wrong_model": "another model: it has teacher.net.0.bias of shape (5,), this",
+                "not_mpl": "not a metapl training checkpoint"}[damage]  # fmt: skip
+    assert expected in message
+    if damage in ("truncated", "empty", "garbage"):
+        assert "checkpoint.prev.pt" in message  # where to resume from instead
+    assert _digests(out) == before
+
+
+def test_the_previous_checkpoint_is_kept(finished_run):
+    last = load_checkpoint(finished_run / "checkpoint.pt")
+    prev = load_checkpoint(finished_run / "checkpoint.prev.pt")
+    assert (prev["step"], last["step"]) == (3, 6)
+
+
+# ------------------------------------------------------------------ divergence
+
+
+@pytest.mark.parametrize("nan_step", [7, 8])
+def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, nan_step):
+    with pytest.raises(DivergenceError) as e:
+        tiny_train(tmp_path, steps=12, data=tiny_data(nan_at_step=nan_step))
+    message = str(e.value)
+    assert f"at step {nan_step} " in message and "is nan" in message
+    term = message.split("training diverged: ")[1].split(" is ")[0]
+    assert term.split("/")[0] in ("teacher", "student", "mpl")
+    good = 6  # checkpoints every 3 steps; the error comes at the next log (every 2) or save
+    assert f"(step {good})" in message
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["step"] == good
+    for net in ("teacher", "student", "ema_student"):
+        assert all(torch.isfinite(t).all() for t in saved["mpl"][net].values())
+    assert not (tmp_path / "final.pt").exists()
+
+
+def test_a_huge_learning_rate_is_refused_not_saved(tmp_path):
+    with pytest.raises(DivergenceError, match="training diverged: .* at step"):
+        tiny_train(tmp_path, steps=12, mpl=tiny_mpl(lr=1e12))
+    if (tmp_path / "checkpoint.pt").exists():
+        saved = load_checkpoint(tmp_path / "checkpoint.pt")["mpl"]
+        assert all(torch.isfinite(t).all() for t in saved["student"].values())
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, n_train=100, n_test=20)
+    return root
+
+
+TINY = ["--model", "mlp", "--lr", "1e-3", "--labels-per-class", "2", "--val-per-class", "2",
+        "--labeled-batch", "4", "--unlabeled-ratio", "2", "--eval-every", "2", "--log-every", "2",
+        "--finetune-steps", "2", "--checkpoint-every", "2"]  # fmt: skip
+
+
+def _cifar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CIFAR), *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)  # fmt: skip
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    return lines[0]
+
+
+def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY]
+    assert _cifar(*args, "--steps", "4").returncode == 0
+    assert {"config.json", "split.json", "checkpoint.pt", "checkpoint.prev.pt", "final.pt",
+            "results.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    before = _digests(out)
+
+    # The same folder again without --resume (other flags, or the same ones): refused.
+    stale = _one_line_error(_cifar(*args, "--steps", "4", "--labels-per-class", "3", "--seed", "5"))
+    assert "already holds a run" in stale and "--resume" in stale and str(out) in stale
+    # --resume with flags that change the run: the first differing flag is named.
+    for flag, value in [("--steps", "8"), ("--lr", "100")]:
+        changed = _one_line_error(_cifar(*args, "--steps", "4", flag, value, "--resume"))
+        assert f"{flag} is " in changed and f"but the run in {out} used" in changed
+    changed = _one_line_error(_cifar(*args, "--steps", "4", "--no-uda", "--resume"))
+    assert "--no-uda is True but" in changed
+    # A truncated checkpoint: one line naming it.
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    before["checkpoint.pt"] = _digests(out)["checkpoint.pt"]
+    damaged = _one_line_error(_cifar(*args, "--steps", "4", "--resume"))
+    assert str(out / "checkpoint.pt") in damaged and "truncated" in damaged
+    assert _digests(out) == before  # nothing written, nothing lost
+    # Flags that only change logging may differ on resume.
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.prev.pt").rename(out / "checkpoint.pt")
+    resumed = _cifar(*args, "--steps", "4", "--resume", "--log-every", "1", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    failed = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps",
+                    "4", "--model", "wrn28-3")  # fmt: skip
+    assert "unknown model" in _one_line_error(failed)
+    assert not out.exists() or not list(out.iterdir())
+    rerun = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "2")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+
+def test_divergence_at_the_command_line(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    done = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "8",
+                  "--lr", "1e30")  # fmt: skip
+    line = _one_line_error(done)
+    assert "training diverged" in line and "at step" in line
+    if (out / "checkpoint.pt").exists():
+        saved = load_checkpoint(out / "checkpoint.pt")["mpl"]["student"]
+        assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+# ------------------------------------------------------------------ ImageFolder classes
+
+
+def test_val_shares_the_training_class_indices(tmp_path):
+    write_fake_imagefolder(tmp_path, num_classes=3, train_per_class=2, val_per_class=2)
+    val = tmp_path / "val"
+    missing = sorted(d.name for d in val.iterdir())[0]
+    (val / missing).rename(tmp_path / "aside")  # the first class has no validation images
+    train_set = ImageFolderDataset(tmp_path / "train", size=8)
+    val_set = ImageFolderDataset(val, size=8, classes=train_set.classes)
+    for path, target in val_set.samples:
+        assert train_set.classes[target] == path.parent.name
+    assert sorted(set(val_set.targets.tolist())) == [1, 2]
+
+    (tmp_path / "aside").rename(val / "extra_class")  # a class the training set lacks
+    with pytest.raises(ValueError, match="extra_class"):
+        ImageFolderDataset(val, size=8, classes=train_set.classes)
