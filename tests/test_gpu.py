@@ -91,10 +91,13 @@ def test_cifar_example_on_cuda(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    results = module.main([
+    argv = [
         "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
         "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",
         "--unlabeled-ratio", "2", "--steps", "3", "--finetune-steps", "1", "--compile",
         "--channels-last", "--json",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    results = module.main(argv)
     assert json.dumps(results) and 0 <= results["test/student"] <= 1
+    # Resuming on the GPU restores the CPU RNG state saved in the checkpoint (issue 9, point 6).
+    assert module.main([*argv, "--resume"]).keys() == results.keys()
