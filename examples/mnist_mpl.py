@@ -55,6 +55,7 @@ from tqdm import tqdm
 import metapl
 from metapl import optim
 from metapl.data import DigitAugment, load_mnist, mnist_split
+from metapl.finetune import finetune
 from metapl.recipe import set_fields
 from metapl.tracking import Tracker
 
@@ -67,21 +68,23 @@ class Config:
     val_per_class: int = 100  # held out of training, for model selection
     channels: int = 16  # conv widths: channels, 2 * channels, 4 * channels
     dropout: float = 0.1
-    steps: int = 1500
+    steps: int = 400
     batch_l: int = 100  # labeled images per step (drawn with replacement)
-    batch_u: int = 64  # unlabeled images per step
-    lr_teacher: float = 0.05  # SGD, momentum 0.9, nesterov, warm-up + cosine (both networks)
-    lr_student: float = 0.05
+    batch_u: int = 256  # unlabeled images per step
+    lr_teacher: float = 0.1  # SGD, momentum 0.9, nesterov, warm-up + cosine (both networks)
+    lr_student: float = 0.1
     weight_decay: float = 5e-4
     warmup_steps: int = 50
     max_grad_norm: float = 1.0  # clip both networks' gradients (0: off)
     temperature: float = 1.0  # of the pseudo labels
     uda_weight: float = 1.0
     uda_temperature: float = 0.4
-    uda_threshold: float = 0.8
+    uda_threshold: float = 0.6
     uda_ramp_steps: int = 0
     ema_decay: float = 0.99  # of the student (and of the supervised model)
     cutout: int = 8  # side of the strong view's cutout square
+    finetune_steps: int = 0  # then train the selected student on the labels alone (0: off)
+    finetune_lr: float = 0.01
     eval_every: int = 100  # validation accuracy, for the curves and the model selection
     log_every: int = 25
 
@@ -240,6 +243,20 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         log(step, metrics, {"student": mpl.ema_student, "teacher": mpl.teacher})
 
 
+def finetune_student(cfg: Config, data: Data, seed: int, student: nn.Module) -> None:
+    """MPL's last phase: the selected student, in place, on the labeled images (weak views)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(cfg.finetune_steps):
+            idx = torch.randint(len(data.x_l), (cfg.batch_l,), generator=gen)
+            yield weak(data.x_l[idx], gen), data.y_l[idx]
+
+    opt = optim.sgd(cfg.finetune_lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    finetune(student.requires_grad_(True), batches(), opt)
+    student.eval()
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -257,10 +274,15 @@ def run(cfg: Config, data: Data, preset: str, seed: int, row: str, args, bar: tq
         train_supervised(cfg, data, seed, selector)
     else:
         train_mpl(cfg, data, seed, row, selector)
+    model = next(iter(selector.best.values()))
+    val = selector.best_val
+    if cfg.finetune_steps and row != "supervised":
+        finetune_student(cfg, data, seed, model)
+        val = accuracy(model, data.x_val, data.y_val)
     seconds = time.perf_counter() - start
     result = {
-        "test": accuracy(next(iter(selector.best.values())), data.x_test, data.y_test),
-        "val": selector.best_val,
+        "test": accuracy(model, data.x_test, data.y_test),
+        "val": val,
         "step": selector.best_step,
         "seconds": round(seconds, 1),
         "curve": selector.curve,

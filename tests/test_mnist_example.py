@@ -113,7 +113,7 @@ def test_missing_data_names_the_fix(isolated, capsys):
                     str(isolated / "out"), "--seeds", "0"])  # fmt: skip
 
 
-@pytest.mark.slow  # three fresh Python processes import torch: ~10 s on an idle 2-core CPU
+@pytest.mark.slow  # three fresh Python processes, each importing torch and wandb
 def test_jobs_match_sequential_runs(isolated, mnist_dir, monkeypatch):
     """--jobs 2 runs in spawned workers (the script as a command) and gets exactly the
     sequential accuracies: each run seeds its own networks and generators."""
