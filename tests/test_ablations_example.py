@@ -4,7 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from metapl.data.fake import write_fake_cifar
+from metapl.rundir import RunError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ablations.py"
 
@@ -17,13 +20,14 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     ablations = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablations)
     out = tmp_path / "grid"
-    summary = ablations.main([
+    argv = [
         "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--meta-grads", "none",
         "first_order", "--uda", "off", "on", "--seeds", "0", "1", "--wandb-project", "test",
         "--json", "--", "--model", "mlp", "--lr", "1e-3", "--steps", "2",
         "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",
         "--unlabeled-ratio", "2", "--finetune-steps", "0", "--log-every", "1",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    summary = ablations.main(argv)
     assert set(summary) == {"none/uda-off", "none/uda-on", "first_order/uda-off",
                             "first_order/uda-on"}  # fmt: skip
     for cell in summary.values():
@@ -32,3 +36,8 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     runs = list(out.glob("*/seed*/wandb/offline-run-*"))
     assert len(runs) == 8  # one offline wandb run per cell and seed, all under the grid folder
     assert (out / "none-uda-on" / "seed1" / "metrics.jsonl").exists()
+
+    # The grid again: refused as it stands (its runs exist); with --resume, the same summary.
+    with pytest.raises(RunError, match="already holds a run"):
+        ablations.main(argv)
+    assert ablations.main(["--resume", *argv]) == summary
