@@ -26,7 +26,8 @@ The student is reported as its EMA; model selection: the checkpoint with the bes
 accuracy (evaluated every `eval_every` steps) is the one tested. Every run logs to Weights &
 Biases (offline when WANDB_API_KEY is unset; WANDB_MODE=disabled turns it off), one group per
 preset and row, one run per seed, plus a metrics.jsonl in its folder; the learning curves
-(validation accuracy of student and teacher) go to <output-dir>/<preset>/curves.png.
+(validation accuracy of student and teacher) go to <output-dir>/<preset>/curves.png and the
+summary (the --json output, with the config and the time) to summary.json beside it.
 
     python examples/mnist_mpl.py                               # 10 labels/class, 6 rows x 3 seeds
     python examples/mnist_mpl.py --preset 1-label
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[row].append(outcome)
     summary = summarize(results)
     plot_curves(results, args.seeds, args.output_dir / args.preset / "curves.png")
+    record = {"preset": args.preset, "config": asdict(cfg), "seconds": round(seconds, 1),
+              "summary": summary}  # fmt: skip
+    (args.output_dir / args.preset / "summary.json").write_text(json.dumps(record, indent=1))
     if args.json:
         print(json.dumps(summary))
     else:

@@ -70,6 +70,8 @@ def test_every_row(isolated, mnist_dir, capsys, monkeypatch):
 
     preset = out / "10-labels"
     assert (preset / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((preset / "summary.json").read_text())
+    assert record["summary"] == printed and record["config"]["steps"] == 3
     split, meta = load_manifest(preset / "seed0" / "split.json")
     assert len(split.labeled) == 100 and len(meta["val"]) == 20
     assert not np.intersect1d(split.unlabeled, meta["val"]).size
