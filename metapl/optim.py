@@ -125,7 +125,8 @@ def _check_lr_keys(lr: LearningRate, params: Mapping[str, Tensor]) -> None:
 
 
 def _lr_at(lr: LearningRate, step: Tensor) -> LrValue:
-    return lr(step) if callable(lr) else lr
+    # isinstance, not callable(): torch.compile cannot trace callable() on a dict (Meta-SGD).
+    return lr if isinstance(lr, Mapping | Tensor | float | int) else lr(step)
 
 
 def _lr_of(lr_now: LrValue, name: str, param: Tensor) -> float | Tensor:

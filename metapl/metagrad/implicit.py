@@ -104,5 +104,6 @@ def _damped(hvp, damping: float):
 
 def _can_stop(x: torch.Tensor) -> bool:
     """Whether a data-dependent early exit is possible (not under vmap or torch.compile)."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(x)
-    return not torch.compiler.is_compiling() and not wrapped
+    if torch.compiler.is_compiling():  # checked first: dynamo cannot trace the next check
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
