@@ -6,8 +6,9 @@ the four files works, torchvision's MNIST/raw too). A seeded, balanced split
 labeled images per class, 100 validation images per class held out of training, every other
 training image unlabeled. The 10k test images are evaluated once per run, at the end.
 
-Model: a small CNN (a 5x5 stride-2 conv, two 3x3 convs, BatchNorm, global average pooling,
-dropout) for teacher, student and the supervised baseline. Augmentation
+Model: a small CNN (a 5x5 stride-2 conv, a 3x3 stride-2 conv, a 3x3 conv, BatchNorm, dropout,
+a linear layer on the 7x7 maps; 30k parameters) for teacher, student and the supervised
+baseline. Augmentation
 (`metapl.data.DigitAugment`, per sample, no flips): weak = shift / rotation / scale jitter;
 strong = a larger affine, elastic wobble, stroke width, contrast and a cutout.
 
@@ -29,8 +30,13 @@ preset and row, one run per seed, plus a metrics.jsonl in its folder; the learni
 (validation accuracy of student and teacher) go to <output-dir>/<preset>/curves.png and the
 summary (the --json output, with the config and the time) to summary.json beside it.
 
-    python examples/mnist_mpl.py                               # 10 labels/class, 6 rows x 3 seeds
-    python examples/mnist_mpl.py --preset 1-label
+Measured (10 labels per class, 400 steps, seeds 0-2, mean test accuracy %, `--jobs 2` on a
+shared 2-core CPU: 47 min): supervised 93.3, uda 97.1, mpl 93.1, mpl_first_order 93.2,
+mpl_uda 97.2, mpl_uda_first_order 96.9: UDA gives the gain, the MPL term ties (docs/mpl.md).
+
+    make mnist                                                 # data/mnist/, md5-checked
+    python examples/mnist_mpl.py --jobs 2                      # 10 labels/class, 6 rows x 3 seeds
+    python examples/mnist_mpl.py --preset 1-label --jobs 2
     python examples/mnist_mpl.py --rows uda mpl_uda --seeds 0 --json
     python examples/mnist_mpl.py --set steps=300 lr_student=0.1   # any Config field
 """
