@@ -291,7 +291,7 @@ def run(cfg: Config, data: Data, preset: str, seed: int, row: str, args, bar: tq
         "test": accuracy(model, data.x_test, data.y_test),
         "val": val,
         "step": selector.best_step,
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 3),
         "curve": selector.curve,
     }
     if "teacher" in selector.best:
