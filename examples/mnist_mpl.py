@@ -240,6 +240,7 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
         uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
+        student_bn="unlabeled",  # the student's BatchNorm on its strong views only, as measured
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):

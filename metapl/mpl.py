@@ -15,10 +15,12 @@ One ``MPL.step``:
    teacher together with its own loss in a single backward pass (one VJP).
 
 BatchNorm: running statistics advance exactly once per step for each network: the teacher's
-from its forward on the concatenated batch, the student's from its forward on the unlabeled
-batch it trains on. The student's forward on the labeled batch (for the MPL signal) uses batch
-statistics and leaves the running statistics alone. Dropout is active in every training
-forward.
+from its forward on the concatenated batch; the student's from its forward for its own step,
+which with ``student_bn="joint"`` (the default, as the official code and the PyTorch port) runs
+on ``cat(x_l, x_view)`` (BatchNorm normalises the two together; the loss is on the ``x_view``
+rows only) and with ``student_bn="unlabeled"`` on ``x_view`` alone. The student's forward on
+the labeled batch after its step (for the MPL signal) uses batch statistics and leaves the
+running statistics alone. Dropout is active in every training forward.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ class MPL:
             the score-function estimate of the gradient of the expected loss; ``"sum"`` is that
             estimate itself, on the scale of ``"exact"`` (for ablations comparing the two).
         fd_radius: ``"finite_difference"`` only: see ``metapl.meta_grad``.
+        student_bn: the batch of the student's forward for its step on the pseudo labels:
+            ``"joint"`` is ``cat(x_l, x_view)`` (the official code's and the PyTorch port's:
+            BatchNorm batch and running statistics come from both; only the ``x_view`` rows
+            enter the loss), ``"unlabeled"`` is ``x_view`` alone. Without BatchNorm (and
+            without dropout) the two give the same step.
 
     Data parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each
     process passes its share of the global batch. The student gradients (before the
@@ -154,6 +161,7 @@ class MPL:
         h_baseline_decay: float | None = None,
         fd_radius: float = 3e-4,
         log_prob_reduction: str = "mean",
+        student_bn: str = "joint",
     ):
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
@@ -164,6 +172,12 @@ class MPL:
                 f"log_prob_reduction must be 'mean' (the paper's scale) or 'sum', got "
                 f"{log_prob_reduction!r}"
             )
+        if student_bn not in ("joint", "unlabeled"):
+            raise ValueError(
+                f"student_bn must be 'joint' (cat(x_l, x_u) through the student, the paper's "
+                f"code) or 'unlabeled', got {student_bn!r}"
+            )
+        self.student_bn = student_bn
         self.teacher, self.student = teacher, student
         for module in (teacher, student):
             broadcast_module(module)  # identical replicas (a no-op in a single process)
@@ -258,18 +272,25 @@ class MPL:
                 )
             return logits, new_bufs
 
+        def student_on_view(sp):
+            """The student's logits on x_view (its pseudo-label batch) and its new buffers."""
+            if self.student_bn == "unlabeled":
+                return student_forward(sp, x_view)
+            logits, new_bufs = student_forward(sp, torch.cat([x_l, x_view]))
+            return logits[n_l:], new_bufs
+
         if self.pseudo_labels == "soft":
             target = None
 
             def inner_loss(sp, labels):
-                logits, new_bufs = student_forward(sp, x_view)
+                logits, new_bufs = student_on_view(sp)
                 probs = torch.softmax(labels["z"] / self.temperature, dim=-1)
                 return soft_cross_entropy(logits, probs), new_bufs
         else:
             target = _sample_categorical(z / self.temperature)
 
             def inner_loss(sp, labels):
-                logits, new_bufs = student_forward(sp, x_view)
+                logits, new_bufs = student_on_view(sp)
                 return F.cross_entropy(logits, target), new_bufs
 
         def outer_loss(sp):

@@ -177,6 +177,7 @@ class Config:
     teacher_opt: str = "nesterov"
     student_opt: str = "momentum"
     h_baseline_decay: float | None = None
+    student_bn: str = "joint"
     extra: dict = field(default_factory=dict)
 
     def mpl(self, teacher, student, **kwargs) -> metapl.MPL:
@@ -186,7 +187,8 @@ class Config:
         return metapl.MPL(
             teacher, student, OPTIMIZERS[self.teacher_opt]()[0], OPTIMIZERS[self.student_opt]()[0],
             meta_grad=self.meta_grad, pseudo_labels=self.pseudo_labels, uda=self.uda,
-            label_smoothing=self.label_smoothing, temperature=self.temperature, **kwargs,
+            label_smoothing=self.label_smoothing, temperature=self.temperature,
+            student_bn=self.student_bn, **kwargs,
         )  # fmt: skip
 
 
@@ -229,7 +231,10 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     tp, sp = leaves(t), leaves(s)
     loss_t, z, metrics = hand_teacher_loss(tp, batch, cfg, step)
     labeled_ce = lambda p: F.cross_entropy(hand_mlp(p, batch.x_l), batch.y_l)  # noqa: E731
-    logits_u = hand_mlp(sp, batch.x_view)
+    if cfg.student_bn == "joint":  # one forward on cat(x_l, x_view); the loss on x_view's rows
+        logits_u = hand_mlp(sp, torch.cat([batch.x_l, batch.x_view]))[len(batch.x_l) :]
+    else:
+        logits_u = hand_mlp(sp, batch.x_view)
     if cfg.pseudo_labels == "soft":
         probs = torch.softmax(z / cfg.temperature, dim=-1)
         if cfg.meta_grad is None:
@@ -350,17 +355,34 @@ def test_uda_mask_on_the_sharpened_prediction_equals_hand_computation():
     assert first["teacher/uda_mask"] > default["teacher/uda_mask"]
 
 
+@pytest.mark.parametrize("student_bn", ["joint", "unlabeled"])
 @pytest.mark.parametrize("method", ["exact", "first_order"])
-def test_step_with_batchnorm_equals_hand_computation(method):
+def test_step_with_batchnorm_equals_hand_computation(method, student_bn):
     """With BatchNorm the teacher normalises over the whole concatenated batch (so its pseudo
-    labels depend on x_l too, and so does the MPL gradient) and the student's labeled loss uses
-    the labeled batch's own statistics."""
+    labels depend on x_l too, and so does the MPL gradient); the student's pseudo-label step
+    normalises over cat(x_l, x_view) ("joint") or x_view alone; its labeled loss after the step
+    uses the labeled batch's own statistics."""
     hard = method == "first_order"
     cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft", temperature=1.5,
                  uda=uda_for(ramp_steps=3), label_smoothing=0.1, teacher_opt="adamw",
-                 h_baseline_decay=0.8 if hard else None)  # fmt: skip
+                 h_baseline_decay=0.8 if hard else None, student_bn=student_bn)  # fmt: skip
     mpl, hand = run_both(cfg, steps=2, bn=True)
     assert_matches_hand(mpl, hand)
+
+
+def test_student_bn_choice_changes_the_step_with_batchnorm_only():
+    batch = make_batch(0)
+    steps = {}
+    for bn in (False, True):
+        for choice in ("joint", "unlabeled"):
+            mpl = Config(student_bn=choice).mpl(mlp(seed=1, bn=bn), mlp(seed=2, bn=bn))
+            mpl.step(*batch.args())
+            steps[bn, choice] = params(mpl.student)
+    assert_tree_close(steps[False, "joint"], steps[False, "unlabeled"], **TIGHT)
+    diff = (steps[True, "joint"]["0.weight"] - steps[True, "unlabeled"]["0.weight"]).abs().max()
+    assert diff > 1e-4
+    with pytest.raises(ValueError, match="student_bn must be 'joint'"):
+        Config(student_bn="both").mpl(mlp(seed=1), mlp(seed=2))
 
 
 # --------------------------------------------------------------------------- 2. finite difference
@@ -628,14 +650,18 @@ BN_CASES = {
 }
 
 
+@pytest.mark.parametrize("student_bn", ["joint", "unlabeled"])
 @pytest.mark.parametrize("case", list(BN_CASES))
 @pytest.mark.parametrize("with_uda", [True, False], ids=["uda", "no_uda"])
-def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_uda):
+def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_uda, student_bn):
+    """The teacher's statistics come from cat(x_l, [x_u,] x_us); the student's from
+    cat(x_l, x_us) with student_bn="joint" (the paper's code), from x_us with "unlabeled"."""
     method, labels = BN_CASES[case]
     teacher, student = mlp(seed=1, bn=True), mlp(seed=2, bn=True)
     t0, s0 = params(teacher), params(student)
     t_bufs0, s_bufs0 = buffers(teacher), buffers(student)
-    cfg = Config(meta_grad=method, pseudo_labels=labels, uda=uda_for() if with_uda else None)
+    cfg = Config(meta_grad=method, pseudo_labels=labels, uda=uda_for() if with_uda else None,
+                 student_bn=student_bn)  # fmt: skip
     mpl = cfg.mpl(teacher, student)
     batch = make_batch(0)
     torch.manual_seed(0)
@@ -645,8 +671,9 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     parts = [batch.x_l] + ([batch.x_u] if with_uda else []) + [batch.x_us]
     t_mean, t_var = bn_update((t_bufs0["1.running_mean"], t_bufs0["1.running_var"]),
                               first(t0, torch.cat(parts)), 0.3)  # fmt: skip
+    student_batch = torch.cat([batch.x_l, batch.x_us]) if student_bn == "joint" else batch.x_us
     s_mean, s_var = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
-                              first(s0, batch.x_us), 0.3)  # fmt: skip
+                              first(s0, student_batch), 0.3)  # fmt: skip
     t_bufs, s_bufs = buffers(mpl.teacher), buffers(mpl.student)
     torch.testing.assert_close(t_bufs["1.running_mean"], t_mean, **TIGHT)
     torch.testing.assert_close(t_bufs["1.running_var"], t_var, **TIGHT)
@@ -654,16 +681,17 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     torch.testing.assert_close(s_bufs["1.running_var"], s_var, **TIGHT)
     assert int(t_bufs["1.num_batches_tracked"]) == 1
     assert int(s_bufs["1.num_batches_tracked"]) == 1
-    # discriminative: the labeled batch would have given other student statistics
+    # discriminative: the other choice would have given other student statistics
+    other = batch.x_us if student_bn == "joint" else torch.cat([batch.x_l, batch.x_us])
     wrong, _ = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
-                         first(s0, batch.x_l), 0.3)  # fmt: skip
+                         first(s0, other), 0.3)  # fmt: skip
     assert (wrong - s_mean).abs().max() > 1e-3
 
 
 def test_batchnorm_student_trains_on_x_u_without_strong_view():
     student = mlp(seed=2, bn=True)
     s0, bufs0 = params(student), buffers(student)
-    mpl = Config().mpl(mlp(seed=1, bn=True), student)
+    mpl = Config(student_bn="unlabeled").mpl(mlp(seed=1, bn=True), student)
     batch = make_batch(0, strong=False)
     mpl.step(*batch.args())
     h = batch.x_u @ s0["0.weight"].T + s0["0.bias"]
