@@ -8,19 +8,23 @@ One ``MPL.step``:
    ``x_u`` and its prediction on ``x_u_strong``.
 2. Its logits ``z`` on the student's view (``x_u_strong``, else ``x_u``) become pseudo labels:
    ``softmax(z / temperature)`` ("soft") or a sample from it ("hard").
-3. The student takes one optimizer step on the pseudo labels. That step is the lookahead of
-   the meta-gradient *and* the student's real update: its gradient is computed once.
+3. The student takes ``lookahead_steps`` (K, default 1) optimizer steps on the pseudo labels
+   of this one batch (the same view and the same targets at every step; fresh dropout masks).
+   Those steps are the lookahead of the meta-gradient *and* the student's real update: their
+   gradients are computed once.
 4. The MPL term: the gradient of the updated student's labeled cross-entropy with respect to
-   ``z`` (``metapl.meta_grad`` with the logits as "teacher parameters"), pushed through the
-   teacher together with its own loss in a single backward pass (one VJP).
+   ``z`` (``metapl.meta_grad`` with the logits as "teacher parameters", through all K steps),
+   times ``mpl_weight``, pushed through the teacher together with its own loss in a single
+   backward pass (one VJP).
 
 BatchNorm: running statistics advance exactly once per step for each network: the teacher's
-from its forward on the concatenated batch; the student's from its forward for its own step,
-which with ``student_bn="joint"`` (the default, as the official code and the PyTorch port) runs
-on ``cat(x_l, x_view)`` (BatchNorm normalises the two together; the loss is on the ``x_view``
-rows only) and with ``student_bn="unlabeled"`` on ``x_view`` alone. The student's forward on
-the labeled batch after its step (for the MPL signal) uses batch statistics and leaves the
-running statistics alone. Dropout is active in every training forward.
+from its forward on the concatenated batch; the student's from its first forward for its own
+steps (at its parameters before the K steps), which with ``student_bn="joint"`` (the default,
+as the official code and the PyTorch port) runs on ``cat(x_l, x_view)`` (BatchNorm normalises
+the two together; the loss is on the ``x_view`` rows only) and with ``student_bn="unlabeled"``
+on ``x_view`` alone. The student's forward on the labeled batch after its steps (for the MPL
+signal) uses batch statistics and leaves the running statistics alone. Dropout is active in
+every training forward.
 """
 
 from __future__ import annotations
@@ -135,6 +139,13 @@ class MPL:
             BatchNorm batch and running statistics come from both; only the ``x_view`` rows
             enter the loss), ``"unlabeled"`` is ``x_view`` alone. Without BatchNorm (and
             without dropout) the two give the same step.
+        lookahead_steps: K >= 1 student optimizer steps per MPL step on the same pseudo-labelled
+            batch; the teacher's MPL gradient goes through all K (exactly for ``"exact"``; the
+            score-function estimate ``"first_order"`` uses ``h = L_l(s_K) - L_l(s_0)`` with
+            the labels sampled once). With ``meta_grad=None`` the student takes the same K
+            steps (the matching baseline).
+        mpl_weight: the MPL term's weight in the teacher's gradient, relative to its own
+            losses (1.0: the paper's).
 
     Data parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each
     process passes its share of the global batch. The student gradients (before the
@@ -162,11 +173,24 @@ class MPL:
         fd_radius: float = 3e-4,
         log_prob_reduction: str = "mean",
         student_bn: str = "joint",
+        lookahead_steps: int = 1,
+        mpl_weight: float = 1.0,
     ):
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
             uda, label_smoothing, temperature, ema_decay, h_baseline_decay, compile,
         )  # fmt: skip
+        if (
+            isinstance(lookahead_steps, bool)
+            or not isinstance(lookahead_steps, int)
+            or (lookahead_steps < 1)
+        ):
+            raise ValueError(f"lookahead_steps must be an int >= 1, got {lookahead_steps!r}")
+        if not mpl_weight >= 0 or (meta_grad is None and mpl_weight != 1.0):
+            raise ValueError(
+                f"mpl_weight must be >= 0 and needs a meta_grad (there is no MPL term without "
+                f"one), got {mpl_weight} with meta_grad={meta_grad!r}"
+            )
         if log_prob_reduction not in ("mean", "sum"):
             raise ValueError(
                 f"log_prob_reduction must be 'mean' (the paper's scale) or 'sum', got "
@@ -188,6 +212,7 @@ class MPL:
         self.h_baseline_decay = h_baseline_decay
         self.fd_radius = fd_radius
         self.log_prob_reduction = log_prob_reduction
+        self.lookahead_steps, self.mpl_weight = lookahead_steps, mpl_weight
         self.teacher_state = teacher_optimizer.init(params_of(teacher))
         self.student_state = student_optimizer.init(params_of(student))
         device = next(teacher.parameters()).device
@@ -303,17 +328,21 @@ class MPL:
 
         s_lr = self.student_optimizer.lr_at(s_state)
         if self.meta_grad is None:
-            (s_grads, s_bufs), loss_u = _grad_aux_and_value(inner_loss, s_params, {"z": z})
-            s_grads = reduce(s_grads) if reduce else s_grads
-            s_params, s_state = self.student_optimizer.step(s_params, s_grads, s_state)
-            dz = torch.zeros_like(z)
+            for k in range(self.lookahead_steps):  # running statistics from the first forward
+                (s_grads, bufs_k), loss_k = _grad_aux_and_value(inner_loss, s_params, {"z": z})
+                if k == 0:
+                    new_s_bufs, loss_u = bufs_k, loss_k
+                s_grads = reduce(s_grads) if reduce else s_grads
+                s_params, s_state = self.student_optimizer.step(s_params, s_grads, s_state)
+            s_bufs, dz = new_s_bufs, torch.zeros_like(z)
             metrics["student/loss_u"] = loss_u
         else:
             baseline = counters["h_baseline"] if self.h_baseline_decay is not None else 0.0
             method = _METHODS[self.meta_grad]
             res = compute_meta_grad(
                 inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
-                method=method, has_aux=True, fd_radius=self.fd_radius, baseline=baseline,
+                steps=self.lookahead_steps, method=method, has_aux=True,
+                fd_radius=self.fd_radius, baseline=baseline,
                 log_prob=log_prob if method == "score_function" else None, reduce=reduce,
             )  # fmt: skip
             s_params, s_state, s_bufs, dz = (
@@ -329,6 +358,8 @@ class MPL:
                     decay = self.h_baseline_decay
                     counters = {**counters, "h_baseline": decay * baseline + (1 - decay) * res.h}
 
+        if self.mpl_weight != 1.0:
+            dz = self.mpl_weight * dz
         (t_grads,) = teacher_vjp((torch.ones((), device=z.device, dtype=z.dtype), dz))
         if reduce:
             t_grads = reduce(t_grads)

@@ -231,22 +231,28 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     tp, sp = leaves(t), leaves(s)
     loss_t, z, metrics = hand_teacher_loss(tp, batch, cfg, step)
     labeled_ce = lambda p: F.cross_entropy(hand_mlp(p, batch.x_l), batch.y_l)  # noqa: E731
-    if cfg.student_bn == "joint":  # one forward on cat(x_l, x_view); the loss on x_view's rows
-        logits_u = hand_mlp(sp, torch.cat([batch.x_l, batch.x_view]))[len(batch.x_l) :]
-    else:
-        logits_u = hand_mlp(sp, batch.x_view)
     if cfg.pseudo_labels == "soft":
         probs = torch.softmax(z / cfg.temperature, dim=-1)
         if cfg.meta_grad is None:
             probs = probs.detach()
-        loss_u = -(probs * torch.log_softmax(logits_u, dim=-1)).sum(-1).mean()
+        pseudo_loss = lambda lg: -(probs * torch.log_softmax(lg, dim=-1)).sum(-1).mean()  # noqa: E731
     else:
         torch.manual_seed(seed)
         y_hat = _sample_categorical(z.detach() / cfg.temperature)
-        loss_u = F.cross_entropy(logits_u, y_hat)
+        pseudo_loss = lambda lg: F.cross_entropy(lg, y_hat)  # noqa: E731
     exact = cfg.meta_grad == "exact"
-    g_s = torch.autograd.grad(loss_u, list(sp.values()), create_graph=exact)
-    new_s, s_state = s_opt(sp, dict(zip(sp, g_s, strict=True)), s_state)
+    new_s = sp  # K lookahead steps on the same batch, unrolled with plain autograd
+    for k in range(cfg.extra.get("lookahead_steps", 1)):
+        if cfg.student_bn == "joint":  # one forward on cat(x_l, x_view); the loss on its rows
+            logits_u = hand_mlp(new_s, torch.cat([batch.x_l, batch.x_view]))[len(batch.x_l) :]
+        else:
+            logits_u = hand_mlp(new_s, batch.x_view)
+        loss_k = pseudo_loss(logits_u)
+        if k == 0:
+            loss_u = loss_k
+        g_s = torch.autograd.grad(loss_k, list(new_s.values()), create_graph=exact)
+        new_s, s_state = s_opt(new_s, dict(zip(sp, g_s, strict=True)), s_state)
+    weight = cfg.extra.get("mpl_weight", 1.0)
     total = loss_t
     if cfg.meta_grad is None:
         metrics["student/loss_u"] = loss_u
@@ -254,13 +260,13 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
         loss_l = labeled_ce(new_s)  # depends on the teacher through the pseudo labels
         (dz,) = torch.autograd.grad(loss_l, z, retain_graph=True)
         metrics |= {"student/loss_l": loss_l, "mpl/grad_norm_logits": dz.norm()}
-        total = total + loss_l
+        total = total + weight * loss_l
     else:  # first_order: (L_l(s') - L_l(s) - baseline) * grad mean_i log p_T(y_hat_i)
         loss_l = labeled_ce(new_s)
         h = (loss_l - labeled_ce(sp)).detach()
         log_p = torch.log_softmax(z / cfg.temperature, dim=-1).gather(1, y_hat[:, None])
         log_p = log_p.sum() if cfg.extra.get("log_prob_reduction") == "sum" else log_p.mean()
-        total = total + (h - h_b) * log_p
+        total = total + weight * (h - h_b) * log_p
         metrics |= {"student/loss_l": loss_l, "mpl/h": h}
         if cfg.h_baseline_decay is not None:
             metrics["mpl/h_baseline"] = h_b
@@ -534,6 +540,91 @@ def test_no_meta_grad_step_equals_hand_computation(cfg):
     assert_matches_hand(mpl, hand)
 
 
+# --------------------------------------------------------------------------- 5. K lookahead steps
+
+
+LOOKAHEAD = {
+    "exact": Config(meta_grad="exact", label_smoothing=0.1, teacher_opt="adamw"),
+    "exact_uda_bn": Config(
+        meta_grad="exact",
+        uda=uda_for(weight=0.7, ramp_steps=3),
+        temperature=1.5,
+        teacher_opt="adamw",
+    ),  # fmt: skip
+    "first_order": Config(
+        meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
+    ),  # fmt: skip
+    "first_order_uda": Config(
+        meta_grad="first_order",
+        pseudo_labels="hard",
+        uda=uda_for(weight=0.5),
+        extra={"log_prob_reduction": "sum"},
+    ),
+    "no_meta_grad_uda": Config(meta_grad=None, uda=uda_for(weight=1.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKAHEAD))
+def test_lookahead_steps_equal_hand_unroll(name):
+    """K=2 (and 3) student steps on the same pseudo-labelled batch, with the teacher's gradient
+    through all of them, against plain autograd unrolled by hand in float64; the momentum
+    buffers carry over between the K steps and across MPL steps."""
+    for k in (2, 3) if name == "exact" else (2,):
+        cfg = copy.deepcopy(LOOKAHEAD[name])
+        cfg.extra = {**cfg.extra, "lookahead_steps": k}
+        mpl, hand = run_both(cfg, steps=2, bn=name.endswith("bn"))
+        assert_matches_hand(mpl, hand)
+    # K reaches the result: one lookahead step gives another student (and, through the MPL
+    # term, another teacher)
+    _, hand_1 = run_both(LOOKAHEAD[name], steps=2, bn=name.endswith("bn"))
+    for net in (1,) if cfg.meta_grad is None else (0, 1):
+        assert max((hand[net][k] - hand_1[net][k]).abs().max() for k in hand[net]) > 1e-4
+
+
+def test_lookahead_finite_difference_approximates_exact():
+    batch = make_batch(0)
+    teacher, student = mlp(seed=1), mlp(seed=2)
+    grads = {}
+    for method in ("exact", "finite_difference"):
+        cfg = Config(meta_grad=method, uda=uda_for(), teacher_opt="momentum",
+                     extra={"lookahead_steps": 2, "fd_radius": 1e-6})  # fmt: skip
+        mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student))
+        mpl.step(*batch.args())
+        grads[method] = mpl.teacher_state["momentum"]  # the teacher's gradient after one step
+    assert_tree_close(grads["finite_difference"], grads["exact"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference", "first_order", None])
+def test_one_lookahead_step_and_unit_weight_are_the_default_bitwise(method):
+    hard = method == "first_order"
+    cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft",
+                 uda=uda_for(), h_baseline_decay=0.9 if hard else None)  # fmt: skip
+    runs = []
+    for extra in ({}, {"lookahead_steps": 1, "mpl_weight": 1.0}):
+        torch.manual_seed(0)
+        mpl = cfg.mpl(mlp(seed=1, bn=True, dropout=0.2), mlp(seed=2, bn=True, dropout=0.2),
+                      **extra)  # fmt: skip
+        runs.append((mpl, [mpl.step(*make_batch(k).args()) for k in range(2)]))
+    (a, metrics_a), (b, metrics_b) = runs
+    assert metrics_a == metrics_b
+    for net in ("teacher", "student"):
+        assert_tree_equal(params(getattr(a, net)), params(getattr(b, net)), net)
+        assert_tree_equal(buffers(getattr(a, net)), buffers(getattr(b, net)), net)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "weight"),
+    [(Config(meta_grad="exact", uda=uda_for()), 0.3),
+     (Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.7), 3.0),
+     (Config(meta_grad="exact"), 0.0)],
+    ids=["exact_uda", "first_order", "exact_zero"],
+)  # fmt: skip
+def test_mpl_weight_scales_the_term_as_by_hand(cfg, weight):
+    cfg.extra = {"mpl_weight": weight, "lookahead_steps": 2}
+    mpl, hand = run_both(cfg, steps=2)
+    assert_matches_hand(mpl, hand)
+
+
 # --------------------------------------------------------------------------- 6. determinism
 
 
@@ -758,6 +849,11 @@ class _Wrong:
         ({"ema_decay": 1.0}, ValueError, "ema_decay"),
         ({"uda": {"weight": 1.0}}, TypeError, "metapl.UDA"),
         ({"teacher": lambda x: x}, TypeError, "nn.Module"),
+        ({"lookahead_steps": 0}, ValueError, "lookahead_steps must be an int >= 1"),
+        ({"lookahead_steps": 2.0}, ValueError, "lookahead_steps must be an int >= 1"),
+        ({"lookahead_steps": True}, ValueError, "lookahead_steps must be an int >= 1"),
+        ({"mpl_weight": -1.0}, ValueError, "mpl_weight must be >= 0"),
+        ({"mpl_weight": 2.0, "meta_grad": None}, ValueError, "needs a meta_grad"),
     ],
 )
 def test_bad_config_raises_a_helpful_error(kwargs, error, match):
