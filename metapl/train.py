@@ -1,9 +1,10 @@
 """The MPL training loop: step-based schedule, evaluation, logging, atomic checkpoints, resume.
 
-Determinism: the batch of step ``k`` and its augmentation depend only on ``(seed, k, rank)``
-(epoch permutations and a generator seeded per step), and the checkpoint stores the global RNG
-states (dropout, sampled pseudo labels). A run killed and resumed from its last checkpoint
-therefore ends bit-identical on CPU to one never interrupted.
+Determinism: everything random in step ``k`` depends only on ``(seed, k, rank)``: the batch
+(epoch permutations), its augmentation (a generator seeded per step) and the global RNGs
+(dropout masks, sampled pseudo labels), which are reseeded at every step. Processes therefore
+draw different masks and noise for their shards, and a run killed and resumed from its last
+checkpoint ends bit-identical on CPU to one never interrupted.
 
 Nothing good is lost: checkpoints are written atomically, the one before the latest is kept as
 ``checkpoint.prev.pt``, and a non-finite loss or parameter stops the run (``DivergenceError``)
@@ -213,9 +214,8 @@ def _copy_atomically(src: Path, dst: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
-    """Read a checkpoint: its tensors on ``device``, except the RNG states (``"rng"``), which
-    stay CPU byte tensors as ``torch.set_rng_state`` needs them. A file that cannot be read
-    (missing, empty, truncated, not a checkpoint) raises RunError naming it."""
+    """Read a checkpoint, its tensors on ``device``. A file that cannot be read (missing, empty,
+    truncated, not a checkpoint) raises RunError naming it."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
@@ -228,7 +228,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         ) from None
     if not isinstance(state, dict):
         raise RunError(f"{path} is not a checkpoint: it holds a {type(state).__name__}")
-    return {k: v if k == "rng" else _to_device(v, torch.device(device)) for k, v in state.items()}
+    return _to_device(state, torch.device(device))
 
 
 def _previous_hint(path: Path) -> str:
@@ -253,28 +253,13 @@ def _to_device(tree, device: torch.device):
     return tree
 
 
-def _rng_states() -> dict:
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _byte_tensor(state: Tensor) -> Tensor:
-    """An RNG state as the CPU uint8 tensor ``set_rng_state`` takes, wherever it was loaded."""
-    return state.detach().to("cpu", torch.uint8)
-
-
-def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(_byte_tensor(states["torch"]))
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in states["cuda"]])
+def _seed_globals(seed: int, step: int, phase: int = 0) -> None:
+    """Seed torch's (CPU and CUDA), numpy's and Python's global RNGs for ``step`` of ``phase``
+    (0: MPL, 1: finetuning) on this process, from ``(seed, step, rank)`` alone."""
+    key = np.random.SeedSequence([seed, step, phase, distributed.rank()]).generate_state(2)
+    torch.manual_seed(int(key[0]) << 32 | int(key[1]))
+    np.random.seed(int(key[0]))
+    random.seed(int(key[1]))
 
 
 def train(
@@ -337,6 +322,7 @@ def train(
         idx_l = _batch_indices(n_l, b_l, step, config.seed).to(device)
         idx_u = _batch_indices(n_u, b_u, step, config.seed + 1).to(device)
         generator = _step_generator(device, config.seed, step)
+        _seed_globals(config.seed, step)
         x_u = _take(data.unlabeled_x, idx_u, device)
         x_l = data.weak(_take(data.labeled_x, idx_l, device), generator)
         x_uw, x_us = data.weak(x_u, generator), data.strong(x_u, generator)
@@ -366,8 +352,7 @@ def train(
         if save:
             _check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
             if is_main:
-                state = {"mpl": mpl.state_dict(), "step": done, "rng": _rng_states(),
-                         "config": asdict(config)}  # fmt: skip
+                state = {"mpl": mpl.state_dict(), "step": done, "config": asdict(config)}
                 save_checkpoint(ckpt_path, state, keep_previous=True)
             saved_step = done
 
@@ -380,6 +365,7 @@ def train(
         final = copy.deepcopy(eval_model)
         batches = _finetune_batches(data, config, device)
         optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True)
+        _seed_globals(config.seed, 0, phase=1)
         with _autocast(device, config.bf16):
             losses = finetune(final, batches, optimizer)
         bad = next((k for k, loss in enumerate(losses) if not math.isfinite(loss)), None)
@@ -420,14 +406,13 @@ def _save_final(output_dir: Path, mpl: MPL, final: nn.Module, results: dict, con
 
 
 def _resume(mpl: MPL, config: TrainConfig, path: Path, device: torch.device) -> int:
-    """Load the checkpoint at ``path`` into ``mpl`` and the RNGs; return its step."""
+    """Load the checkpoint at ``path`` into ``mpl``; return its step."""
     state = load_checkpoint(path, device)
-    missing = sorted({"mpl", "step", "rng", "config"} - state.keys())
+    missing = sorted({"mpl", "step", "config"} - state.keys())
     if missing:
         raise RunError(f"{path} is not a metapl training checkpoint (it has no {missing})")
     check_config(state["config"], asdict(config), RESUMABLE_CHANGES, source=f"checkpoint {path}")
     _load_fitting(mpl, state["mpl"], path)
-    _set_rng_states(state["rng"])
     return int(state["step"])
 
 

@@ -2,14 +2,18 @@
 and what resuming it checks (faults and kills: test_faults.py)."""
 
 import json
+import random
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from faulty_run import tiny_data, tiny_mpl, tiny_train
 
+from metapl import distributed
 from metapl.rundir import RunError
 from metapl.tracking import Tracker
-from metapl.train import _set_rng_states, evaluate, load_checkpoint, stream_indices
+from metapl.train import _seed_globals, evaluate, load_checkpoint, stream_indices
 
 
 def test_stream_is_a_permutation_per_epoch_and_deterministic():
@@ -51,21 +55,38 @@ def test_the_finetuned_final_model_is_saved_with_its_evaluation(tmp_path):
     assert all(torch.equal(plain["final"][k], v) for k, v in plain["ema_student"].items())
 
 
-def test_rng_states_are_restored_as_cpu_byte_tensors_wherever_the_checkpoint_is_mapped(tmp_path):
+def test_a_checkpoint_loads_onto_another_device(tmp_path):
     tiny_train(tmp_path, steps=3, finetune_steps=0)
     state = load_checkpoint(tmp_path / "checkpoint.pt", "meta")  # stands in for a GPU
-    assert state["rng"]["torch"].device.type == "cpu"
-    assert state["rng"]["torch"].dtype == torch.uint8
     assert next(iter(state["mpl"]["teacher"].values())).device.type == "meta"
-    before = torch.get_rng_state()
-    try:
-        _set_rng_states(state["rng"])
-        assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
-        # A state a caller mapped elsewhere (here: a float copy) is still restored.
-        _set_rng_states({**state["rng"], "torch": state["rng"]["torch"].double()})
-        assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
-    finally:
-        torch.set_rng_state(before)
+    assert state["step"] == 3
+
+
+def test_a_run_draws_its_randomness_from_its_seed_alone(tmp_path):
+    """Dropout masks and sampled pseudo labels (tiny_mpl has both) come from the global RNGs,
+    which train() reseeds from (seed, step, rank): the caller's RNG state changes nothing."""
+    final = {}
+    for outside_seed in (1, 2):
+        mpl = tiny_mpl()  # the same networks each time
+        torch.manual_seed(outside_seed)
+        np.random.seed(outside_seed)
+        random.seed(outside_seed)
+        out = tmp_path / str(outside_seed)
+        tiny_train(out, steps=4, finetune_steps=2, mpl=mpl)
+        final[outside_seed] = torch.load(out / "final.pt", weights_only=False)["final"]
+    assert all(torch.equal(final[1][k], v) for k, v in final[2].items())
+
+
+def test_each_process_draws_its_own_global_randomness():
+    draws = {}
+    for rank in (0, 1, 0):
+        with mock.patch.object(distributed, "rank", lambda r=rank: r):
+            _seed_globals(3, 7)
+            now = (torch.rand(4), np.random.rand(), random.random())
+        assert draws.setdefault(rank, now)[0].equal(now[0]) and draws[rank][1:] == now[1:]
+    assert not draws[0][0].equal(draws[1][0]) and draws[0][1:] != draws[1][1:]
+    _seed_globals(3, 8)
+    assert not torch.rand(4).equal(draws[0][0])  # and each step its own
 
 
 def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):
