@@ -429,12 +429,16 @@ class MPL:
 
     def finetune(self, batches: Iterable[tuple[Tensor, Tensor]], optimizer: Optimizer,
                  label_smoothing: float = 0.0) -> list[float]:  # fmt: skip
-        """Finetune the student on labeled batches after MPL (the paper's last phase)."""
+        """Finetune the student on labeled batches after MPL (the paper's last phase): the
+        EMA student when there is one (the model MPL reports, as the paper's code does), else
+        the student. Both students then hold the finetuned model. Returns each step's loss."""
         from metapl.finetune import finetune
 
-        losses = finetune(self.student, batches, optimizer, label_smoothing)
-        if self.ema_student is not None:
-            self.ema_student.load_state_dict(self.student.state_dict())
+        final = self.ema_student if self.ema_student is not None else self.student
+        losses = finetune(final, batches, optimizer, label_smoothing)
+        other = self.student if final is self.ema_student else self.ema_student
+        if other is not None:
+            other.load_state_dict(final.state_dict())
         return losses
 
 
