@@ -221,6 +221,7 @@ class MPL:
             "h_baseline": torch.zeros((), device=device, dtype=next(student.parameters()).dtype),
         }
         self.ema_student = copy.deepcopy(student).eval() if ema_decay is not None else None
+        self._num_classes: int | None = None  # of the teacher's logits, read by check_labels
         if self.ema_student is not None:
             self.ema_student.requires_grad_(False)
         self._step_fn = (
@@ -231,6 +232,27 @@ class MPL:
     def num_steps(self) -> int:
         return int(self.counters["step"])
 
+    def check_labels(self, y: Tensor, x: Tensor) -> None:
+        """Raise ValueError unless every label in ``y`` [N] is a class index of the teacher's
+        logits, ``0 <= y < C``. C is read once from the teacher's output for ``x[:1]`` (model
+        inputs; eval mode, no gradient) and kept. One host synchronisation."""
+        if self._num_classes is None:
+            was_training = self.teacher.training
+            self.teacher.eval()
+            with torch.no_grad():
+                self._num_classes = int(self.teacher(x[:1]).shape[-1])
+            self.teacher.train(was_training)
+        if not y.numel():
+            return
+        low, high = torch.stack([y.min(), y.max()]).tolist()
+        n = self._num_classes
+        if low < 0 or high >= n:
+            raise ValueError(
+                f"labels must be class indices 0..{n - 1} (the teacher has {n} outputs), got "
+                f"label {low if low < 0 else high}: map the labels to 0..C-1, or build teacher "
+                "and student with one output per class"
+            )
+
     def step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, x_u_strong: Tensor | None = None,
         *, sync: bool = True,
@@ -240,8 +262,15 @@ class MPL:
 
         Returns the step's metrics as floats, or as 0-d tensors with ``sync=False`` (which
         avoids a host synchronisation per metric).
+
+        The labels are checked (``check_labels``) on the first step, and on every step where
+        that costs no extra device synchronisation: ``y_l`` on the CPU, or ``sync=True``.
+        With ``sync=False`` on an accelerator later batches are not checked: check the whole
+        labeled set once instead, as ``metapl.train.train`` does.
         """
         self._check_batch(x_l, y_l, x_u, x_u_strong)
+        if sync or y_l.device.type == "cpu" or self._num_classes is None:
+            self.check_labels(y_l, x_l)
         self.teacher.train()
         self.student.train()
         ema = None

@@ -902,7 +902,10 @@ def _batch_with(**changes):
             "same example shape",
         ),  # fmt: skip
         ({"x_l": [[0.0, 1.0]]}, TypeError, "must be tensors"),
-    ],
+        ({"y_l": torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])}, ValueError,
+         r"class indices 0\.\.2 \(the teacher has 3 outputs\), got label 3"),
+        ({"y_l": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0])}, ValueError, "got label -1"),
+    ],  # fmt: skip
 )
 def test_bad_batch_raises_and_changes_nothing(changes, error, match):
     mpl = Config().mpl(mlp(seed=1), mlp(seed=2))
@@ -911,6 +914,17 @@ def test_bad_batch_raises_and_changes_nothing(changes, error, match):
         mpl.step(**_batch_with(**changes))
     assert_tree_equal(params(mpl.teacher), t0, "teacher")
     assert mpl.num_steps == 0
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_labels_are_checked_on_every_step_on_the_cpu(sync):
+    mpl = Config().mpl(mlp(seed=1), mlp(seed=2))
+    mpl.step(**_batch_with(), sync=sync)
+    t0 = params(mpl.teacher)
+    with pytest.raises(ValueError, match="got label 7"):
+        mpl.step(**_batch_with(y_l=torch.full((8,), 7)), sync=sync)
+    assert_tree_equal(params(mpl.teacher), t0, "teacher")
+    assert mpl.num_steps == 1
 
 
 def test_uda_without_strong_view_raises():
