@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from metapl import distributed
 from metapl.atomic import write_atomically
 from metapl.finetune import finetune
 from metapl.mpl import MPL
 from metapl.optim import sgd
+from metapl.progress import Progress
 from metapl.rundir import (
     CHECKPOINT,
     FINAL,
@@ -294,12 +294,13 @@ def train(
             "new output folder"
         )
     is_main = distributed.rank() == 0
-    tracker = tracker or Tracker(output_dir, enabled=is_main)
+    tracker = tracker or Tracker(output_dir, enabled=is_main, config=asdict(config))
     device = data.labeled_y.device
-    start = 0
+    mpl.check_labels(data.labeled_y, data.prepare(_take(data.labeled_x, torch.arange(1), device)))
+    start, best = 0, None
     if resume:
         if ckpt_path.exists():
-            start = _resume(mpl, config, ckpt_path, device)
+            start, best = _resume(mpl, config, ckpt_path, device)
         tracker.rewind(start)
         if is_main:
             remove_temporaries(output_dir)
@@ -310,15 +311,8 @@ def train(
     guard = _FiniteGuard(device)
     saved_step = start if ckpt_path.exists() else None
     tick, images = time.perf_counter(), 0
-    bar = tqdm(
-        range(start, config.steps),
-        initial=start,
-        total=config.steps,
-        disable=not is_main,
-        desc="mpl",
-        dynamic_ncols=True,
-    )
-    for step in bar:
+    bar = Progress(config.steps, start, desc="mpl", disable=not is_main)
+    for step in range(start, config.steps):
         idx_l = _batch_indices(n_l, b_l, step, config.seed).to(device)
         idx_u = _batch_indices(n_u, b_u, step, config.seed + 1).to(device)
         generator = _step_generator(device, config.seed, step)
@@ -346,15 +340,22 @@ def train(
             logged["images_per_s"] = images * distributed.world_size() / (now - tick)
             tick, images = now, 0
             tracker.log(logged, step=done)
-            bar.set_postfix(t=f"{logged['teacher/loss']:.3f}", s_lr=f"{logged['student/lr']:.3g}")
+            bar.postfix(t=f"{logged['teacher/loss']:.3f}", s_lr=f"{logged['student/lr']:.3g}")
         if val:
-            tracker.log(_val_metrics(mpl, eval_model, data, config), step=done)
+            accs = _val_metrics(mpl, data, config)
+            tracker.log(accs, step=done)
+            if best is None or accs["val/student"] > best[0]:
+                best = (accs["val/student"], done)
+            bar.write(_eval_line(accs, done, config.steps, best))
         if save:
             _check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
             if is_main:
-                state = {"mpl": mpl.state_dict(), "step": done, "config": asdict(config)}
+                state = {"mpl": mpl.state_dict(), "step": done, "config": asdict(config),
+                         "best": best}  # fmt: skip
                 save_checkpoint(ckpt_path, state, keep_previous=True)
             saved_step = done
+        bar.update()
+    bar.close()
 
     results = {}
     final = eval_model
@@ -363,11 +364,16 @@ def train(
             eval_model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
         )
         final = copy.deepcopy(eval_model)
-        batches = _finetune_batches(data, config, device)
+        ft_bar = Progress(config.finetune_steps, desc="finetune", disable=not is_main)
+        batches = _counted(_finetune_batches(data, config, device), ft_bar)
         optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True)
         _seed_globals(config.seed, 0, phase=1)
         with _autocast(device, config.bf16):
             losses = finetune(final, batches, optimizer)
+        ft_bar.close()
+        for k, loss in enumerate(losses, 1):
+            if k % config.log_every == 0 or k == len(losses):
+                tracker.log({"finetune/loss": loss}, step=config.steps + k)
         bad = next((k for k, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if bad is not None:
             raise DivergenceError(
@@ -405,15 +411,18 @@ def _save_final(output_dir: Path, mpl: MPL, final: nn.Module, results: dict, con
     write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
 
 
-def _resume(mpl: MPL, config: TrainConfig, path: Path, device: torch.device) -> int:
-    """Load the checkpoint at ``path`` into ``mpl``; return its step."""
+def _resume(mpl: MPL, config: TrainConfig, path: Path,
+            device: torch.device) -> tuple[int, tuple[float, int] | None]:  # fmt: skip
+    """Load the checkpoint at ``path`` into ``mpl``; return its step and the best validation
+    accuracy of the student so far with its step (None before the first one)."""
     state = load_checkpoint(path, device)
     missing = sorted({"mpl", "step", "config"} - state.keys())
     if missing:
         raise RunError(f"{path} is not a metapl training checkpoint (it has no {missing})")
     check_config(state["config"], asdict(config), RESUMABLE_CHANGES, source=f"checkpoint {path}")
     _load_fitting(mpl, state["mpl"], path)
-    return int(state["step"])
+    best = state.get("best")  # absent in checkpoints written before it was kept
+    return int(state["step"]), (float(best[0]), int(best[1])) if best else None
 
 
 def _load_fitting(mpl: MPL, saved, path: Path) -> None:
@@ -509,9 +518,37 @@ def _check_parameters(nets: dict[str, nn.Module], when: str, ckpt_path: Path,
     )
 
 
-def _val_metrics(mpl: MPL, eval_model: nn.Module, data: SSLData, config: TrainConfig) -> dict:
+def _val_metrics(mpl: MPL, data: SSLData, config: TrainConfig) -> dict[str, float]:
+    """Validation accuracies: ``val/teacher``, ``val/student`` (the model ``train`` returns:
+    the EMA student when there is one) and, with EMA, ``val/student_raw`` (without EMA)."""
     args = (data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16)
-    return {"val/student": evaluate(eval_model, *args), "val/teacher": evaluate(mpl.teacher, *args)}
+    accs = {"val/teacher": evaluate(mpl.teacher, *args)}
+    if mpl.ema_student is None:
+        accs["val/student"] = evaluate(mpl.student, *args)
+    else:
+        accs["val/student_raw"] = evaluate(mpl.student, *args)
+        accs["val/student"] = evaluate(mpl.ema_student, *args)
+    return accs
+
+
+def _eval_line(accs: dict[str, float], step: int, steps: int, best: tuple[float, int]) -> str:
+    """``step 1000/300000 | val top-1: teacher 41.20% student 43.10% EMA student 44.00% |
+    best EMA student 44.00% (step 1000)``"""
+    ema = "val/student_raw" in accs
+    parts = [f"teacher {100 * accs['val/teacher']:.2f}%"]
+    if ema:
+        parts.append(f"student {100 * accs['val/student_raw']:.2f}%")
+    name = "EMA student" if ema else "student"
+    parts.append(f"{name} {100 * accs['val/student']:.2f}%")
+    return (f"step {step}/{steps} | val top-1: {' '.join(parts)} | best {name} "
+            f"{100 * best[0]:.2f}% (step {best[1]})")  # fmt: skip
+
+
+def _counted(batches: Iterator[tuple], bar: Progress) -> Iterator[tuple]:
+    """``batches``, advancing ``bar`` once each has been used."""
+    for batch in batches:
+        yield batch
+        bar.update()
 
 
 def _finetune_batches(data: SSLData, config: TrainConfig, device) -> Iterator[tuple]:

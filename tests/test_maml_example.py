@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from metapl.tracking import read_metrics
+
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "maml_sinusoid.py"
 F64 = torch.float64
 
@@ -86,8 +88,8 @@ def test_main_tiny_run_writes_outputs(ms, tmp_path, capsys):
         assert len(r["mse"]) == len(r["ci95"]) == 11, row
         assert all(v >= 0 for v in r["mse"][:2]) and r["seconds"] >= 0
         assert r["mse"] == returned["rows"][row]["mse"]
-        lines = (tmp_path / "out" / row / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in lines] == [2, 3]
+        config, records = read_metrics(tmp_path / "out" / row)
+        assert [r["step"] for r in records] == [2, 3] and config["row"] == row
     assert Path(out["figure"]).stat().st_size > 0 and (tmp_path / "copy.png").stat().st_size > 0
 
 

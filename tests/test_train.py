@@ -3,16 +3,17 @@ and what resuming it checks (faults and kills: test_faults.py)."""
 
 import json
 import random
+from dataclasses import asdict
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from faulty_run import tiny_data, tiny_mpl, tiny_train
+from faulty_run import CLASSES, tiny_config, tiny_data, tiny_mpl, tiny_train
 
 from metapl import distributed
 from metapl.rundir import RunError
-from metapl.tracking import Tracker
+from metapl.tracking import Tracker, read_metrics
 from metapl.train import _seed_globals, evaluate, load_checkpoint, stream_indices
 
 
@@ -116,7 +117,44 @@ def test_resume_forgets_the_metrics_logged_after_the_checkpoint(tmp_path):
     tracker.log({"loss": 3.5}, step=3)
     tracker.finish()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"step": 3, "loss": 3.5}]
+    assert lines == [{"config": {}}, {"step": 1, "loss": 1}, {"step": 2, "loss": 2},
+                     {"step": 3, "loss": 3.5}]  # fmt: skip
+
+
+def test_every_evaluation_prints_a_line_and_the_run_is_logged_with_its_config(tmp_path, capsys):
+    results = tiny_train(tmp_path, steps=8, finetune_steps=3, log_every=2, eval_every=4)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "val top-1" in x]
+    config, records = read_metrics(tmp_path)
+    evals = [r for r in records if "val/teacher" in r and "test/student" not in r]
+    assert [r["step"] for r in evals] == [4, 8] and len(lines) == 2
+    best = max(evals, key=lambda r: r["val/student"])  # the first of equals
+    for line, r in zip(lines, evals, strict=True):
+        assert line.startswith(f"step {r['step']}/8 | val top-1: teacher "
+                               f"{100 * r['val/teacher']:.2f}% student "
+                               f"{100 * r['val/student_raw']:.2f}% EMA student "
+                               f"{100 * r['val/student']:.2f}%")  # fmt: skip
+    assert lines[-1].endswith(f"best EMA student {100 * best['val/student']:.2f}% "
+                              f"(step {best['step']})")  # fmt: skip
+    assert config == {**asdict(tiny_config(8, finetune_steps=3, log_every=2, eval_every=4))}
+    finetune = [(r["step"], r["finetune/loss"]) for r in records if "finetune/loss" in r]
+    assert [s for s, _ in finetune] == [10, 11] and all(loss > 0 for _, loss in finetune)
+    assert records[-1] == {"step": 11, **results}
+
+
+def test_without_a_terminal_progress_is_plain_lines(tmp_path, capsys):
+    tiny_train(tmp_path, steps=4, finetune_steps=2, eval_every=100)
+    err = capsys.readouterr().err  # not a tty: no carriage returns, one line at each phase's end
+    assert "\r" not in err
+    assert [x.split()[:2] for x in err.splitlines()] == [["step", "4/4"], ["mpl", "4/4"],
+                                                         ["finetune", "2/2"]]  # fmt: skip
+
+
+def test_labels_outside_the_teachers_classes_are_refused_before_training(tmp_path):
+    data = tiny_data()
+    data.labeled_y[5] = CLASSES  # the teacher has CLASSES outputs
+    with pytest.raises(ValueError, match=rf"class indices 0..{CLASSES - 1} .* got label {CLASSES}"):
+        tiny_train(tmp_path, steps=2, data=data)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
