@@ -1,0 +1,202 @@
+"""Learning curves of one or more runs from their ``metrics.jsonl``.
+
+    python -m metapl.plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
+
+One panel per quantity: accuracies (``val/*``, ``test/*``), each loss term (every metric whose
+name holds ``loss``), MPL's ``h`` (``mpl/h``, ``mpl/h_baseline``), the meta-gradient norm
+(``mpl/grad_norm_logits``: the norm of the teacher-logit gradient of the MPL term), the
+learning rates (``*/lr``), then one panel for each other metric. Several runs are overlaid,
+one colour per run, labelled by their folders (e.g. every cell and seed of
+``examples/ablations.py``'s grid). Panels without data are left out.
+
+``--output`` ending in ``.png``: one figure with every panel. Any other path: a folder with one
+PNG per panel. Default: ``curves.png`` in the run folder (in the runs' common parent folder
+for several runs). Needs matplotlib (``pip install matplotlib``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metapl.tracking import read_metrics
+
+__all__ = ["Panel", "Series", "cli", "figure", "load_runs", "main", "panels", "save"]
+
+
+@dataclass
+class Series:
+    label: str
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class Panel:
+    title: str
+    name: str  # file name stem when each panel is its own PNG
+    series: list[Series] = field(default_factory=list)
+
+
+def _is_loss(key: str) -> bool:
+    return "loss" in key.split("/")[-1]
+
+
+# (title, file name, does a metric belong here?) in drawing order; a loss panel per loss term.
+GROUPS: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("accuracy", "accuracy", lambda k: k.startswith(("val/", "test/"))),
+    ("h (MPL: change of the student's labeled loss)", "h", lambda k: k in ("mpl/h",
+                                                                           "mpl/h_baseline")),
+    ("meta-gradient norm (teacher logits)", "meta_grad_norm",
+     lambda k: k == "mpl/grad_norm_logits"),
+    ("learning rate", "lr", lambda k: k.split("/")[-1] == "lr"),
+]  # fmt: skip
+
+
+def load_runs(paths: Sequence[str | os.PathLike]) -> dict[str, list[dict[str, float]]]:
+    """``{label: records}`` for run folders (or ``metrics.jsonl`` files); labels are the paths
+    relative to the runs' common parent folder. ValueError for a run without records."""
+    files = [Path(p) / "metrics.jsonl" if Path(p).is_dir() else Path(p) for p in paths]
+    folders = [f.parent.resolve() for f in files]
+    parent = _common_parent(folders)
+    runs = {}
+    for path, folder in zip(paths, folders, strict=True):
+        _, records = read_metrics(path)
+        if not records:
+            raise ValueError(f"{path} has no logged steps yet")
+        label = str(folder.relative_to(parent)) if len(folders) > 1 else folder.name
+        runs[label] = records
+    return runs
+
+
+def _common_parent(folders: list[Path]) -> Path:
+    parent = Path(os.path.commonpath(folders))
+    return parent.parent if len(folders) > 1 and parent in folders else parent
+
+
+def panels(runs: dict[str, list[dict[str, float]]]) -> list[Panel]:
+    """The panels and the curves each holds, from ``load_runs``'s records. A curve is one
+    metric of one run, its label ``run`` (or ``run: metric`` where a panel has several metrics),
+    its points the steps that logged a finite value of it."""
+    keys = sorted({k for records in runs.values() for r in records for k in r} - {"step"})
+    groups = [(title, name, [k for k in keys if belongs(k)]) for title, name, belongs in GROUPS]
+    grouped = {k for _, _, members in groups for k in members}
+    single = [(key, re.sub(r"\W+", "_", key), [key]) for key in keys if key not in grouped]
+    losses = [g for g in single if _is_loss(g[0])]
+    groups = groups[:1] + losses + groups[1:] + [g for g in single if g not in losses]
+    out = []
+    for title, name, members in groups:
+        panel = Panel(title, name)
+        for run, records in runs.items():
+            for key in members:
+                points = [(r["step"], r[key]) for r in records
+                          if key in r and math.isfinite(r[key])]  # fmt: skip
+                if points:
+                    label = run if len(members) == 1 else f"{run}: {key}"
+                    steps, values = (list(v) for v in zip(*points, strict=True))
+                    panel.series.append(Series(label, steps, values))
+        if panel.series:
+            out.append(panel)
+    return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure(panel_list: Sequence[Panel]):
+    """A matplotlib Figure with one axes per panel (3 columns), each with a legend."""
+    plt = _pyplot()
+    cols = min(3, len(panel_list))
+    rows = math.ceil(len(panel_list) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    runs = list(dict.fromkeys(s.label.split(": ")[0] for p in panel_list for s in p.series))
+    colors = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    for ax, panel in zip(axes.flat, panel_list, strict=False):
+        _draw(ax, panel, colors)
+    for ax in list(axes.flat)[len(panel_list):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _draw(ax, panel: Panel, colors: dict) -> None:
+    styles = ["-", "--", ":", "-."]
+    metrics = list(dict.fromkeys(s.label.partition(": ")[2] for s in panel.series))
+    for s in panel.series:
+        run, _, metric = s.label.partition(": ")
+        single = len(s.steps) == 1  # e.g. the final test accuracy
+        ax.plot(s.steps, s.values, styles[metrics.index(metric) % 4], color=colors[run],
+                marker="o" if single else None, markersize=4, label=s.label)  # fmt: skip
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    positive = min(min(s.values) for s in panel.series) > 0
+    if positive and (panel.name == "lr" or _is_loss(panel.title)):
+        ax.set_yscale("log")
+    ax.legend(fontsize=6)
+
+
+def save(panel_list: Sequence[Panel], output: str | os.PathLike) -> list[Path]:
+    """Write the panels: one figure at ``output`` if it ends in ``.png``, else one PNG per
+    panel in the folder ``output``. Returns the files written."""
+    plt = _pyplot()
+    output = Path(output)
+    if output.suffix.lower() == ".png":
+        jobs = [(output, list(panel_list))]
+    else:
+        jobs = [(output / f"{p.name}.png", [p]) for p in panel_list]
+    for path, group in jobs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = figure(group)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return [path for path, _ in jobs]
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(
+        prog="python -m metapl.plot", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run folders holding metrics.jsonl (or the files themselves)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="a .png file (one figure), or a folder (one PNG per panel); "
+                             "default: curves.png in the run folder or the runs' common parent")
+    args = parser.parse_args(argv)  # fmt: skip
+    runs = load_runs(args.runs)
+    panel_list = panels(runs)
+    output = args.output
+    if output is None:
+        folders = [(p if p.is_dir() else p.parent).resolve() for p in args.runs]
+        output = _common_parent(folders) / "curves.png"
+    written = save(panel_list, output)
+    print("\n".join(map(str, written)))
+    return written
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` as a command: bad input prints one ``error:`` line and returns 1."""
+    try:
+        main(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
