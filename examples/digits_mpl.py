@@ -81,6 +81,10 @@ class Config:
     uda_temperature: float = 0.4
     uda_threshold: float = 0.8
     ema_decay: float = 0.9  # of the student (and of the supervised model)
+    lookahead_steps: int = 1  # student steps per MPL step on the same pseudo labels (MPL's K)
+    mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
+    log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
+    student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
     rotate_degrees: float = 15.0  # strong augmentation
     noise_std: float = 0.1
     cutout: int = 2  # side of the square
@@ -204,6 +208,19 @@ def train_supervised(cfg: Config, data: Data, seed: int, log) -> nn.Module:
     return ema.module
 
 
+def mpl_options(cfg: Config, method: str | None) -> dict:
+    """The ablation knobs of ``metapl.MPL`` (``mpl_weight`` only where there is an MPL term)."""
+    options = {"student_bn": cfg.student_bn, "lookahead_steps": cfg.lookahead_steps,
+               "log_prob_reduction": cfg.log_prob_reduction}  # fmt: skip
+    return options | ({"mpl_weight": cfg.mpl_weight} if method else {})
+
+
+def check_mpl_options(cfg: Config) -> None:
+    """Raise MPL's own ValueError for a bad knob before any run starts."""
+    metapl.MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
+               **mpl_options(cfg, "exact"))  # fmt: skip
+
+
 def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
     """Teacher + student. The row picks the MPL term and UDA; returns the EMA student."""
     use_uda = "uda" in row
@@ -217,7 +234,7 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
         meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
         uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
-        student_bn="unlabeled",  # the student's BatchNorm on its strong views only, as measured
+        **mpl_options(cfg, method),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
@@ -294,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cfg = replace(Config(), **BUDGETS[args.budget])
     try:
         cfg = set_fields(cfg, args.set)
+        check_mpl_options(cfg)
     except ValueError as err:
         parser.error(str(err))
     if args.steps is not None:

@@ -88,6 +88,10 @@ class Config:
     uda_temperature: float = 0.4
     uda_threshold: float = 0.6
     uda_ramp_steps: int = 0
+    lookahead_steps: int = 1  # student steps per MPL step on the same pseudo labels (MPL's K)
+    mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
+    log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
+    student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
     ema_decay: float = 0.99  # of the student (and of the supervised model)
     cutout: int = 8  # side of the strong view's cutout square
     finetune_steps: int = 0  # then train the selected student on the labels alone (0: off)
@@ -225,6 +229,19 @@ def train_supervised(cfg: Config, data: Data, seed: int, log: Selector) -> None:
         log(step, {"train/loss": loss.item()}, {"model": ema.module})
 
 
+def mpl_options(cfg: Config, method: str | None) -> dict:
+    """The ablation knobs of ``metapl.MPL`` (``mpl_weight`` only where there is an MPL term)."""
+    options = {"student_bn": cfg.student_bn, "lookahead_steps": cfg.lookahead_steps,
+               "log_prob_reduction": cfg.log_prob_reduction}  # fmt: skip
+    return options | ({"mpl_weight": cfg.mpl_weight} if method else {})
+
+
+def check_mpl_options(cfg: Config) -> None:
+    """Raise MPL's own ValueError for a bad knob before any run starts."""
+    metapl.MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
+               **mpl_options(cfg, "exact"))  # fmt: skip
+
+
 def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> None:
     """Teacher + student; the row picks the MPL term and UDA."""
     method = None if row == "uda" else "exact"
@@ -240,7 +257,7 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
         uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
-        student_bn="unlabeled",  # the student's BatchNorm on its strong views only, as measured
+        **mpl_options(cfg, method),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
@@ -417,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     try:
         cfg = set_fields(PRESETS[args.preset], args.set)
+        check_mpl_options(cfg)
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)

@@ -74,6 +74,26 @@ def test_digits_mpl_offline_wandb(isolated, capsys, monkeypatch):
     assert not any((isolated / "cwd").iterdir())  # nothing written to the working directory
 
 
+def test_digits_mpl_knobs_reach_metapl_mpl(isolated, monkeypatch, capsys):
+    digits = load_example("digits_mpl")
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen[kwargs.get("meta_grad", "check")] = kwargs  # check: the up-front validation
+        return real(*args, **kwargs)
+
+    real = digits.metapl.MPL
+    monkeypatch.setattr(digits.metapl, "MPL", spy)
+    digits.main(["--steps", "2", "--seeds", "0", "--rows", "uda", "mpl_uda", "--json",
+                 "--wandb-mode", "disabled", "--output-dir", str(isolated / "out"),
+                 "--set", "lookahead_steps=3", "mpl_weight=2.0"])  # fmt: skip
+    assert (seen["exact"]["lookahead_steps"], seen["exact"]["mpl_weight"]) == (3, 2.0)
+    assert seen[None]["lookahead_steps"] == 3 and "mpl_weight" not in seen[None]
+    with pytest.raises(SystemExit):
+        digits.main(["--set", "mpl_weight=-1", "--output-dir", str(isolated / "out")])
+    assert "mpl_weight must be >= 0" in capsys.readouterr().err
+
+
 def test_digits_mpl_disabled_wandb(isolated, capsys):
     digits = load_example("digits_mpl")
     out = isolated / "out"

@@ -107,6 +107,41 @@ def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
     assert len(load_manifest(out / "1-label" / "seed1" / "split.json")[0].labeled) == 10
 
 
+def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
+    """--set lookahead_steps / mpl_weight / log_prob_reduction / student_bn go to metapl.MPL
+    (mpl_weight only where there is an MPL term: the uda row has none)."""
+    mnist = load_example()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen[kwargs.get("meta_grad", "check")] = kwargs  # check: the up-front validation
+        return real(*args, **kwargs)
+
+    real = mnist.metapl.MPL
+    monkeypatch.setattr(mnist.metapl, "MPL", spy)
+    knobs = ["lookahead_steps=2", "mpl_weight=0.5", "log_prob_reduction=sum", "student_bn=joint"]
+    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_uda_first_order", "--data-dir",
+                str(mnist_dir), "--output-dir", str(isolated / "out"), "--json",
+                "--set", *SMALL, *knobs])  # fmt: skip
+    fo = seen["first_order"]
+    assert (fo["lookahead_steps"], fo["mpl_weight"]) == (2, 0.5)
+    assert (fo["log_prob_reduction"], fo["student_bn"]) == ("sum", "joint")
+    assert seen[None]["lookahead_steps"] == 2 and "mpl_weight" not in seen[None]
+
+
+@pytest.mark.parametrize(
+    ("knob", "match"),
+    [("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
+     ("student_bn=both", "student_bn must be"), ("mpl_weight=-1", "mpl_weight must be >= 0")],
+)  # fmt: skip
+def test_bad_mpl_knob_is_a_one_line_error(isolated, capsys, knob, match):
+    with pytest.raises(SystemExit):
+        load_example().main(["--set", knob, "--output-dir", str(isolated / "out")])
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
 def test_missing_data_names_the_fix(isolated, capsys):
     mnist = load_example()
     with pytest.raises(FileNotFoundError, match="make mnist"):
