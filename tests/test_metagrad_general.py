@@ -351,6 +351,49 @@ def test_maml_compiles_and_matches_eager():
     assert counter.frame_count == 1
 
 
+def meta_sgd_problem(seed=8):
+    """Meta-SGD: the start and a per-parameter learning-rate dict are both meta parameters."""
+    gen, x_u, y_u, x_l, y_l = data(seed)
+    theta = init_mlp(SIZES, gen)
+    meta = {**theta, **{f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
+                        for k, v in theta.items()}}  # fmt: skip
+
+    def run(m, steps=2):
+        return metapl.meta_grad(
+            lambda s, m_: F.cross_entropy(mlp(s, x_u), y_u),
+            lambda s: F.cross_entropy(mlp(s, x_l), y_l),
+            lambda m_: {k: m_[k] for k in theta},
+            m,
+            lambda m_: optim.sgd({k: m_[f"lr_{k}"] for k in theta}),
+            steps=steps,
+        ).teacher_grads
+
+    return meta, run
+
+
+@pytest.mark.slow  # about a minute of compilation on the 2-core CPU
+def test_meta_sgd_compiles_and_matches_eager():
+    """A per-parameter learning-rate dict inside torch.compile (it once failed to trace)."""
+    torch._dynamo.reset()
+    meta, run = meta_sgd_problem()
+    compiled = torch.compile(run, fullgraph=True)
+    assert rel_err(compiled(meta), run(meta)) < 1e-10
+
+
+def test_implicit_compiles_and_matches_eager():
+    """method="implicit" inside torch.compile (its early-stopping check once broke tracing)."""
+    torch._dynamo.reset()
+    meta, inner, outer, _, x = ridge_problem(seed=2)
+    start = {"w": torch.zeros(x.shape[1], dtype=F64)}
+
+    def run(m):
+        return metapl.meta_grad(inner, outer, start, m, optim.sgd(0.5), steps=3,
+                                method="implicit", solver=metapl.CG(iterations=4)).teacher_grads
+
+    compiled = torch.compile(run, fullgraph=True)
+    assert rel_err(compiled(meta), run(meta)) < 1e-10
+
+
 # --------------------------------------------------------------------------- errors
 
 
