@@ -1,19 +1,21 @@
 """Meta-learning workloads timed side by side: metapl.meta_grad against `higher` (and a raw
 torch.func unroll as the floor of what torch.func costs per call).
 
-MAML: sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 (ReLU), 10 support + 10 query
-points per task, K = 5 inner SGD steps (lr 0.01), the gradient of the query MSE w.r.t. the
-initial weights (second order). Rows: one task eager (also with checkpoint=False: no
-recomputation); 25 tasks (metapl under torch.func.vmap, higher in a loop); metapl compiled
+MAML: sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 (ReLU), 10 support + 10 query points
+per task, K = 5 inner SGD steps (lr 0.01), the gradient of the query MSE w.r.t. the initial
+weights (second order). Rows: one task eager (the default keeps the last 5 steps' graphs, so
+nothing is recomputed at K=5; also with checkpoint=True: every step but the last recomputed, the
+least memory); 25 tasks (metapl under torch.func.vmap, higher in a loop); metapl compiled
 (torch.compile of the function calling meta_grad).
 
-Learned learning rate: MLP 64-256-256-10 on 1200 examples (full batch), SGD momentum 0.9 with
-lr = exp(log_lr) a meta parameter, K = 5, 20 and 100 inner steps, the gradient of the validation
-loss (300 examples) w.r.t. log_lr. Rows: metapl exact (memory-lean reverse pass), metapl exact
-with compile=True (the step compiled once for every K), metapl first_order, higher (learned lr
-via ``override``), torchopt when it is installed and runs on this torch. Columns: median step
-time, ratio to higher, peak memory above the start of the call (torch.profiler's CPU allocator
-events; CUDA: max_memory_allocated). Compile times from torch's own accounting.
+Learned learning rate: MLP 64-256-256-10 on 1200 examples (full batch), SGD momentum 0.9 with lr
+= exp(log_lr) a meta parameter, K = 5, 20 and 100 inner steps, the gradient of the validation
+loss (300 examples) w.r.t. log_lr. Rows: metapl exact (memory-lean reverse pass: the last 5
+steps keep their graphs), metapl exact with checkpoint=True (only the last), with compile=True
+(the step compiled once for every K), metapl first_order, higher (learned lr via ``override``),
+torchopt when it is installed and runs on this torch. Columns: median step time, ratio to
+higher, peak memory above the start of the call (torch.profiler's CPU allocator events; CUDA:
+max_memory_allocated). Compile times from torch's own accounting.
 
 Every exact row is checked against higher's gradient.
 
@@ -66,7 +68,7 @@ def sinusoid_tasks(n: int) -> tuple[torch.Tensor, ...]:
     return x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]
 
 
-def metapl_maml(model: nn.Module, checkpoint: bool = True) -> Callable:
+def metapl_maml(model: nn.Module, checkpoint: bool | int = 5) -> Callable:
     opt = optim.sgd(MAML_LR)
 
     def task_grad(theta, x_s, y_s, x_q, y_q):
@@ -117,7 +119,7 @@ def maml_rows(args) -> list[tuple]:
     tasks = sinusoid_tasks(TASKS)
     one = tuple(t[0] for t in tasks)
     ours, floor, ref = metapl_maml(model), torch_func_maml(model), higher_maml(model)
-    kept = metapl_maml(model, checkpoint=False)
+    kept = metapl_maml(model, checkpoint=True)
     batched = torch.func.vmap(ours, in_dims=(None, 0, 0, 0, 0))
     kept_batched = torch.func.vmap(kept, in_dims=(None, 0, 0, 0, 0))
     floor_batched = torch.func.vmap(floor, in_dims=(None, 0, 0, 0, 0))
@@ -127,24 +129,24 @@ def maml_rows(args) -> list[tuple]:
         ("1 task: higher", lambda: ref(*one), "ref1"),
         ("1 task: torch.func unroll (floor)", lambda: floor(theta, *one), "ref1"),
         ("1 task: metapl eager", lambda: ours(theta, *one), "ref1"),
-        ("1 task: metapl eager, checkpoint=False", lambda: kept(theta, *one), "ref1"),
+        ("1 task: metapl eager, checkpoint=True", lambda: kept(theta, *one), "ref1"),
         ("1 task: metapl compiled", lambda: compiled_one(theta, *one), "ref1"),
         (f"{TASKS} tasks: higher loop",
          lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)], "ref25"),
         (f"{TASKS} tasks: torch.func unroll, vmap (floor)",
          lambda: floor_batched(theta, *tasks), "ref25"),
         (f"{TASKS} tasks: metapl vmap", lambda: batched(theta, *tasks), "ref25"),
-        (f"{TASKS} tasks: metapl vmap, checkpoint=False", lambda: kept_batched(theta, *tasks),
+        (f"{TASKS} tasks: metapl vmap, checkpoint=True", lambda: kept_batched(theta, *tasks),
          "ref25"),
         (f"{TASKS} tasks: metapl vmap compiled", lambda: compiled_batched(theta, *tasks), "ref25"),
     ]  # fmt: skip
     table = _time_rows(rows, args, memory=False)
     expected = ref(*one)
-    for name, fn in (("eager", ours), ("checkpoint=False", kept), ("compiled", compiled_one)):
+    for name, fn in (("eager", ours), ("checkpoint=True", kept), ("compiled", compiled_one)):
         _check(name, fn(theta, *one), expected)
     loop = [ref(*(t[i] for t in tasks)) for i in range(TASKS)]
     per_task = [torch.stack([g[j] for g in loop]) for j in range(len(loop[0]))]
-    for name, fn in (("vmap", batched), ("vmap, checkpoint=False", kept_batched),
+    for name, fn in (("vmap", batched), ("vmap, checkpoint=True", kept_batched),
                      ("vmap compiled", compiled_batched)):  # fmt: skip
         _check(name, fn(theta, *tasks), per_task)
     return table
@@ -165,7 +167,7 @@ def hyper_problem():
 
 
 def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
-                 whole=False) -> Callable:  # fmt: skip
+                 whole=False, checkpoint: bool | int = 5) -> Callable:  # fmt: skip
     s0 = {k: v.detach() for k, v in model.named_parameters()}
     meta = {"log_lr": torch.tensor(-3.0)}
 
@@ -180,7 +182,7 @@ def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
 
     def run():
         return metapl.meta_grad(inner, outer, s0, meta, optimizer, steps=steps, method=method,
-                                compile=compile).teacher_grads["log_lr"]  # fmt: skip
+                                compile=compile, checkpoint=checkpoint).teacher_grads["log_lr"]
 
     return torch.compile(run, fullgraph=True) if whole else run
 
@@ -227,7 +229,9 @@ def hyper_rows(args, steps: int) -> list[tuple]:
     problem = hyper_problem()
     ref = higher_hyper(*problem, steps)
     rows, exact = [(f"K={steps}: higher", ref, "ref")], []
-    for name, kwargs in (("metapl exact", {}), ("metapl exact, compile=True", {"compile": True}),
+    for name, kwargs in (("metapl exact", {}),
+                         ("metapl exact, checkpoint=True", {"checkpoint": True}),
+                         ("metapl exact, compile=True", {"compile": True}),
                          ("metapl first_order", {"method": "first_order"})):  # fmt: skip
         fn = metapl_hyper(*problem, steps, **kwargs)
         rows.append((f"K={steps}: {name}", fn, "ref"))

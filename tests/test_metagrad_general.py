@@ -149,11 +149,21 @@ def test_truncated_backpropagation(method, truncate):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_checkpoint_off_keeps_graphs_and_gives_the_same_numbers(kind):
-    meta, start, inner, outer, opt, _ = everywhere_problem(kind, seed=3)
-    lean = metapl.meta_grad(inner, outer, start, meta, opt, steps=4)
-    kept = metapl.meta_grad(inner, outer, start, meta, opt, steps=4, checkpoint=False)
-    assert_close(kept.teacher_grads, lean.teacher_grads, rtol=1e-13, atol=1e-15)
+@pytest.mark.parametrize(("checkpoint", "recomputed"), [(True, 3), (2, 2), (3, 1), (False, 0)])
+def test_kept_graphs_give_the_same_numbers_with_fewer_recomputations(kind, checkpoint, recomputed):
+    """K=4 steps: the reverse pass evaluates the inner loss again for every step whose graph
+    was not kept (checkpoint=True keeps the last one, n the last n, False all)."""
+    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=3)
+    reference = reference_general(inner, outer, start, ref_opt, meta, 4)[0]
+    calls = []
+
+    def counted(s, m):
+        calls.append(None)
+        return inner(s, m)
+
+    res = metapl.meta_grad(counted, outer, start, meta, opt, steps=4, checkpoint=checkpoint)
+    assert_close(res.teacher_grads, reference, rtol=1e-10, atol=1e-13)
+    assert len(calls) == 4 + recomputed
 
 
 def test_truncate_all_steps_is_exact():
@@ -414,6 +424,9 @@ def test_unsupported_combinations_name_the_fix():
     with pytest.raises(TypeError, match=r"inner_loss must take \(student, meta, batch\)"):
         metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2,
                          inner_batches={"x": torch.zeros(2, 4)})  # fmt: skip
+    for bad in (0, "2", 1.5):
+        with pytest.raises(ValueError, match="checkpoint must be True .* or an int n >= 1"):
+            metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), checkpoint=bad)
     with pytest.raises(ValueError, match=r"truncate must be an int in \[1, steps=2\]"):
         metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2, truncate=3)
     with pytest.raises(TypeError, match=r"outer_loss must take \(student\) or \(student, meta\)"):

@@ -82,7 +82,7 @@ def meta_grad(
     baseline: float | Tensor = 0.0,
     solver: CG | Neumann | None = None,
     reduce: Callable[[Params], Params] | None = None,
-    checkpoint: bool = True,
+    checkpoint: bool | int = 5,
     compile: bool = False,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K[, m])`` with respect to the meta parameters
@@ -131,10 +131,12 @@ def meta_grad(
             step, to the outer gradient and losses, and to the student-side Hessian products,
             so every process takes the same student steps. The returned ``teacher_grads`` are
             this process's share: average them across processes too.
-        checkpoint: ``"exact"``: recompute each step in the reverse pass (the default: memory
-            grows with K by the trajectory only); ``False`` keeps every step's graph from the
-            forward pass instead, faster for short unrolls of small models (no recomputation)
-            with memory growing by each step's activations.
+        checkpoint: which steps the reverse pass recomputes instead of keeping their graphs
+            from the forward pass. An int ``n``: keep the last n steps' graphs, recompute the
+            earlier ones, so memory grows with K by the trajectory and at most n steps'
+            activations (default 5: short unrolls such as MAML's recompute nothing, about 1.3x
+            faster than recomputing); ``True``: n = 1 (the least memory); ``False``: keep every
+            step's graph (no recomputation; memory grows by each step's activations).
         compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
             as one ``torch.compile``'d graph, compiled once for every step (compile time does
             not grow with K; later calls with the same shapes reuse it). To compile a whole
@@ -145,7 +147,7 @@ def meta_grad(
         inner_loss=inner_loss, outer_loss=outer_loss, student_params=student_params,
         teacher_params=teacher_params, optimizer=optimizer, opt_state=opt_state, steps=steps,
         method=method, log_prob=log_prob, inner_batches=inner_batches, truncate=truncate,
-        solver=solver, methods=METHODS,
+        solver=solver, checkpoint=checkpoint, methods=METHODS,
     )  # fmt: skip
     if method == "implicit" and reduce is not None:
         raise ValueError("method='implicit' does not support reduce (data parallelism) yet")
@@ -179,8 +181,8 @@ def meta_grad(
         else:
             stepper = curvature.FirstOrder(problem, reduce)
         grads, s, st, loss, aux, outer_grads = reverse(
-            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps, checkpoint,
-            compile,
+            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps,
+            steps if checkpoint is False else int(checkpoint), compile,
         )  # fmt: skip
     result = MetaGradResult(
         grads, s, st, loss, aux if has_aux else None, h, outer_grads

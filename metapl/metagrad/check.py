@@ -21,7 +21,7 @@ METHOD_HELP = (
 
 def check_arguments(
     *, inner_loss, outer_loss, student_params, teacher_params, optimizer, opt_state, steps,
-    method, log_prob, inner_batches, truncate, solver, methods,
+    method, log_prob, inner_batches, truncate, solver, checkpoint, methods,
 ) -> None:  # fmt: skip
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; pass one of {METHOD_HELP}")
@@ -60,6 +60,11 @@ def check_arguments(
         isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps
     ):
         raise ValueError(f"truncate must be an int in [1, steps={steps}], got {truncate!r}")
+    if not isinstance(checkpoint, bool) and (not isinstance(checkpoint, int) or checkpoint < 1):
+        raise ValueError(
+            "checkpoint must be True (recompute all steps but the last), False (keep every "
+            f"step's graph) or an int n >= 1 (keep the last n), got {checkpoint!r}"
+        )
     _check_method_options(
         method, log_prob, truncate, solver, student_params, optimizer, arity, inner_batches
     )

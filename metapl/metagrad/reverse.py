@@ -28,12 +28,13 @@ from metapl.metagrad.problem import Problem, Schedule
 
 def reverse(
     problem: Problem, schedule: Schedule, meta, opt_state, method, reduce, truncate: int,
-    checkpoint: bool, compiled: bool,
+    kept_graphs: int, compiled: bool,
 ):  # fmt: skip
     """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``.
 
-    ``checkpoint=False``: every step keeps its graph from the forward pass (no recomputation;
-    memory grows with K by each step's activations). ``compiled``: run each step's forward and
+    The last ``kept_graphs`` steps (at least one) keep their graphs from the forward pass; the
+    reverse pass recomputes the earlier ones (memory grows by at most ``kept_graphs`` steps'
+    activations). ``compiled``: run each step's forward and
     pullback as a torch.compile'd function, the same graph for every step (compile time does
     not grow with K); random numbers are replayed around the compiled pullback, and every step
     is recomputed."""
@@ -59,9 +60,9 @@ def reverse(
     for k in range(steps):
         snapshot = rng.snapshot()  # the reverse pass replays this step's dropout masks
         batch = schedule.batch(k)
-        # Keep the step's graph when the reverse pass starts here, when asked to, and inside a
+        # Keep the step's graph near the end (where the reverse pass starts), and inside a
         # caller's torch.compile, where a recomputation could not replay the dropout masks.
-        keep = (k == steps - 1 or not checkpoint or torch.compiler.is_compiling()) and not compiled
+        keep = (k >= steps - kept_graphs or torch.compiler.is_compiling()) and not compiled
         s_next, st_next, aux, memo = advance(s, st, m, batch, need_s(k), keep)
         first_aux = aux if k == 0 else first_aux
         if k >= first:
