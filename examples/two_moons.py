@@ -15,7 +15,9 @@ mpl_uda         exact MPL + UDA teacher: the paper's full recipe; the student is
 
 UDA's "strong view" of a 2-D point is the point plus Gaussian noise (std 0.1). The students
 never see a label: everything they know comes from the teacher's pseudo labels. The figure
-colors the unlabeled points by their true class, which no model sees.
+(one panel per row, with a legend) shows the labeled points as stars, the unlabeled points
+as dots coloured by their true class, which no model sees, and as background the reported
+model's probability of moon 1 with its decision boundary.
 
 Measured (2000 steps, seeds 0-4, mean test accuracy): supervised 0.843, pseudo_label 0.843,
 mpl 0.853, uda 0.950 (one seed stuck at 0.756), mpl_uda 0.999. The noise consistency (UDA)
@@ -44,6 +46,7 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.bounds import check_bounds
 from metapl.recipe import set_fields
 
 # ----------------------------------------------------------------------------- config
@@ -66,6 +69,24 @@ class Config:
     uda_weight: float = 1.0
     uda_temperature: float = 0.4
     uda_threshold: float = 0.0  # 0: consistency on every point
+
+    def __post_init__(self):
+        check_bounds(self, {
+            "n_per_class": ">= 2", "noise": ">= 0", "labeled_per_class": ">= 1", "n_test": ">= 1",
+            "hidden": ">= 1", "steps": ">= 1", "batch_u": ">= 1", "lr_teacher": "> 0",
+            "lr_student": "> 0", "temperature": "> 0", "strong_noise": ">= 0",
+            "uda_weight": ">= 0", "uda_temperature": "> 0", "uda_threshold": "in [0, 1]",
+        })  # fmt: skip
+        if self.labeled_per_class >= self.n_per_class:
+            raise ValueError(
+                f"labeled_per_class ({self.labeled_per_class}) must be below n_per_class "
+                f"({self.n_per_class}): the rest of each moon is the unlabeled data"
+            )
+        if self.meta_grad not in ("exact", "finite_difference", "first_order"):
+            raise ValueError(
+                "meta_grad must be 'exact', 'finite_difference' or 'first_order', got "
+                f"{self.meta_grad!r}"
+            )
 
 
 BUDGETS = {"default": {}, "small": {"steps": 1000}}
@@ -168,21 +189,23 @@ def run_row(cfg: Config, data: Data, seed: int, row: str, bar: tqdm) -> nn.Modul
 
 
 def plot(models: dict[str, nn.Module], accs: dict[str, float], data: Data, path: Path) -> None:
-    """One panel per row: the model's decision regions, unlabeled points, the 6 labels."""
+    """One panel per row: the model's probability of the blue moon (background) and decision
+    boundary, the unlabeled points coloured by their hidden true moon, the 6 labels (stars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     xs, ys = np.meshgrid(np.linspace(-1.6, 2.6, 200), np.linspace(-1.1, 1.6, 150))
     grid = torch.tensor(np.stack([xs.ravel(), ys.ravel()], 1), dtype=torch.float32)
     colors = np.array(["tab:red", "tab:blue"])
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), squeeze=False)
     for ax, (row, model) in zip(axes[0], models.items(), strict=True):
         model.eval()
         with torch.no_grad():
             p1 = torch.softmax(model(grid), -1)[:, 1].reshape(xs.shape).numpy()
-        ax.contourf(xs, ys, p1, levels=np.linspace(0, 1, 11), cmap="RdBu", alpha=0.6)
+        shading = ax.contourf(xs, ys, p1, levels=np.linspace(0, 1, 11), cmap="RdBu", alpha=0.6)
         ax.contour(xs, ys, p1, levels=[0.5], colors="k", linewidths=1)
         ax.scatter(*data.x_u.T, c=colors[data.y_u], s=2, alpha=0.25)
         ax.scatter(*data.x_l.T, c=colors[data.y_l], s=160, marker="*", edgecolors="k",
@@ -190,7 +213,21 @@ def plot(models: dict[str, nn.Module], accs: dict[str, float], data: Data, path:
         ax.set_title(f"{row}: {100 * accs[row]:.1f}%", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    star = {"marker": "*", "markersize": 12, "markeredgecolor": "k", "linestyle": ""}
+    dot = {"marker": "o", "markersize": 4, "alpha": 0.6, "linestyle": ""}
+    handles = [
+        Line2D([], [], color="tab:red", **star), Line2D([], [], color="tab:blue", **star),
+        Line2D([], [], color="tab:red", **dot), Line2D([], [], color="tab:blue", **dot),
+        Line2D([], [], color="k", linewidth=1),
+    ]  # fmt: skip
+    labels = ["labeled, moon 0", "labeled, moon 1", "unlabeled (hidden truth: moon 0)",
+              "unlabeled (hidden truth: moon 1)", "decision boundary"]  # fmt: skip
+    fig.tight_layout(rect=(0, 0.12, 0.93, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.47, 0.02))  # fmt: skip
+    bar = fig.colorbar(shading, cax=fig.add_axes((0.94, 0.3, 0.012, 0.55)))
+    bar.set_label("P(moon 1): student\n(supervised: the MLP)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,9 +236,16 @@ def plot(models: dict[str, nn.Module], accs: dict[str, float], data: Data, path:
 # ----------------------------------------------------------------------------- main
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="data split, labels and init")
+    parser.add_argument("--seed", type=int, default=0, help="data split, labels and init (>= 0)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every row")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -210,13 +254,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override any Config field, e.g. --set temperature=0.5")  # fmt: skip
     args = parser.parse_args(argv)
-    cfg = replace(Config(), **BUDGETS[args.budget])
     try:
-        cfg = set_fields(cfg, args.set)
+        check_flags(args)
+        cfg = set_fields(replace(Config(), **BUDGETS[args.budget]), args.set)
+        if args.steps is not None:
+            cfg = replace(cfg, steps=args.steps)
     except ValueError as err:
-        parser.error(str(err))
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give
 
     data = load_data(cfg, args.seed)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from wandb_logs import wandb_log_has
 
+from metapl.tracking import read_metrics
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -71,6 +73,10 @@ def test_digits_mpl_offline_wandb(isolated, capsys, monkeypatch):
     assert len(runs) == len(digits.ROWS)  # one wandb run per row and seed
     for run in runs:  # offline runs keep history and summary in one protobuf log
         assert wandb_log_has(run, b"test/final_accuracy", b"test/accuracy")
+    for row in digits.ROWS:  # and each run's metrics.jsonl, with its config first
+        config, records = read_metrics(out / "seed0" / row)
+        assert config["row"] == row and config["steps"] == 3
+        assert [r["step"] for r in records] == [2, 3] and "test/accuracy" in records[0]
     assert not any((isolated / "cwd").iterdir())  # nothing written to the working directory
 
 
@@ -104,3 +110,33 @@ def test_digits_mpl_disabled_wandb(isolated, capsys):
     assert summary[rows[0]]["std"] >= 0.0
     assert not (out / "wandb").exists()
     assert not any((isolated / "cwd").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("two_moons", ["--steps", "-1"], "--steps must be >= 1, got -1"),
+        ("two_moons", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("two_moons", ["--seed", "-3"], "--seed must be in [0, 2**32), got -3"),
+        ("two_moons", ["--set", "lr_student=0.0"], "lr_student must be > 0, got 0.0"),
+        ("two_moons", ["--set", "batch_u=0"], "batch_u must be >= 1, got 0"),
+        ("two_moons", ["--set", "labeled_per_class=1000"], "must be below n_per_class (1000)"),
+        ("two_moons", ["--set", "uda_threshold=1.5"], "uda_threshold must be in [0, 1], got 1.5"),
+        ("two_moons", ["--set", "meta_grad='second'"], "meta_grad must be 'exact'"),
+        ("digits_mpl", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("digits_mpl", ["--seeds", "0", "-1"], "--seeds must be distinct and in [0, 2**32)"),
+        ("digits_mpl", ["--labeled-per-class", "0"], "--labeled-per-class must be >= 1, got 0"),
+        ("digits_mpl", ["--labeled-per-class", "500"], "labeled_per_class must be below 122"),
+        ("digits_mpl", ["--set", "ema_decay=1.0"], "ema_decay must be in [0, 1), got 1.0"),
+        ("digits_mpl", ["--set", "log_every=0"], "log_every must be >= 1, got 0"),
+        ("digits_mpl", ["--set", "lr_teacher=-0.5"], "lr_teacher must be > 0, got -0.5"),
+    ],
+)
+def test_invalid_numbers_are_one_line_errors(isolated, capsys, script, argv, message):
+    example = load_example(script)
+    with pytest.raises(SystemExit) as exit_info:
+        example.main([*argv, "--output-dir", str(isolated / "out")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and ": error: " in err and message in err, err
+    assert not (isolated / "out").exists() and not any((isolated / "cwd").iterdir())
