@@ -383,11 +383,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             f"\ndigits, {10 * cfg.labeled_per_class} labels, {cfg.steps} steps, "
             f"seeds {args.seeds}, {seconds:.0f} s; test accuracy (%) of the (EMA) student\n"
         )
-        print("| row                 | mean ± std   | per seed |")
-        print("|---------------------|--------------|----------|")
-        for row, s in summary.items():
-            per_seed = " ".join(f"{100 * a:.1f}" for a in s["seeds"])
-            print(f"| {row:<19} | {100 * s['mean']:5.1f} ± {100 * s['std']:4.1f} | {per_seed} |")
+        if len(args.seeds) == 1:  # one seed has no spread to show
+            print("| row                 | test accuracy |")
+            print("|---------------------|---------------|")
+            for row, s in summary.items():
+                print(f"| {row:<19} | {100 * s['mean']:13.1f} |")
+        else:
+            print("| row                 | mean ± std   | per seed |")
+            print("|---------------------|--------------|----------|")
+            for row, s in summary.items():
+                per_seed = " ".join(f"{100 * a:.1f}" for a in s["seeds"])
+                spread = f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
+                print(f"| {row:<19} | {spread} | {per_seed} |")
     return summary
 
 

@@ -228,13 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"\ndigits, {noise:.0%} of training labels flipped, {args.steps} steps, "
             f"seeds {seeds}; test accuracy (%)\n"
         )
-        print("| method    | test accuracy |")
-        print("|-----------|---------------|")
+        spread = len(seeds) > 1  # one seed has no spread to show
+        print(f"| method    | test accuracy{' (mean ± std)' if spread else ''} |")
+        print(f"|-----------|---------------{'-------------' if spread else ''}|")
         for method in METHODS:
-            print(
-                f"| {method:<9} | {100 * summary[method]:5.1f} ± "
-                f"{100 * summary[method + '_std']:3.1f}   |"
-            )
+            std = f" ± {100 * summary[method + '_std']:3.1f}" if spread else ""
+            print(f"| {method:<9} | {100 * summary[method]:5.1f}{std} |")
     return summary
 
 

@@ -108,6 +108,9 @@ def test_digits_mpl_disabled_wandb(isolated, capsys):
                            "--wandb-mode", "disabled", "--output-dir", str(out)])  # fmt: skip
     check_summary(json.loads(capsys.readouterr().out), rows, n_seeds=2)
     assert summary[rows[0]]["std"] >= 0.0
+    digits.main(["--steps", "2", "--seeds", "0", "--rows", *rows, "--wandb-mode", "disabled",
+                 "--output-dir", str(out)])  # fmt: skip
+    assert "±" not in capsys.readouterr().out  # one seed: no spread
     assert not (out / "wandb").exists()
     assert not any((isolated / "cwd").iterdir())
 

@@ -109,3 +109,12 @@ def test_main_json(rw, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(rw.METHODS) <= out.keys() and out["seeds"] == [0]
     assert out["reweight"] == summary["reweight"]
+
+
+def test_table_shows_a_spread_only_for_several_seeds(rw, capsys):
+    rw.main(["--steps", "2", "--seed", "0"])
+    one = capsys.readouterr().out
+    rw.main(["--steps", "2", "--seeds", "0", "1"])
+    two = capsys.readouterr().out
+    assert "±" not in one and "| plain     |" in one
+    assert two.count("±") == len(rw.METHODS) + 1  # every row and the header

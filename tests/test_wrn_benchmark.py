@@ -1,0 +1,22 @@
+"""benchmarks/wrn_step.py prints a table on the CPU without NaN (peak memory: n/a, with why)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wrn_step.py"
+
+
+@pytest.mark.slow
+def test_cpu_table_says_what_it_cannot_measure(capsys):
+    spec = importlib.util.spec_from_file_location("wrn_step", PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--labeled-batch", "2", "--unlabeled-ratio", "1",
+                "--repeats", "1", "--warmup", "0", "--no-compile"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if " | eager | " in line]
+    assert len(rows) == 3 and all(row.split(" | ")[5] == "n/a" for row in rows)
+    assert "nan" not in out.lower() and "peak resident memory of this process" in out
+    assert 0 < bench._peak_rss_gib() < 64
