@@ -52,6 +52,7 @@ __all__ = [
     "SSLData",
     "TrainConfig",
     "evaluate",
+    "finetune_only",
     "load_checkpoint",
     "save_checkpoint",
     "stream_indices",
@@ -108,10 +109,16 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = False
+    # The last phase: the final student trained on the labeled data alone (SGD with Nesterov
+    # momentum; dropout off, as the PyTorch port does; "strong" augments like the port's
+    # finetuning, "weak" with the labeled batches' view).
     finetune_steps: int = 0
     finetune_batch: int = 512
     finetune_lr: float = 3e-5
     finetune_momentum: float = 0.9
+    finetune_weight_decay: float = 0.0
+    finetune_label_smoothing: float = 0.0
+    finetune_augment: str = "weak"
 
     def __post_init__(self):
         for name in (
@@ -125,6 +132,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_augment not in ("weak", "strong"):
+            raise ValueError(
+                f"finetune_augment must be 'weak' or 'strong', got {self.finetune_augment!r}"
+            )
 
 
 def stream_indices(n: int, start: int, count: int, seed: int) -> Tensor:
@@ -357,42 +368,90 @@ def train(
         bar.update()
     bar.close()
 
-    results = {}
-    final = eval_model
-    if config.finetune_steps:
-        results["val/student_before_finetune"] = evaluate(
-            eval_model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
-        )
-        final = copy.deepcopy(eval_model)
-        ft_bar = Progress(config.finetune_steps, desc="finetune", disable=not is_main)
-        batches = _counted(_finetune_batches(data, config, device), ft_bar)
-        optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True)
-        _seed_globals(config.seed, 0, phase=1)
-        with _autocast(device, config.bf16):
-            losses = finetune(final, batches, optimizer)
-        ft_bar.close()
-        for k, loss in enumerate(losses, 1):
-            if k % config.log_every == 0 or k == len(losses):
-                tracker.log({"finetune/loss": loss}, step=config.steps + k)
-        bad = next((k for k, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if bad is not None:
-            raise DivergenceError(
-                f"finetuning diverged: finetune/loss is {losses[bad]} at finetune step "
-                f"{bad + 1}; the checkpoint of the trained run ({ckpt_path}) is kept. Lower "
-                "--finetune-lr or check the labeled data"
-            )
-        _check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
-    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
-        results[f"{split}/student"] = evaluate(
-            final, x, y, data.prepare, config.eval_batch, config.bf16
-        )
-        results[f"{split}/teacher"] = evaluate(
-            mpl.teacher, x, y, data.prepare, config.eval_batch, config.bf16
-        )
+    final, results = _finetune_final(eval_model, data, config, tracker, config.steps, ckpt_path,
+                                     saved_step)  # fmt: skip
+    results.update(_evaluate_final(final, mpl.teacher, data, config))
     tracker.log(results, step=config.steps + config.finetune_steps)
     tracker.summary(results)
     if is_main:
-        _save_final(output_dir, mpl, final, results, config)
+        _save_final(output_dir, _networks(mpl), final, results, config)
+    return results
+
+
+def finetune_only(
+    model: nn.Module,
+    data: SSLData,
+    config: TrainConfig,
+    output_dir: str | os.PathLike,
+    tracker: Tracker | None = None,
+    networks: dict[str, nn.Module] | None = None,
+) -> dict[str, float]:
+    """The last phase of ``train`` on its own: finetune a copy of ``model`` (a trained student)
+    for ``config.finetune_steps`` steps on the labeled data, evaluate it on the validation and
+    test images and save it as ``train`` does (``final.pt`` with ``networks`` beside it,
+    ``results.json``). ``model`` itself is left as it was. Returns the accuracies."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    is_main = distributed.rank() == 0
+    tracker = tracker or Tracker(output_dir, enabled=is_main)
+    final, results = _finetune_final(model, data, config, tracker, 0, output_dir / CHECKPOINT,
+                                     None)  # fmt: skip
+    results.update(_evaluate_final(final, None, data, config))
+    tracker.log(results, step=config.finetune_steps)
+    tracker.summary(results)
+    if is_main:
+        _save_final(output_dir, networks or {}, final, results, config)
+    return results
+
+
+def _finetune_final(model: nn.Module, data: SSLData, config: TrainConfig, tracker: Tracker,
+                    first_step: int, ckpt_path: Path, saved_step: int | None,
+                    ) -> tuple[nn.Module, dict]:  # fmt: skip
+    """``model`` finetuned on the labeled data (a copy, dropout off) when
+    ``config.finetune_steps > 0``, else ``model`` itself; and its validation accuracy before.
+    Its losses are logged at steps ``first_step + 1, ...``."""
+    if not config.finetune_steps:
+        return model, {}
+    device = data.labeled_y.device
+    results = {"val/student_before_finetune": evaluate(
+        model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
+    )}  # fmt: skip
+    final = copy.deepcopy(model)
+    for module in final.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+    ft_bar = Progress(config.finetune_steps, desc="finetune",
+                      disable=distributed.rank() != 0)  # fmt: skip
+    batches = _counted(_finetune_batches(data, config, device), ft_bar)
+    optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True,
+                    weight_decay=config.finetune_weight_decay)  # fmt: skip
+    _seed_globals(config.seed, 0, phase=1)
+    with _autocast(device, config.bf16):
+        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing)
+    ft_bar.close()
+    for k, loss in enumerate(losses, 1):
+        if k % config.log_every == 0 or k == len(losses):
+            tracker.log({"finetune/loss": loss}, step=first_step + k)
+    bad = next((k for k, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        raise DivergenceError(
+            f"finetuning diverged: finetune/loss is {losses[bad]} at finetune step "
+            f"{bad + 1}; the checkpoint of the trained run ({ckpt_path}) is kept. Lower "
+            "--finetune-lr or check the labeled data"
+        )
+    _check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
+    return final, results
+
+
+def _evaluate_final(final: nn.Module, teacher: nn.Module | None, data: SSLData,
+                    config: TrainConfig) -> dict[str, float]:  # fmt: skip
+    results = {}
+    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+        for name, model in (("student", final), ("teacher", teacher)):
+            if model is not None:
+                results[f"{split}/{name}"] = evaluate(
+                    model, x, y, data.prepare, config.eval_batch, config.bf16
+                )
     return results
 
 
@@ -401,11 +460,12 @@ def _networks(mpl: MPL) -> dict[str, nn.Module]:
     return {k: m for k, m in nets.items() if m is not None}
 
 
-def _save_final(output_dir: Path, mpl: MPL, final: nn.Module, results: dict, config) -> None:
+def _save_final(output_dir: Path, networks: dict[str, nn.Module], final: nn.Module,
+                results: dict, config) -> None:  # fmt: skip
     """``final.pt``: the final student (``"final"``) and the networks it came from, with the
     accuracies; ``results.json``: the accuracies alone. Both written atomically."""
     state = {"final": final.state_dict(), "results": results, "config": asdict(config),
-             **{name: m.state_dict() for name, m in _networks(mpl).items()}}  # fmt: skip
+             **{name: m.state_dict() for name, m in networks.items()}}  # fmt: skip
     save_checkpoint(output_dir / FINAL, state)
     text = json.dumps(results, indent=1, sort_keys=True) + "\n"
     write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
@@ -552,12 +612,13 @@ def _counted(batches: Iterator[tuple], bar: Progress) -> Iterator[tuple]:
 
 
 def _finetune_batches(data: SSLData, config: TrainConfig, device) -> Iterator[tuple]:
-    """Labeled batches (weakly augmented, like the paper's finetuning) for the student."""
+    """Labeled batches for the student's finetuning, augmented as ``config.finetune_augment``."""
     n = len(data.labeled_x)
     for k in range(config.finetune_steps):
         idx = _batch_indices(n, config.finetune_batch, k, config.seed + 2).to(device)
         generator = _step_generator(device, config.seed + 2, k)
-        yield data.weak(_take(data.labeled_x, idx, device), generator), data.labeled_y[idx]
+        augment = data.strong if config.finetune_augment == "strong" else data.weak
+        yield augment(_take(data.labeled_x, idx, device), generator), data.labeled_y[idx]
 
 
 def _take(images, idx: Tensor, device: torch.device) -> Tensor:
