@@ -2,14 +2,17 @@
 
     torchrun --nproc_per_node 8 examples/imagenet_mpl.py --data-dir /data/imagenet \
         --output-dir runs/in10 --compile --wandb-project metapl
+    python examples/imagenet_mpl.py --data-dir /data/imagenet --evaluate runs/in10/final.pt
 
 ``--data-dir`` holds ILSVRC2012 as ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (class
-indices come from train/'s folders; val/ may lack a class but not add one). Images
-are decoded on demand by a thread pool (resize 256, center 224) and augmented batched on the
+indices come from train/'s folders; val/ may lack a class but not add one); any image folders
+in that layout work, with ``--model`` and ``--image-size`` to suit. Images are decoded on
+demand by a thread pool (resize 8/7 of the size, center crop) and augmented batched on the
 device (random-resized crop, flip, RandAugment). ``val/`` is the test set, reported once at the
-end; ``--val-per-class`` training images per class are held out for validation. The recipe
-below is a starting point, not the paper's tuned schedule: see docs/reproducing.md (also for
-what the output folder holds and what --resume checks).
+end; ``--val-per-class`` training images per class are held out for validation. Every recipe
+field is a flag (below, with its default) and a --set FIELD=VALUE key. The recipe below is a
+starting point, not the paper's tuned schedule: see docs/reproducing.md (also for what the
+output folder holds, what --resume checks, and --evaluate / --finetune-only).
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ import sys
 
 import numpy as np
 import torch
-from torch import nn
 
 from metapl import distributed
 from metapl.data import (
     ImageFolderDataset,
-    RandAugment,
     labeled_fraction_split,
     load_manifest,
     normalize,
@@ -32,36 +33,45 @@ from metapl.data import (
     save_manifest,
 )
 from metapl.data.lazy import DecodedImages
-from metapl.models import resnet50
+from metapl.modes import evaluate_saved, finetune_saved
 from metapl.recipe import (
     MAY_CHANGE_ON_RESUME,
+    MODELS,
+    USAGE,
     Recipe,
     add_common_args,
     build_mpl,
+    build_network,
+    build_networks,
+    build_randaugment,
     check_args,
     cli,
-    override,
+    print_results,
+    recipe_from_args,
     run,
 )
 from metapl.rundir import open_run
 from metapl.train import SSLData
 
 RECIPE = Recipe(
-    steps=300_000, labeled_batch=128, unlabeled_ratio=7, lr=0.1, weight_decay=1e-4,
-    warmup_steps=5000, student_wait_steps=3000, dropout=0.1, ema_decay=0.999,
-    label_smoothing=0.1, uda_weight=8.0, uda_temperature=0.7, uda_threshold=0.6,
-    uda_steps=5000, finetune_steps=5000, finetune_batch=256, finetune_lr=3e-5,
+    steps=300_000, labeled_batch=128, unlabeled_ratio=7, teacher_lr=0.1, student_lr=0.1,
+    weight_decay=1e-4, warmup_steps=5000, student_wait_steps=3000, teacher_dropout=0.1,
+    student_dropout=0.1, ema_decay=0.999, label_smoothing=0.1, uda_weight=8.0,
+    uda_temperature=0.7, uda_threshold=0.6, uda_steps=5000, randaugment_magnitude=17.0,
+    finetune_steps=5000, finetune_batch=256, finetune_lr=3e-5, finetune_label_smoothing=0.1,
 )  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--label-fraction", type=float, default=0.1)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--decode-threads", type=int, default=16)
-    p.add_argument("--model", default="resnet50", choices=["resnet50"])
+    p = argparse.ArgumentParser(description=__doc__, usage=USAGE,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="resnet50", choices=MODELS,
+                   help="(default: resnet50; mlp: smoke tests)")  # fmt: skip
+    p.add_argument("--label-fraction", type=float, default=0.1, help="(default: 0.1)")
+    p.add_argument("--val-per-class", type=int, default=10, help="(default: 10)")
+    p.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    p.add_argument("--decode-threads", type=int, default=16, help="(default: 16)")
+    add_common_args(p, {"imagenet": RECIPE})
     args = p.parse_args(argv)
     check_args(p, args)
     for split in ("train", "val"):
@@ -72,14 +82,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_data(args, device: torch.device) -> tuple[SSLData, int]:
-    """The data and the number of classes (train/'s class folders; val/ is labelled with
-    train/'s class indices)."""
+def _folders(args) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """train/ and val/ (val/ labelled with train/'s class indices)."""
     train_set = ImageFolderDataset(args.data_dir / "train", size=args.image_size)
     test_set = ImageFolderDataset(args.data_dir / "val", size=args.image_size,
                                   classes=train_set.classes)  # fmt: skip
-    labeled, unlabeled, val = _split(train_set.targets, args)
-    randaugment = RandAugment(2, 17.0, cutout=0)
+    return train_set, test_set
+
+
+def load_data(args, device: torch.device, recipe: Recipe = RECIPE,
+              split_from=None) -> tuple[SSLData, int]:  # fmt: skip
+    """The data and the number of classes (train/'s class folders). ``split_from``: a
+    split.json to reuse when the output folder has none (--finetune-only)."""
+    train_set, test_set = _folders(args)
+    labeled, unlabeled, val = _split(train_set.targets, args, split_from)
+    randaugment = build_randaugment(recipe, args.image_size, imagenet=True)
 
     def prepare(images):
         return normalize(images, "imagenet")
@@ -99,13 +116,16 @@ def load_data(args, device: torch.device) -> tuple[SSLData, int]:
     return SSLData(x_l, y_l, x_u, x_v, y_v, x_t, y_t, weak, strong, prepare), len(train_set.classes)
 
 
-def _split(targets: np.ndarray, args) -> tuple[np.ndarray, ...]:
+def _split(targets: np.ndarray, args, split_from=None) -> tuple[np.ndarray, ...]:
     """Labeled (label_fraction of each class), unlabeled and validation indices, reused from
-    output-dir/split.json when it exists."""
+    output-dir/split.json (or ``split_from``) when it exists."""
     path = args.output_dir / "split.json"
-    if path.exists():
-        split, meta = load_manifest(path)
+    source = path if path.exists() else split_from
+    if source is not None and source.exists():
+        split, meta = load_manifest(source)
         val = np.asarray(meta["val"], dtype=np.int64)
+        if source != path and distributed.rank() == 0:
+            save_manifest(split, path, meta)
     else:
         split = labeled_fraction_split(targets, args.label_fraction, args.seed,
                                        unlabeled_includes_labeled=False)  # fmt: skip
@@ -124,26 +144,32 @@ def _split(targets: np.ndarray, args) -> tuple[np.ndarray, ...]:
     return split.labeled, unlabeled, val
 
 
-def build_resnet50(num_classes: int, dropout: float) -> nn.Module:
-    model = resnet50(num_classes)
-    model.fc = nn.Sequential(nn.Dropout(dropout), model.fc)  # dropout before the classifier
-    return model
-
-
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
-    recipe = override(RECIPE, args)
+    recipe = recipe_from_args(RECIPE, args)
+    size = args.image_size
+    if args.evaluate is not None:
+        with distributed.process_group() as device:
+            train_set, test_set = _folders(args)
+            n = len(train_set.classes)
+            x = DecodedImages(test_set, np.arange(len(test_set)), args.decode_threads)
+            y = torch.as_tensor(test_set.targets).to(device)
+            results = evaluate_saved(
+                args.evaluate, lambda: build_network(args.model, n, 0.0, size), x, y,
+                lambda im: normalize(im, "imagenet"), bf16=not args.no_bf16,
+            )  # fmt: skip
+            print_results(results, args.json)
+            return results
     config = {"args": args, "recipe": recipe}
     with (
         distributed.process_group() as device,
         open_run(args.output_dir, config, args.resume, MAY_CHANGE_ON_RESUME),
     ):
-        data, num_classes = load_data(args, device)
-        torch.manual_seed(args.seed)
-        teacher, student = (build_resnet50(num_classes, recipe.dropout).to(device)
-                            for _ in range(2))  # fmt: skip
-        if args.channels_last:
-            teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+        split_from = args.finetune_only.parent / "split.json" if args.finetune_only else None
+        data, num_classes = load_data(args, device, recipe, split_from)
+        teacher, student = build_networks(args, recipe, num_classes, size, device)
+        if args.finetune_only is not None:
+            return finetune_saved(args.finetune_only, student, data, recipe, args, "imagenet")
         return run(build_mpl(teacher, student, recipe, args), data, recipe, args, "imagenet")
 
 

@@ -1,5 +1,6 @@
 """examples/cifar_mpl.py end to end on tiny fake datasets in the real on-disk formats."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ def test_runs_and_resumes(tmp_path, cifar_dir, preset):
     data = cifar_dir
     if preset == "svhn-1k":
         data = tmp_path / "svhn"
-        write_fake_svhn(data, n_train=100, n_test=20)
+        write_fake_svhn(data, n_train=100, n_test=20, n_extra=30)
     out = tmp_path / "run"
     common = ["--preset", preset, "--data-dir", str(data), "--output-dir", str(out), *TINY,
               "--json", "--checkpoint-every", "2"]  # fmt: skip
@@ -130,3 +131,125 @@ def test_torchrun_two_processes(tmp_path, cifar_dir):
     results = json.loads(done.stdout.strip().splitlines()[-1])  # printed by rank 0 only
     assert {"val/student", "test/student"} <= results.keys()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+# ------------------------------------------------------------------ in process: modes, classes
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("cifar_mpl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    example = _example()
+    code = example.cli(example.main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypatch, capsys):
+    """Twelve classes in the CIFAR format; then --evaluate of final.pt and checkpoint.pt,
+    --finetune-only of the checkpoint, and --resume RUN_DIR without --output-dir."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    write_fake_cifar(data, n_train=120, n_test=24, num_classes=12)
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data), *TINY, "--steps", "3", "--json"]
+    code, printed, _ = _cli([*base, "--output-dir", str(out)], capsys)
+    assert code == 0
+    results = json.loads(printed.strip().splitlines()[-1])
+    final = torch.load(out / "final.pt", weights_only=False)
+    assert final["final"]["net.3.bias"].shape == (12,)  # classes from the data
+
+    code, printed, _ = _cli(["--data-dir", str(data), *TINY, "--evaluate", str(out / "final.pt"),
+                             "--json"], capsys)  # fmt: skip
+    evaluated = json.loads(printed.strip().splitlines()[-1])
+    assert code == 0 and set(evaluated) == {"test/final", "test/ema_student", "test/student",
+                                            "test/teacher"}  # fmt: skip
+    assert evaluated["test/final"] == results["test/student"]
+    assert evaluated["test/teacher"] == results["test/teacher"]
+    code, printed, _ = _cli(["--data-dir", str(data), *TINY, "--evaluate",
+                             str(out / "checkpoint.pt")], capsys)  # fmt: skip
+    assert code == 0 and "| test/ema_student |" in printed and "test/final" not in printed
+
+    ft = tmp_path / "ft"
+    code, printed, _ = _cli([*base, "--finetune-only", str(out / "checkpoint.pt"),
+                             "--output-dir", str(ft), "--finetune-steps", "3"], capsys)  # fmt: skip
+    assert code == 0
+    assert json.loads((ft / "split.json").read_text()) == json.loads(
+        (out / "split.json").read_text()
+    )  # the trained run's split
+    saved = torch.load(ft / "final.pt", weights_only=False)
+    assert saved["config"]["finetune_steps"] == 3 and "ema_student" in saved
+    assert json.loads(printed.strip().splitlines()[-1]).keys() == {
+        "val/student_before_finetune",
+        "val/student",
+        "test/student",
+    }
+
+    code, _, err = _cli([*base, "--resume", str(out)], capsys)
+    assert code == 0, err
+    code, _, err = _cli([*base, "--resume", str(out), "--uda-threshold", "0.5"], capsys)
+    assert code == 1 and "--uda-threshold is 0.5 but the run" in err
+
+
+def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
+    write_fake_svhn(tmp_path / "svhn", n_train=100, n_test=20, n_extra=30)
+    example = _example()
+    argv = ["--preset", "svhn-1k", "--data-dir", str(tmp_path / "svhn"), "--output-dir",
+            str(tmp_path / "o"), "--labels-per-class", "2", "--val-per-class", "2"]  # fmt: skip
+    for extra, n_unlabeled in ((True, 80 + 30), (False, 80)):
+        args = example.parse_args([*argv, "--svhn-extra" if extra else "--no-svhn-extra"])
+        spec = example.data_spec(args)
+        data, classes = example.load_data(spec, example.Recipe(), args, torch.device("cpu"))
+        (tmp_path / "o" / "split.json").unlink()
+        assert classes == 10 and len(data.labeled_y) == 20 and len(data.val_y) == 20
+        assert len(data.unlabeled_x) == n_unlabeled
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [(["--model", "vgg"], 2, "invalid choice: 'vgg'"),
+     (["--labels-per-class", "9"], 1, "error: --labels-per-class 9 and --val-per-class 2 need 11"),
+     (["--num-labeled", "25"], 1, "--num-labeled 25 is not a positive multiple of the 10"),
+     (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file"),
+     (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined")],
+)  # fmt: skip
+def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message):
+    data = tmp_path / "data"
+    write_fake_cifar(data, n_train=100, n_test=20)  # 10 images per class
+    tiny = TINY[:4] + TINY[6:] if "--num-labeled" in extra else TINY  # no --labels-per-class
+    argv = ["--data-dir", str(data), "--output-dir", str(tmp_path / "o"), *tiny, "--steps", "2",
+            *extra]  # fmt: skip
+    try:
+        got, _, err = _cli(argv, capsys)
+    except SystemExit as e:  # argparse: usage and one error line, status 2
+        got, err = e.code, capsys.readouterr().err
+    assert got == code and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # argparse prints usage first
+
+
+def test_an_unreadable_batch_file_is_named_in_one_line(tmp_path, capsys):
+    write_fake_cifar(tmp_path, n_train=100, n_test=20)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(b"\x80\x04garbage")
+    code, _, err = _cli(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                         *TINY, "--steps", "2"], capsys)  # fmt: skip
+    assert code == 1 and err.startswith(f"error: cannot read {bad}:")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    write_fake_cifar(tmp_path, n_train=100, n_test=20)
+    out = tmp_path / "o"
+    base = ["--data-dir", str(tmp_path), *TINY, "--steps", "2", "--finetune-steps", "0"]
+    assert _cli([*base, "--output-dir", str(out)], capsys)[0] == 0
+    tiny = [a for a in base if a != "mlp"]
+    code, _, err = _cli([*tiny[:2], "--model", "wrn28-2", "--evaluate", str(out / "final.pt")],
+                        capsys)  # fmt: skip
+    assert code == 1 and "does not fit this model" in err and "--model" in err

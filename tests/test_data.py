@@ -194,6 +194,23 @@ def test_fake_svhn_round_trips_and_missing_files_raise(tmp_path):
         np.testing.assert_array_equal(targets.numpy(), written[split][1])
     with pytest.raises(FileNotFoundError, match="housenumbers/extra_32x32.mat"):
         load_svhn(tmp_path, "extra")
+    written = write_fake_svhn(tmp_path, n_train=30, n_test=20, n_extra=7, seed=1)
+    images, targets = load_svhn(tmp_path, "extra")
+    np.testing.assert_array_equal(images.numpy(), written["extra"][0])
+    np.testing.assert_array_equal(targets.numpy(), written["extra"][1])
+    assert images.shape == (7, 3, 32, 32)
+
+
+def test_an_unreadable_cifar_batch_is_named(tmp_path):
+    write_fake_cifar(tmp_path, n_train=10, n_test=5)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=f"cannot read {bad}: .* not a CIFAR python batch"):
+        load_cifar(tmp_path)
+    with open(bad, "wb") as f:
+        pickle.dump({b"data": 1}, f)
+    with pytest.raises(ValueError, match="data_batch_3: .*labels"):
+        load_cifar(tmp_path)
 
 
 # ---------------------------------------------------------------- ImageFolder

@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,32 @@ def test_val_images_keep_their_training_class_when_a_class_has_none(tmp_path):
     data, num_classes = _example().load_data(args, torch.device("cpu"))
     assert num_classes == 3
     assert data.test_y.tolist() == [1, 1, 2, 2]  # class_001 and class_002, not shifted to 0, 1
+
+
+def test_any_model_on_image_folders_then_evaluate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    write_fake_imagefolder(tmp_path / "data", num_classes=4, train_per_class=8, val_per_class=2)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--model", "mlp",
+              "--decode-threads", "1", "--json"]  # fmt: skip
+    example = _example()
+    results = example.main([*common, "--output-dir", str(out), "--steps", "2",
+                            "--labeled-batch", "2", "--unlabeled-ratio", "2",
+                            "--label-fraction", "0.25", "--val-per-class", "1",
+                            "--finetune-steps", "1", "--randaug", "1", "5"])  # fmt: skip
+    assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (4,)
+    capsys.readouterr()
+    assert example.cli(example.main, [*common, "--evaluate", str(out / "final.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["test/final"] == results["test/student"]
+
+
+def test_without_pillow_the_error_is_one_line(tmp_path, monkeypatch, capsys):
+    write_fake_imagefolder(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
+    example = _example()
+    code = example.cli(example.main, ["--data-dir", str(tmp_path), "--output-dir",
+                                      str(tmp_path / "o"), "--steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: reading image folders needs Pillow")
+    assert len(err.strip().splitlines()) == 1

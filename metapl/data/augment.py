@@ -31,8 +31,10 @@ quantized to 8-bit levels inside RandAugment, as every op is defined on integer 
 
 MPL's official code (google-research/meta_pseudo_labels) applies a fixed magnitude (16 for
 CIFAR-10, 17 for ImageNet) to `MPL_OPS` and runs each layer with probability p ~ U(0.2, 0.8)
-drawn per image: `RandAugment.mpl()`. The default here instead draws m ~ U(0, magnitude) per
-sample and layer (as the MPL and UDA PyTorch ports do) over the RandAugment paper's op list.
+drawn per image: `RandAugment.mpl()`, which the CIFAR and ImageNet examples use. The PyTorch
+port (kekmodel/MPL-pytorch, `RandAugmentCIFAR`) also uses a fixed magnitude and that apply
+probability (drawn per op). The class default instead draws m ~ U(0, magnitude) per sample and
+layer over the RandAugment paper's op list (the examples' `--randaugment uniform`).
 """
 
 from dataclasses import dataclass

@@ -102,10 +102,16 @@ def load_cifar(
     _ensure(paths, download, fetch, how)
     images, targets = [], []
     for p in paths:
-        with open(p, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        targets.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            with open(p, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            targets.append(np.asarray(batch[label_key], dtype=np.int64))
+        except Exception as e:  # unpickling raises many types for a damaged file
+            raise ValueError(
+                f"cannot read {p}: {type(e).__name__}: {e}; it is not a CIFAR python batch "
+                f"(a pickle of b'data' and {label_key!r}): download it again ({url})"
+            ) from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(targets))
 
 
@@ -136,6 +142,17 @@ def load_svhn(
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(targets)
 
 
+def _pil_image() -> ModuleType:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(
+            "reading image folders needs Pillow, which is not installed: pip install pillow "
+            '(or pip install -e ".[vision]")'
+        ) from None
+    return Image
+
+
 class ImageFolderDataset(Dataset):
     """root/<class>/<image> (ImageNet's train/ or val/ layout), decoded lazily with PIL.
 
@@ -158,7 +175,7 @@ class ImageFolderDataset(Dataset):
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         classes: Sequence[str] | None = None,
     ):
-        from PIL import Image
+        Image = _pil_image()
 
         self.root = Path(root)
         self.size = size
@@ -204,7 +221,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        Image = _pil_image()
 
         path, target = self.samples[i]
         with Image.open(path) as img:

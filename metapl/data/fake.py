@@ -83,17 +83,19 @@ def write_fake_cifar(
 
 
 def write_fake_svhn(
-    root: str | os.PathLike, n_train: int, n_test: int, seed: int = 0
+    root: str | os.PathLike, n_train: int, n_test: int, seed: int = 0, n_extra: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write root/{train,test}_32x32.mat (X [32, 32, 3, N] uint8, y [N, 1] uint8 with 10 for
-    digit 0). Needs scipy. Returns {"train": (images [N, 3, 32, 32], digits [N]), "test": ...}."""
+    """Write root/{train,test}_32x32.mat, and extra_32x32.mat when ``n_extra > 0`` (X
+    [32, 32, 3, N] uint8, y [N, 1] uint8 with 10 for digit 0). Needs scipy. Returns
+    {"train": (images [N, 3, 32, 32], digits [N]), "test": ..., "extra": ...}."""
     from scipy.io import savemat
 
     Path(root).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     protos = _prototypes(rng, 10)
     written = {}
-    for split, n in (("train", n_train), ("test", n_test)):
+    splits = (("train", n_train), ("test", n_test)) + ((("extra", n_extra),) if n_extra else ())
+    for split, n in splits:
         digits = _balanced_targets(rng, n, 10)
         images = _class_images(rng, protos, digits, 32, 32)
         y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
