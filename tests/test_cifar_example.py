@@ -253,3 +253,17 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys, 
     code, _, err = _cli([*tiny[:2], "--model", "wrn28-2", "--evaluate", str(out / "final.pt")],
                         capsys)  # fmt: skip
     assert code == 1 and "does not fit this model" in err and "--model" in err
+
+
+def test_cifar100_preset_reads_the_cifar100_format(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    write_fake_cifar(tmp_path, n_train=400, n_test=100, num_classes=100, name="cifar100")
+    out = tmp_path / "o"
+    argv = ["--preset", "cifar100-10k", "--data-dir", str(tmp_path), "--output-dir", str(out),
+            *TINY, "--steps", "1", "--finetune-steps", "0", "--json"]  # fmt: skip
+    code, printed, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert len(json.loads((out / "split.json").read_text())["labeled"]) == 200  # 2 x 100
+    assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (100,)
+    config = json.loads((out / "config.json").read_text())
+    assert config["data.dataset"] == "cifar100" and config["args.model"] == "mlp"
