@@ -9,7 +9,9 @@ learning rates (``*/lr``), then one panel for each other metric. Several runs ar
 one colour per run, labelled by their folders (e.g. every cell and seed of
 ``examples/ablations.py``'s grid). Panels without data are left out.
 
-``--output`` ending in ``.png``: one figure with every panel. Any other path: a folder with one
+``--panels NAME...`` keeps only those panels, by file name (``accuracy``, ``teacher_loss``,
+``h``, ``meta_grad_norm``, ``lr``, ...). ``--output`` ending in ``.png``: one figure with every
+panel. Any other path: a folder with one
 PNG per panel. Default: ``curves.png`` in the run folder (in the runs' common parent folder
 for several runs). Needs matplotlib (``pip install matplotlib``).
 """
@@ -143,7 +145,7 @@ def _draw(ax, panel: Panel, colors: dict) -> None:
                 marker="o" if single else None, markersize=4, label=s.label)  # fmt: skip
     ax.set_title(panel.title, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.tick_params(which="both", labelsize=7)
     positive = min(min(s.values) for s in panel.series) > 0
     if positive and (panel.name == "lr" or _is_loss(panel.title)):
         ax.set_yscale("log")
@@ -176,9 +178,19 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--output", type=Path, default=None,
                         help="a .png file (one figure), or a folder (one PNG per panel); "
                              "default: curves.png in the run folder or the runs' common parent")
+    parser.add_argument("--panels", nargs="+", metavar="NAME",
+                        help="only these panels, by file name: accuracy, teacher_loss, h, "
+                             "meta_grad_norm, lr, ... (default: all)")
     args = parser.parse_args(argv)  # fmt: skip
     runs = load_runs(args.runs)
     panel_list = panels(runs)
+    if args.panels:
+        names = [p.name for p in panel_list]
+        unknown = [n for n in args.panels if n not in names]
+        if unknown:
+            raise ValueError(f"no panel {', '.join(unknown)} in these runs; they have "
+                             f"{', '.join(names)}")  # fmt: skip
+        panel_list = [p for name in args.panels for p in panel_list if p.name == name]
     output = args.output
     if output is None:
         folders = [(p if p.is_dir() else p.parent).resolve() for p in args.runs]

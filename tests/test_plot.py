@@ -90,6 +90,8 @@ def test_command_writes_one_figure_or_one_png_per_panel(tmp_path):
                                          "teacher_loss.png", "h.png", "meta_grad_norm.png",
                                          "lr.png", "images_per_s.png"]  # fmt: skip
     assert all(p.read_bytes()[:8] == PNG for p in written)
+    (some,) = plot.main([*runs, "--panels", "h", "accuracy", "--output", str(tmp_path / "s.png")])
+    assert some.read_bytes()[:8] == PNG
     (one,) = plot.main([runs[0]])
     assert one == tmp_path / "grid" / "x" / "seed0" / "curves.png" and one.stat().st_size > 0
 
@@ -111,6 +113,14 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, setup, message):
     assert plot.cli([str(run)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_an_unknown_panel_is_one_line_error(tmp_path, capsys):
+    write_run(tmp_path, 1.0)
+    assert plot.cli([str(tmp_path), "--panels", "accuracy", "loss"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "no panel loss in these runs; they have " \
+        "accuracy, student_loss_l, teacher_loss, h," in err, err
 
 
 def test_the_module_runs_as_a_command(tmp_path):
