@@ -5,7 +5,7 @@
                  checkpoint.pt       the latest checkpoint; checkpoint.prev.pt the one before it
                  final.pt            the final models with their evaluation; results.json the
                                      evaluation alone
-                 metrics.jsonl       every logged scalar
+                 metrics.jsonl       a header with the configuration, then every logged scalar
                  wandb-run-id        the wandb run that --resume continues
 
 A fresh run refuses a folder that already holds a run; ``--resume`` continues a run only with
