@@ -5,8 +5,11 @@
 
 Every run is examples/cifar_mpl.py with its own output folder; all runs of one grid share one
 wandb group (offline without an API key). Arguments after ``--`` go to every run. Prints the
-summary table: test accuracy of the final student (mean ± std over seeds) for each cell.
-``--resume`` continues an interrupted grid: runs that had started resume, the others start.
+summary table: test accuracy of the final student (mean ± std over seeds; the accuracy alone
+for one seed) for each cell. ``--resume`` continues an interrupted grid: runs that had started
+resume, the others start. The learning curves of the whole grid, overlaid:
+
+    python -m metapl.plot runs/abl/*/seed* --output runs/abl/curves
 """
 
 from __future__ import annotations
@@ -88,9 +91,8 @@ def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda
 def table(summary: dict[str, dict]) -> str:
     lines = ["| meta_grad / UDA | test accuracy (%) | seeds |", "|---|---|---|"]
     for cell, s in summary.items():
-        lines.append(
-            f"| {cell} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {len(s['seeds'])} |"
-        )
+        spread = f" ± {100 * s['std']:.2f}" if len(s["seeds"]) > 1 else ""  # none for one seed
+        lines.append(f"| {cell} | {100 * s['mean']:.2f}{spread} | {len(s['seeds'])} |")
     return "\n".join(lines)
 
 

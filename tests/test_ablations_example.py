@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from metapl import plot
 from metapl.data.fake import write_fake_cifar
 from metapl.rundir import RunError
 
@@ -36,6 +37,13 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     runs = list(out.glob("*/seed*/wandb/offline-run-*"))
     assert len(runs) == 8  # one offline wandb run per cell and seed, all under the grid folder
     assert (out / "none-uda-on" / "seed1" / "metrics.jsonl").exists()
+    grid = plot.panels(plot.load_runs(sorted(out.glob("*/seed*"))))  # the grid, overlaid
+    (accuracy,) = [p for p in grid if p.title == "accuracy"]
+    assert {s.label.split(": ")[0] for s in accuracy.series} == {
+        f"{m}-uda-{u}/seed{k}" for m in ("none", "first_order") for u in ("off", "on")
+        for k in (0, 1)}  # fmt: skip
+    assert ablations.table({"a": {"mean": 0.5, "std": 0.0, "seeds": [0.5]}}).endswith(
+        "| a | 50.00 | 1 |")  # one seed: no spread  # fmt: skip
 
     # The grid again: refused as it stands (its runs exist); with --resume, the same summary.
     with pytest.raises(RunError, match="already holds a run"):
