@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(1)  # small matmuls: threads cost more than they give
 
     results: dict[str, list[float]] = {m: [] for m in METHODS}
-    with tqdm(total=len(seeds) * len(METHODS) * args.steps, file=sys.stderr) as bar:
+    with tqdm(total=len(seeds) * len(METHODS) * args.steps, file=sys.stderr, disable=None) as bar:
         for seed in seeds:
             data = load_data(seed)
             for method in METHODS:

@@ -113,7 +113,8 @@ def test_main_json(rw, capsys):
 
 def test_table_shows_a_spread_only_for_several_seeds(rw, capsys):
     rw.main(["--steps", "2", "--seed", "0"])
-    one = capsys.readouterr().out
+    one, err = capsys.readouterr()
+    assert "\r" not in err  # no progress bar when stderr is not a terminal (a log file)
     rw.main(["--steps", "2", "--seeds", "0", "1"])
     two = capsys.readouterr().out
     assert "±" not in one and "| plain     |" in one
