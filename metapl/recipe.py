@@ -34,6 +34,7 @@ __all__ = [
     "add_common_args",
     "build_mpl",
     "build_network",
+    "build_networks",
     "build_randaugment",
     "check_args",
     "cli",
@@ -41,6 +42,7 @@ __all__ = [
     "recipe_from_args",
     "run",
     "set_fields",
+    "tracker_for",
     "train_config",
 ]
 
@@ -383,6 +385,7 @@ def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, args) -> M
 
 
 def tracker_for(args, recipe: Recipe, name: str) -> Tracker:
+    """The run's tracker (metrics.jsonl, and wandb with --wandb-project) on the main process."""
     return Tracker(
         args.output_dir, args.wandb_project, group=args.wandb_group or f"{name}-{args.meta_grad}",
         name=f"{name}-{args.meta_grad}-uda{int(not args.no_uda)}-seed{args.seed}",

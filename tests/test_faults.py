@@ -217,10 +217,11 @@ def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_di
 
 
 def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cifar_dir):
+    """Too many labels per class is found once the labels are read."""
     out = tmp_path / "run"
     failed = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps",
-                    "4", "--model", "wrn28-3")  # fmt: skip
-    assert "unknown model" in _one_line_error(failed)
+                    "4", "--labels-per-class", "999")  # fmt: skip
+    assert "--labels-per-class 999" in _one_line_error(failed)
     assert not out.exists() or not list(out.iterdir())
     rerun = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "2")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
