@@ -108,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.labels_per_class is not None and args.num_labeled is not None:
         p.error("--labels-per-class and --num-labeled say the same thing: give one")
+    if args.svhn_extra and PRESETS[args.preset][0].dataset != "svhn":
+        p.error(f"--svhn-extra is for SVHN presets, not {args.preset}")
     return args
 
 
@@ -135,8 +137,6 @@ def load_data(spec: DataSpec, recipe: Recipe, args, device: torch.device,
               split_from=None) -> tuple[SSLData, int]:  # fmt: skip
     """The data and its number of classes. ``split_from``: a split.json to reuse when the
     output folder has none (--finetune-only: the trained run's)."""
-    if spec.extra and spec.dataset != "svhn":
-        raise RunError(f"--svhn-extra is for SVHN, not {spec.dataset}")
     (x, y), (x_test, y_test), x_extra, num_classes = _arrays(spec, args, spec.extra)
     labeled, unlabeled, val = _split(y, num_classes, spec, args, split_from)
     if x_extra is not None:  # the extra images follow the training images

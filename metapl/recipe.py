@@ -194,10 +194,16 @@ def _flag(name: str) -> str:
 
 
 def _default_text(name: str, presets: Mapping[str, Recipe]) -> str:
-    values = {preset: getattr(r, name) for preset, r in presets.items()}
+    values = {preset: _shown(getattr(r, name)) for preset, r in presets.items()}
     if len(set(map(repr, values.values()))) == 1:
         return f"default: {next(iter(values.values()))}"
     return "default: " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
 
 
 def add_common_args(p: argparse.ArgumentParser, presets: Mapping[str, Recipe]) -> None:

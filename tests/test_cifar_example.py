@@ -217,7 +217,8 @@ def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
      (["--labels-per-class", "9"], 1, "error: --labels-per-class 9 and --val-per-class 2 need 11"),
      (["--num-labeled", "25"], 1, "--num-labeled 25 is not a positive multiple of the 10"),
      (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file"),
-     (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined")],
+     (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined"),
+     (["--svhn-extra"], 2, "--svhn-extra is for SVHN presets, not cifar10-4k")],
 )  # fmt: skip
 def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message):
     data = tmp_path / "data"
