@@ -5,8 +5,19 @@ import dataclasses
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from metapl.recipe import Recipe, add_common_args, recipe_from_args, set_fields, train_config
+from metapl import UDA
+from metapl.data import RandAugment
+from metapl.recipe import (
+    Recipe,
+    add_common_args,
+    build_mpl,
+    build_randaugment,
+    recipe_from_args,
+    set_fields,
+    train_config,
+)
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,28 @@ def test_finetune_steps_come_from_epochs_over_the_labeled_set():
     assert train_config(Recipe(), args, num_labeled=20).finetune_steps == 625
     assert train_config(Recipe(finetune_steps=3), args, num_labeled=4000).finetune_steps == 3
     assert train_config(Recipe(finetune_epochs=0.5), args, 4000).finetune_steps == 4
+
+
+def test_the_recipe_reaches_randaugment_and_mpl():
+    """The presets' strong view is the MPL code's RandAugment; every MPL option comes from the
+    recipe (ema_decay 0: no EMA student)."""
+    assert build_randaugment(Recipe(), 32) == RandAugment.mpl(32, 16.0)
+    uniform = build_randaugment(Recipe(randaugment="uniform", randaugment_ops=3), 32)
+    assert uniform == RandAugment(3, 16.0, cutout=16)
+    imagenet = build_randaugment(Recipe(randaugment_magnitude=17.0), 224, imagenet=True)
+    assert (imagenet.magnitude, imagenet.cutout, imagenet.apply_prob) == (17.0, 0, (0.2, 0.8))
+    assert imagenet.translate == 100 / 224 and imagenet.cutout_op == 40 / 224
+
+    args = _args("--meta-grad", "first_order")
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    mpl = build_mpl(*nets, Recipe(), args)
+    assert mpl.uda == UDA(8.0, 0.7, 0.6, 5000, "sharpened")
+    assert (mpl.student_bn, mpl.log_prob_reduction, mpl.label_smoothing) == ("joint", "mean", 0.15)
+    assert (mpl.ema_decay, mpl.h_baseline_decay, mpl.pseudo_labels) == (0.995, 0.99, "hard")
+    recipe = Recipe(ema_decay=0.0, log_prob_reduction="sum", student_bn="unlabeled",
+                    uda_mask_on="unsharpened", pseudo_label_temperature=0.5)  # fmt: skip
+    mpl = build_mpl(*nets, recipe, _args("--no-uda"))
+    assert mpl.uda is None and mpl.ema_student is None and mpl.meta_grad == "exact"
+    assert (mpl.student_bn, mpl.temperature) == ("unlabeled", 0.5)
+    s = build_mpl(*nets, Recipe(student_lr=0.2, warmup_steps=0, student_wait_steps=0), args)
+    assert float(s.student_optimizer.lr_at(s.student_state)) == pytest.approx(0.2)
