@@ -1,5 +1,6 @@
-"""examples/imagenet_mpl.py end to end (ResNet-50, 2 steps, then a resume) on a tiny fake
-ImageNet in the real layout: train/<class>/*.png and val/<class>/*.png."""
+"""examples/imagenet_mpl.py end to end (2 steps, then a resume; the MLP by default, ResNet-50 in
+the slow run) on a tiny fake ImageNet in the real layout: train/<class>/*.png and
+val/<class>/*.png."""
 
 import argparse
 import importlib.util
@@ -24,7 +25,11 @@ def _example():
     return module
 
 
-def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "model",
+    ["mlp", pytest.param("resnet50", marks=pytest.mark.slow)],  # resnet50: 500 MB saves
+)
+def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys, model):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_imagefolder(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
     out = tmp_path / "run"
@@ -32,7 +37,7 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
             "--image-size", "32", "--labeled-batch", "2", "--unlabeled-ratio", "2",
             "--label-fraction", "0.25", "--val-per-class", "1", "--lr", "1e-3",
             "--finetune-steps", "1", "--checkpoint-every", "1", "--meta-grad", "first_order",
-            "--decode-threads", "2", "--json"]  # fmt: skip
+            "--decode-threads", "2", "--json", "--model", model]  # fmt: skip
     example = _example()
     results = example.main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -42,6 +47,16 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
     assert len(manifest["labeled"]) == 6  # 25% of 8 images in each of 3 classes
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert example.main([*argv, "--resume"]).keys() == results.keys()
+
+
+def test_resnet50_gets_dropout_before_its_classifier():
+    """What --model resnet50 builds (its training run is in the slow set)."""
+    from metapl.recipe import build_network
+
+    torch.manual_seed(0)
+    net = build_network("resnet50", 5, dropout=0.3, image_size=32)
+    assert isinstance(net.fc[0], torch.nn.Dropout) and net.fc[0].p == 0.3
+    assert net.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 
 def test_imagenet_example_rejects_a_folder_without_train_and_val(tmp_path):
