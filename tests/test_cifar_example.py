@@ -102,6 +102,7 @@ def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
     no_files = _run("--data-dir", str(empty), "--output-dir", str(tmp_path / "o"), *TINY,
                     "--steps", "2", check=False)  # fmt: skip
     assert no_files.returncode == 1 and "cifar-10-batches-py" in no_files.stderr
+    assert len(no_files.stderr.strip().splitlines()) == 1
     assert "Traceback" not in no_files.stderr and not list((tmp_path / "o").glob("*"))
     no_ckpt = _run("--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o2"),
                    "--resume", check=False)  # fmt: skip

@@ -66,7 +66,8 @@ def _missing(paths: list[Path]) -> list[Path]:
 
 
 def _ensure(paths: list[Path], download: bool, fetch: Callable[[Any], Any], how: str) -> None:
-    """Raise FileNotFoundError saying where to put the missing files, after trying `fetch`."""
+    """Raise FileNotFoundError (one line) saying where to put the missing files, after trying
+    `fetch`."""
     if not _missing(paths):
         return
     tv = _torchvision_datasets() if download else None
@@ -75,8 +76,9 @@ def _ensure(paths: list[Path], download: bool, fetch: Callable[[Any], Any], how:
         if not _missing(paths):
             return
     reason = "download=True needs torchvision, which does not import here; " if download else ""
-    listing = "\n  ".join(str(p) for p in _missing(paths))
-    raise FileNotFoundError(f"missing dataset files:\n  {listing}\n{reason}{how}")
+    missing = _missing(paths)
+    listing = ", ".join(str(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    raise FileNotFoundError(f"missing dataset file(s) {listing}: {reason}{how}")
 
 
 def load_cifar(
