@@ -199,6 +199,9 @@ def test_fake_svhn_round_trips_and_missing_files_raise(tmp_path):
     np.testing.assert_array_equal(images.numpy(), written["extra"][0])
     np.testing.assert_array_equal(targets.numpy(), written["extra"][1])
     assert images.shape == (7, 3, 32, 32)
+    (tmp_path / "extra_32x32.mat").write_bytes(b"MATLAB 5.0 truncated")
+    with pytest.raises(ValueError, match="cannot read .*extra_32x32.mat: .*not an SVHN .mat"):
+        load_svhn(tmp_path, "extra")
 
 
 def test_an_unreadable_cifar_batch_is_named(tmp_path):

@@ -138,9 +138,15 @@ def load_svhn(
         from scipy.io import loadmat
     except ImportError as e:
         raise ImportError("load_svhn reads .mat files with scipy: pip install scipy") from e
-    mat = loadmat(path)
-    images = einops.rearrange(mat["X"], "h w c n -> n c h w")
-    targets = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10
+    try:
+        mat = loadmat(path)
+        images = einops.rearrange(mat["X"], "h w c n -> n c h w")
+        targets = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10
+    except Exception as e:  # scipy raises many types for a damaged file
+        raise ValueError(
+            f"cannot read {path}: {type(e).__name__}: {e}; it is not an SVHN .mat file (X "
+            f"[32, 32, 3, N] and y [N, 1]): download it again ({_SVHN_URL.format(split=split)})"
+        ) from None
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(targets)
 
 
