@@ -69,7 +69,7 @@ class DataSpec:
 
 # The recipe is the PyTorch port's published CIFAR-10-4K command (kekmodel/MPL-pytorch README)
 # with the official code's RandAugment and UDA mask. CIFAR-100-10K: the port's CIFAR-100
-# command (the same recipe, 10,000 labels, WRN-28-8; the paper reports no CIFAR-100 result).
+# command (the same recipe, 10,000 labels, WRN-28-8; the paper's Table 2 has no CIFAR-100).
 # SVHN-1K: 1000 labels, no flips (digits are not mirror-symmetric), and the extra split among
 # the unlabeled images (the paper's 603k unlabeled SVHN images are train + extra).
 PRESETS = {
