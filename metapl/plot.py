@@ -171,7 +171,8 @@ def save(panel_list: Sequence[Panel], output: str | os.PathLike) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m metapl.plot", description=__doc__.splitlines()[0]
+        prog="python -m metapl.plot",
+        description="Learning curves of one or more runs from their metrics.jsonl.",
     )
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run folders holding metrics.jsonl (or the files themselves)")
