@@ -269,3 +269,13 @@ def test_cifar100_preset_reads_the_cifar100_format(tmp_path, monkeypatch, capsys
     assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (100,)
     config = json.loads((out / "config.json").read_text())
     assert config["data.dataset"] == "cifar100" and config["args.model"] == "mlp"
+
+
+def test_help_lists_presets_models_and_the_recipe(capsys):
+    with pytest.raises(SystemExit) as done:
+        _example().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "cifar10-4k wrn28-2, cifar100-10k wrn28-8, svhn-1k wrn28-2" in text
+    assert "--finetune-epochs FINETUNE_EPOCHS" in text and "(default: 625.0)" in text
+    assert "--evaluate CHECKPOINT" in text and "--student-bn {joint,unlabeled}" in text

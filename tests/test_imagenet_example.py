@@ -102,3 +102,11 @@ def test_without_pillow_the_error_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: reading image folders needs Pillow")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_help_shows_the_imagenet_recipe(capsys):
+    with pytest.raises(SystemExit):
+        _example().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model {wrn28-2,wrn28-8,resnet50,mlp}" in text
+    assert "RandAugment M (default: 17.0)" in text and "EMA_DECAY" in text
