@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in args.rows:
             bar.set_description(row)
             start = time.perf_counter()
+            (args.output_dir / row / "metrics.jsonl").unlink(missing_ok=True)  # a rerun replaces it
             tracker = Tracker(
                 args.output_dir / row,
                 args.wandb_project,

@@ -290,6 +290,7 @@ def finetune_student(cfg: Config, data: Data, seed: int, student: nn.Module) -> 
 def run(cfg: Config, data: Data, preset: str, seed: int, row: str, args, bar: tqdm) -> dict:
     """Train one row for one seed (its own wandb run); returns its accuracies and time."""
     out = args.output_dir / preset / f"seed{seed}" / row
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a repeated run replaces its records
     tracker = Tracker(
         out, project=args.wandb_project, group=f"{preset}/{row}", name=f"{row}-seed{seed}",
         config={**asdict(cfg), "preset": preset, "row": row, "seed": seed},

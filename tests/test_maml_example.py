@@ -91,6 +91,11 @@ def test_main_tiny_run_writes_outputs(ms, tmp_path, capsys):
         config, records = read_metrics(tmp_path / "out" / row)
         assert [r["step"] for r in records] == [2, 3] and config["row"] == row
     assert Path(out["figure"]).stat().st_size > 0 and (tmp_path / "copy.png").stat().st_size > 0
+    ms.main(argv)  # run again into the same folder: each row's records are replaced, not appended
+    capsys.readouterr()
+    for row in ms.ROWS:
+        config, records = read_metrics(tmp_path / "out" / row)
+        assert [r["step"] for r in records] == [2, 3] and config["row"] == row
 
 
 def test_evaluate_shapes(ms):
