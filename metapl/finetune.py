@@ -24,13 +24,19 @@ def finetune(
     batches: Iterable[tuple[Tensor, Tensor]],
     optimizer: Optimizer,
     label_smoothing: float = 0.0,
+    dropout: bool = True,
 ) -> list[float]:
     """Train ``model`` in place on ``(x [B, ...], y [B])`` batches with cross-entropy, one
     optimizer step per batch (gradients and BatchNorm running statistics averaged across
-    processes when distributed). Returns the loss of every step."""
+    processes when distributed). ``dropout=False`` switches its dropout layers off for the
+    duration (BatchNorm still trains). Returns the loss of every step."""
     params, buffers = params_of(model), buffers_of(model)
     state = optimizer.init(params)
     model.train()
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
 
     def loss_fn(p, b, x, y):
         logits, new_buffers = forward(model, p, b, x)
@@ -44,4 +50,5 @@ def finetune(
         buffers = all_reduce_mean_floats(buffers)
         losses.append(float(loss))
     write_back(model, params, buffers)
+    model.train()
     return losses

@@ -457,14 +457,15 @@ class MPL:
         self.counters = _to(sd["counters"], device)
 
     def finetune(self, batches: Iterable[tuple[Tensor, Tensor]], optimizer: Optimizer,
-                 label_smoothing: float = 0.0) -> list[float]:  # fmt: skip
-        """Finetune the student on labeled batches after MPL (the paper's last phase): the
-        EMA student when there is one (the model MPL reports, as the paper's code does), else
-        the student. Both students then hold the finetuned model. Returns each step's loss."""
+                 label_smoothing: float = 0.0, dropout: bool = False) -> list[float]:  # fmt: skip
+        """Finetune the student on labeled batches after MPL (the paper's last phase; dropout
+        off by default, as its code does): the EMA student when there is one (the model MPL
+        reports), else the student. Both students then hold the finetuned model. Returns each
+        step's loss."""
         from metapl.finetune import finetune
 
         final = self.ema_student if self.ema_student is not None else self.student
-        losses = finetune(final, batches, optimizer, label_smoothing)
+        losses = finetune(final, batches, optimizer, label_smoothing, dropout)
         other = self.student if final is self.ema_student else self.ema_student
         if other is not None:
             other.load_state_dict(final.state_dict())

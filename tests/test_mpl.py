@@ -945,6 +945,25 @@ def test_student_with_other_number_of_classes_raises_and_changes_nothing():
 # --------------------------------------------------------------------------- 11. finetune
 
 
+def test_finetune_switches_dropout_off_by_default():
+    """As the paper's code: the finetuned student equals the same network without its dropout
+    layer finetuned alike; dropout=True keeps it (and the result differs). Dropout is back on
+    afterwards."""
+    batches = [(b.x_l, b.y_l) for b in map(make_batch, range(3))]
+    opt = optim.sgd(0.3, momentum=0.9)
+    finetuned = {}
+    for dropout in (False, True):
+        mpl = Config().mpl(mlp(seed=1), mlp(seed=2, dropout=0.5), ema_decay=None)
+        mpl.finetune(batches, opt, dropout=dropout) if dropout else mpl.finetune(batches, opt)
+        assert mpl.student.training and mpl.student[2].training
+        finetuned[dropout] = params(mpl.student)
+    plain = mlp(seed=2)  # the same weights, no dropout layer
+    metapl.finetune(plain, batches, opt)
+    renamed = {k.replace("3.", "2.", 1): v for k, v in finetuned[False].items()}
+    assert_tree_close(renamed, params(plain), **TIGHT)
+    assert not torch.allclose(finetuned[True]["3.weight"], finetuned[False]["3.weight"])
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
 def test_finetune_equals_torch_optim_sgd(label_smoothing, ema_decay):
