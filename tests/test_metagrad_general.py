@@ -2,6 +2,8 @@
 hyperparameters (learned lr / momentum / weight decay / betas, Meta-SGD) and the outer loss,
 against the plain-autograd float64 unroll in tests/reference.py, closed forms and each other."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from reference import (
 
 import metapl
 from metapl import optim
+from metapl.metagrad import unrolled
 
 SIZES = [3, 5, 3]
 
@@ -75,9 +78,15 @@ def everywhere_problem(kind, seed=0):
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 @pytest.mark.parametrize("steps", [1, 2, 3])
-def test_exact_through_every_path_matches_reference(kind, steps):
+@pytest.mark.parametrize("engine", ["autograd", "reverse"])
+def test_exact_through_every_path_matches_reference(kind, steps, engine):
+    """Both engines of "exact": plain autograd through the kept unroll (eager, the default
+    here) and the step-by-step reverse pass (which ``reduce`` selects, as vmap and compile do)."""
     meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=steps)
-    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps)
+    kw = {"reduce": lambda tree: tree} if engine == "reverse" else {}
+    with mock.patch.object(unrolled, "unrolled", wraps=unrolled.unrolled) as spy:
+        res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, **kw)
+    assert spy.call_count == (engine == "autograd")
     grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
     for k in grads:  # every path carries a signal (momentum and beta1 act from step 2 on)
         assert grads[k].abs().max() > 1e-4 or (k in ("mom", "beta1") and steps == 1), k
@@ -88,6 +97,18 @@ def test_exact_through_every_path_matches_reference(kind, steps):
     assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
     if kind == "sgd":
         assert_close(res.opt_state["momentum"], st["momentum"], rtol=1e-12, atol=1e-14)
+
+
+def test_plain_autograd_only_where_it_composes():
+    """Eager calls that keep every graph take the autograd engine; longer unrolls than
+    ``checkpoint`` keeps, vmap and torch.compile take the reverse pass."""
+    theta, xs, ys, xq, yq = tasks()
+    with mock.patch.object(unrolled, "unrolled", wraps=unrolled.unrolled) as spy:
+        sinusoid_maml(theta, xs[0], ys[0], xq[0], yq[0], steps=2)
+        assert spy.call_count == 1
+        sinusoid_maml(theta, xs[0], ys[0], xq[0], yq[0], steps=6)  # > checkpoint's 5
+        torch.func.vmap(lambda *t: sinusoid_maml(theta, *t).teacher_grads)(xs, ys, xq, yq)
+        assert spy.call_count == 1
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from torch import Tensor
 
-from metapl.metagrad import curvature, tree
+from metapl.metagrad import curvature, tree, unrolled
 from metapl.metagrad.check import check_arguments
 from metapl.metagrad.implicit import CG, Neumann, implicit
 from metapl.metagrad.problem import Schedule, make_problem, scalar_loss
@@ -136,7 +136,10 @@ def meta_grad(
             earlier ones, so memory grows with K by the trajectory and at most n steps'
             activations (default 5: short unrolls such as MAML's recompute nothing, about 1.3x
             faster than recomputing); ``True``: n = 1 (the least memory); ``False``: keep every
-            step's graph (no recomputation; memory grows by each step's activations).
+            step's graph (no recomputation; memory grows by each step's activations). When
+            every graph is kept, an eager ``"exact"`` call without ``reduce`` backpropagates
+            through the unroll with plain autograd (the same numbers, less per-operation
+            overhead); under vmap or torch.compile the step-by-step reverse pass runs.
         compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
             as one ``torch.compile``'d graph, compiled once for every step (compile time does
             not grow with K; later calls with the same shapes reuse it). To compile a whole
@@ -162,6 +165,8 @@ def meta_grad(
         inner_loss, outer_loss, student_params, optimizer, inner_batches is not None, has_aux
     )
     schedule = Schedule(steps, inner_batches)
+    kept_graphs = steps if checkpoint is False else int(checkpoint)
+    eager_autograd = unrolled.applies(method, reduce, compile, kept_graphs, steps)
     reduce = reduce or tree.identity
     h, outer_grads = None, None
     if method == "score_function":
@@ -173,6 +178,10 @@ def meta_grad(
         grads, s, st, loss, aux, outer_grads = implicit(
             problem, schedule, meta, opt_state, solver or CG()
         )
+    elif eager_autograd:
+        grads, s, st, loss, aux, outer_grads = unrolled.unrolled(
+            problem, schedule, meta, opt_state, truncate or steps
+        )
     else:
         if method == "exact":
             stepper = curvature.Exact(problem, reduce)
@@ -181,8 +190,8 @@ def meta_grad(
         else:
             stepper = curvature.FirstOrder(problem, reduce)
         grads, s, st, loss, aux, outer_grads = reverse(
-            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps,
-            steps if checkpoint is False else int(checkpoint), compile,
+            problem, schedule, meta, opt_state, stepper, reduce, truncate or steps, kept_graphs,
+            compile,
         )  # fmt: skip
     result = MetaGradResult(
         grads, s, st, loss, aux if has_aux else None, h, outer_grads
