@@ -65,7 +65,7 @@ import metapl
 from metapl import optim
 from metapl.data import DigitAugment, load_mnist, mnist_split
 from metapl.finetune import finetune
-from metapl.recipe import set_fields
+from metapl.recipe import check_mpl_options, mpl_options, set_fields
 from metapl.tracking import Tracker
 
 # ----------------------------------------------------------------------------- config
@@ -229,19 +229,6 @@ def train_supervised(cfg: Config, data: Data, seed: int, log: Selector) -> None:
         sched.step()
         ema.update_parameters(model)
         log(step, {"train/loss": loss.item()}, {"model": ema.module})
-
-
-def mpl_options(cfg: Config, method: str | None) -> dict:
-    """The ablation knobs of ``metapl.MPL`` (``mpl_weight`` only where there is an MPL term)."""
-    options = {"student_bn": cfg.student_bn, "lookahead_steps": cfg.lookahead_steps,
-               "log_prob_reduction": cfg.log_prob_reduction}  # fmt: skip
-    return options | ({"mpl_weight": cfg.mpl_weight} if method else {})
-
-
-def check_mpl_options(cfg: Config) -> None:
-    """Raise MPL's own ValueError for a bad knob before any run starts."""
-    metapl.MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
-               **mpl_options(cfg, "exact"))  # fmt: skip
 
 
 def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> None:

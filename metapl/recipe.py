@@ -37,7 +37,9 @@ __all__ = [
     "build_networks",
     "build_randaugment",
     "check_args",
+    "check_mpl_options",
     "cli",
+    "mpl_options",
     "print_results",
     "recipe_from_args",
     "run",
@@ -429,6 +431,20 @@ def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def mpl_options(config, method: str | None) -> dict:
+    """The ablation knobs of ``MPL`` that an example's config dataclass carries
+    (``mpl_weight`` only where there is an MPL term)."""
+    options = {"student_bn": config.student_bn, "lookahead_steps": config.lookahead_steps,
+               "log_prob_reduction": config.log_prob_reduction}  # fmt: skip
+    return options | ({"mpl_weight": config.mpl_weight} if method else {})
+
+
+def check_mpl_options(config) -> None:
+    """Raise MPL's own ValueError for a bad knob of ``config`` before any run starts."""
+    MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
+        **mpl_options(config, "exact"))  # fmt: skip
 
 
 def set_fields(config, assignments: list[str]):
