@@ -417,9 +417,6 @@ def _finetune_final(model: nn.Module, data: SSLData, config: TrainConfig, tracke
         model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
     )}  # fmt: skip
     final = copy.deepcopy(model)
-    for module in final.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
     ft_bar = Progress(config.finetune_steps, desc="finetune",
                       disable=distributed.rank() != 0)  # fmt: skip
     batches = _counted(_finetune_batches(data, config, device), ft_bar)
@@ -427,7 +424,8 @@ def _finetune_final(model: nn.Module, data: SSLData, config: TrainConfig, tracke
                     weight_decay=config.finetune_weight_decay)  # fmt: skip
     _seed_globals(config.seed, 0, phase=1)
     with _autocast(device, config.bf16):
-        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing)
+        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing,
+                          dropout=False)
     ft_bar.close()
     for k, loss in enumerate(losses, 1):
         if k % config.log_every == 0 or k == len(losses):
