@@ -11,7 +11,9 @@ from torch.func import functional_call
 
 Params = dict[str, Tensor]
 
-__all__ = ["buffers_of", "forward", "params_of", "soft_cross_entropy", "write_back"]
+__all__ = [
+    "buffers_of", "forward", "forward_batch_stats", "params_of", "soft_cross_entropy", "write_back",
+]  # fmt: skip
 
 
 def params_of(module: nn.Module) -> Params:
@@ -35,6 +37,26 @@ def forward(
     """
     scratch = {k: b.clone() for k, b in buffers.items()}
     return functional_call(module, {**params, **scratch}, args), scratch
+
+
+def forward_batch_stats(
+    module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], *args
+) -> Tensor:
+    """``module(*args)`` with ``params`` and ``buffers``, its BatchNorm layers normalising with
+    the statistics of this batch and tracking none (their running statistics stand in as None).
+
+    For a forward whose new running statistics would be thrown away; unlike ``forward`` it
+    mutates no buffer, so it also runs under ``vmap`` over parameters. The output equals
+    ``forward``'s in training mode.
+    """
+    untracked = {
+        f"{name}.{stat}" if name else stat
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for stat in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    state = {k: None if k in untracked else b.clone() for k, b in buffers.items()}
+    return functional_call(module, {**params, **state}, args)
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

@@ -12,10 +12,11 @@ One ``MPL.step``:
    of this one batch (the same view and the same targets at every step; fresh dropout masks).
    Those steps are the lookahead of the meta-gradient *and* the student's real update: their
    gradients are computed once.
-4. The MPL term: the gradient of the updated student's labeled cross-entropy with respect to
-   ``z`` (``metapl.meta_grad`` with the logits as "teacher parameters", through all K steps),
-   times ``mpl_weight``, pushed through the teacher together with its own loss in a single
-   backward pass (one VJP).
+4. The MPL term: the gradient of the updated student's labeled cross-entropy (on ``(x_l,
+   y_l)``, or on the separate ``mpl_batch`` given to ``step``) with respect to ``z``
+   (``metapl.meta_grad`` with the logits as "teacher parameters", through all K steps), times
+   ``mpl_weight``, pushed through the teacher together with its own loss in a single backward
+   pass (one VJP).
 
 BatchNorm: running statistics advance exactly once per step for each network: the teacher's
 from its forward on the concatenated batch; the student's from its first forward for its own
@@ -48,6 +49,7 @@ from metapl.distributed import (
 from metapl.functional import (
     buffers_of,
     forward,
+    forward_batch_stats,
     params_of,
     soft_cross_entropy,
     write_back,
@@ -255,10 +257,13 @@ class MPL:
 
     def step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, x_u_strong: Tensor | None = None,
-        *, sync: bool = True,
+        *, mpl_batch: tuple[Tensor, Tensor] | None = None, sync: bool = True,
     ) -> dict[str, float] | dict[str, Tensor]:  # fmt: skip
         """One MPL step on a labeled batch ``(x_l [B_l, ...], y_l [B_l])`` and an unlabeled
         batch ``x_u [B_u, ...]`` (with its strongly augmented view ``x_u_strong``).
+
+        ``mpl_batch=(x [B_m, ...], y [B_m])`` is the labeled batch on which the updated
+        student is scored for the MPL signal; by default the teacher's own ``(x_l, y_l)``.
 
         Returns the step's metrics as floats, or as 0-d tensors with ``sync=False`` (which
         avoids a host synchronisation per metric).
@@ -269,8 +274,11 @@ class MPL:
         labeled set once instead, as ``metapl.train.train`` does.
         """
         self._check_batch(x_l, y_l, x_u, x_u_strong)
+        x_m, y_m = self._check_mpl_batch(mpl_batch, x_l, y_l)
         if sync or y_l.device.type == "cpu" or self._num_classes is None:
             self.check_labels(y_l, x_l)
+            if mpl_batch is not None:
+                self.check_labels(y_m, x_m)
         self.teacher.train()
         self.student.train()
         ema = None
@@ -280,7 +288,7 @@ class MPL:
             params_of(self.teacher), buffers_of(self.teacher),
             params_of(self.student), buffers_of(self.student),
             self.teacher_state, self.student_state, self.counters, ema,
-            x_l, y_l, x_u, x_u_strong,
+            x_l, y_l, x_u, x_u_strong, x_m, y_m,
         )  # fmt: skip
         (t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema, metrics) = out
         write_back(self.teacher, t_params, t_bufs)
@@ -291,7 +299,7 @@ class MPL:
         return {k: float(v) for k, v in metrics.items()} if sync else metrics
 
     def _pure_step(self, t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema,
-                   x_l, y_l, x_u, x_us):  # fmt: skip
+                   x_l, y_l, x_u, x_us, x_m, y_m):  # fmt: skip
         """The whole step as a pure function (this is what ``compile=True`` compiles)."""
         step = counters["step"]
         reduce = all_reduce_mean if is_distributed() else None
@@ -317,14 +325,17 @@ class MPL:
         (_, z), teacher_vjp, (t_bufs, metrics) = vjp(teacher_losses, t_params, has_aux=True)
         z = z.detach()
 
-        def student_forward(sp, x):
-            logits, new_bufs = forward(self.student, sp, s_bufs, x)
+        def checked(logits):
             if logits.shape[-1] != z.shape[-1]:
                 raise ValueError(
                     f"the student outputs {logits.shape[-1]} classes but the teacher "
                     f"{z.shape[-1]}; give both the same number of outputs"
                 )
-            return logits, new_bufs
+            return logits
+
+        def student_forward(sp, x):
+            logits, new_bufs = forward(self.student, sp, s_bufs, x)
+            return checked(logits), new_bufs
 
         def student_on_view(sp):
             """The student's logits on x_view (its pseudo-label batch) and its new buffers."""
@@ -347,8 +358,8 @@ class MPL:
                 logits, new_bufs = student_on_view(sp)
                 return F.cross_entropy(logits, target), new_bufs
 
-        def outer_loss(sp):
-            return F.cross_entropy(student_forward(sp, x_l)[0], y_l)
+        def outer_loss(sp):  # batch statistics, no running ones (it may run under vmap)
+            return F.cross_entropy(checked(forward_batch_stats(self.student, sp, s_bufs, x_m)), y_m)
 
         def log_prob(labels):  # "mean": the paper's scale (1/B of the joint log-probability)
             log_p = F.log_softmax(labels["z"] / self.temperature, dim=-1)
@@ -427,6 +438,28 @@ class MPL:
             )
         if self.uda is not None and x_u_strong is None:
             raise ValueError("UDA needs the strongly augmented view: pass x_u_strong")
+
+    def _check_mpl_batch(self, mpl_batch, x_l: Tensor, y_l: Tensor) -> tuple[Tensor, Tensor]:
+        """``mpl_batch`` checked, or ``(x_l, y_l)`` when it is None."""
+        if mpl_batch is None:
+            return x_l, y_l
+        if self.meta_grad is None:
+            raise ValueError("mpl_batch needs a meta_grad: there is no MPL term without one")
+        if not (isinstance(mpl_batch, (tuple, list)) and len(mpl_batch) == 2
+                and all(isinstance(t, Tensor) for t in mpl_batch)):  # fmt: skip
+            raise TypeError("mpl_batch must be a pair of tensors (x, y)")
+        x_m, y_m = mpl_batch
+        if y_m.dim() != 1 or y_m.shape[0] != x_m.shape[0] or y_m.is_floating_point():
+            raise ValueError(
+                f"mpl_batch's labels must be integer class indices of shape [{x_m.shape[0]}] "
+                f"(one per row of its x), got {y_m.dtype} of shape {tuple(y_m.shape)}"
+            )
+        if x_m.shape[1:] != x_l.shape[1:]:
+            raise ValueError(
+                f"mpl_batch's x must have x_l's example shape {tuple(x_l.shape[1:])}, got "
+                f"{tuple(x_m.shape[1:])}"
+            )
+        return x_m, y_m
 
     def state_dict(self) -> dict:
         """Everything needed to resume training exactly (with the caller's RNG state)."""

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from reference import ref_adamw
 from torch import Tensor, nn
+from torch.func import vmap
 
 import metapl
 from metapl import optim
+from metapl.functional import forward, forward_batch_stats
 from metapl.mpl import _sample_categorical
 
 F64 = torch.float64
@@ -56,6 +58,7 @@ class Batch:
     y_l: Tensor
     x_u: Tensor
     x_us: Tensor | None
+    mpl_batch: tuple[Tensor, Tensor] | None = None  # a separate labeled batch for the MPL signal
 
     @property
     def x_view(self) -> Tensor:  # what the student trains on
@@ -65,15 +68,20 @@ class Batch:
         return self.x_l, self.y_l, self.x_u, self.x_us
 
 
-def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64) -> Batch:
+def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64,
+               n_mpl=0) -> Batch:  # fmt: skip
     gen = torch.Generator().manual_seed(1000 + seed)
     x_u = torch.randn(n_u, d, generator=gen, dtype=dtype)
-    return Batch(
+    batch = Batch(
         x_l=torch.randn(n_l, d, generator=gen, dtype=dtype) + 0.5,  # other stats than x_u
         y_l=torch.randint(0, classes, (n_l,), generator=gen),
         x_u=x_u,
         x_us=x_u + 0.5 * torch.randn(n_u, d, generator=gen, dtype=dtype) if strong else None,
     )
+    if n_mpl:
+        batch.mpl_batch = (torch.randn(n_mpl, d, generator=gen, dtype=dtype) - 0.5,
+                           torch.randint(0, classes, (n_mpl,), generator=gen))  # fmt: skip
+    return batch
 
 
 def params(module: nn.Module) -> dict[str, Tensor]:
@@ -230,7 +238,8 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     s_state = s_init(s) if s_state is None else s_state
     tp, sp = leaves(t), leaves(s)
     loss_t, z, metrics = hand_teacher_loss(tp, batch, cfg, step)
-    labeled_ce = lambda p: F.cross_entropy(hand_mlp(p, batch.x_l), batch.y_l)  # noqa: E731
+    x_m, y_m = batch.mpl_batch or (batch.x_l, batch.y_l)
+    labeled_ce = lambda p: F.cross_entropy(hand_mlp(p, x_m), y_m)  # noqa: E731
     if cfg.pseudo_labels == "soft":
         probs = torch.softmax(z / cfg.temperature, dim=-1)
         if cfg.meta_grad is None:
@@ -277,7 +286,7 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     return (*out, h_b)
 
 
-def run_both(cfg: Config, steps=2, strong=True, seeds=(11, 12, 13), bn=False):
+def run_both(cfg: Config, steps=2, strong=True, seeds=(11, 12, 13), bn=False, n_mpl=0):
     """``steps`` MPL steps and the same steps by hand; returns both trajectories' ends."""
     teacher, student = mlp(seed=1, bn=bn), mlp(seed=2, bn=bn)
     t, s = params(teacher), params(student)
@@ -285,9 +294,9 @@ def run_both(cfg: Config, steps=2, strong=True, seeds=(11, 12, 13), bn=False):
     t_state = s_state = None
     h_b = 0.0
     for k in range(steps):
-        batch = make_batch(seed=k, strong=strong)
+        batch = make_batch(seed=k, strong=strong, n_mpl=n_mpl)
         torch.manual_seed(seeds[k])
-        got = mpl.step(*batch.args())
+        got = mpl.step(*batch.args(), mpl_batch=batch.mpl_batch)
         t, s, t_state, s_state, expected, h_b = hand_step(
             t, s, t_state, s_state, batch, cfg, k, seed=seeds[k], h_b=h_b
         )
@@ -522,6 +531,27 @@ def test_first_order_sign_by_enumeration():
     g_expected = dict(zip(tp, g_expected, strict=True))
     assert max(g.abs().max() for g in g_expected.values()) > 1e-4
     assert_tree_close(mpl_avg, g_expected, rtol=1e-8, atol=1e-12)
+
+
+MPL_BATCH = {
+    "exact": Config(meta_grad="exact", teacher_opt="adamw"),
+    "exact_uda_bn_joint": Config(meta_grad="exact", uda=uda_for(weight=0.7)),
+    "first_order": Config(
+        meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(MPL_BATCH))
+def test_separate_mpl_batch_equals_hand_computation(name):
+    """``step(..., mpl_batch=(x, y))`` scores the updated student on (x, y) instead of
+    (x_l, y_l) (6 rows against 8, other statistics) for the MPL signal; the teacher's own loss
+    and the joint BatchNorm batch keep x_l."""
+    cfg, bn = MPL_BATCH[name], name.endswith("bn_joint")
+    mpl, hand = run_both(cfg, steps=2, bn=bn, n_mpl=6)
+    assert_matches_hand(mpl, hand)
+    _, hand_default = run_both(cfg, steps=2, bn=bn)  # the batch reaches the teacher
+    assert max((hand[0][k] - hand_default[0][k]).abs().max() for k in hand[0]) > 1e-4
 
 
 # --------------------------------------------------------------------------- 4. no MPL term
@@ -779,6 +809,21 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     assert (wrong - s_mean).abs().max() > 1e-3
 
 
+def test_forward_batch_stats_equals_forward_mutates_nothing_and_runs_under_vmap():
+    """The student's labeled forward after its steps (the MPL signal) tracks no statistics,
+    so the score-function engine can evaluate L(s_0) and L(s_K) in one vmap under compile."""
+    net = mlp(seed=2, bn=True).train()
+    p, b, x = params(net), buffers(net), make_batch(0).x_l
+    expected, _ = forward(net, p, b, x)
+    torch.testing.assert_close(forward_batch_stats(net, p, b, x), expected, rtol=0, atol=0)
+    assert_tree_equal(buffers(net), b, "buffers")
+    pair = {k: torch.stack([v, 1.1 * v]) for k, v in p.items()}
+    both = vmap(lambda q: forward_batch_stats(net, q, b, x))(pair)
+    torch.testing.assert_close(both[0], expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="Batch norm got a batched tensor"):
+        vmap(lambda q: forward(net, q, b, x)[0])(pair)
+
+
 def test_batchnorm_student_trains_on_x_u_without_strong_view():
     student = mlp(seed=2, bn=True)
     s0, bufs0 = params(student), buffers(student)
@@ -902,8 +947,11 @@ def _batch_with(**changes):
             "same example shape",
         ),  # fmt: skip
         ({"x_l": [[0.0, 1.0]]}, TypeError, "must be tensors"),
-        ({"y_l": torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])}, ValueError,
-         r"class indices 0\.\.2 \(the teacher has 3 outputs\), got label 3"),
+        (
+            {"y_l": torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])},
+            ValueError,
+            r"class indices 0\.\.2 \(the teacher has 3 outputs\), got label 3",
+        ),
         ({"y_l": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0])}, ValueError, "got label -1"),
     ],  # fmt: skip
 )
@@ -925,6 +973,46 @@ def test_labels_are_checked_on_every_step_on_the_cpu(sync):
         mpl.step(**_batch_with(y_l=torch.full((8,), 7)), sync=sync)
     assert_tree_equal(params(mpl.teacher), t0, "teacher")
     assert mpl.num_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("meta_grad", "mpl_batch", "error", "match"),
+    [
+        (
+            "exact",
+            (torch.zeros(4, 2, dtype=F64), torch.zeros(3, dtype=torch.long)),
+            ValueError,
+            r"mpl_batch's labels must be .* shape \[4\]",
+        ),
+        (
+            "exact",
+            (torch.zeros(4, 2, dtype=F64), torch.zeros(4, dtype=F64)),
+            ValueError,
+            "integer class indices",
+        ),
+        (
+            "exact",
+            (torch.zeros(4, 3, dtype=F64), torch.zeros(4, dtype=torch.long)),
+            ValueError,
+            r"x_l's example shape \(2,\)",
+        ),
+        ("exact", (torch.zeros(4, 2, dtype=F64), torch.full((4,), 3)), ValueError, "got label 3"),
+        ("exact", torch.zeros(4, 2, dtype=F64), TypeError, "pair of tensors"),
+        (
+            None,
+            (torch.zeros(4, 2, dtype=F64), torch.zeros(4, dtype=torch.long)),
+            ValueError,
+            "mpl_batch needs a meta_grad",
+        ),
+    ],  # fmt: skip
+)
+def test_bad_mpl_batch_raises_and_changes_nothing(meta_grad, mpl_batch, error, match):
+    mpl = Config(meta_grad=meta_grad).mpl(mlp(seed=1), mlp(seed=2))
+    t0 = params(mpl.teacher)
+    with pytest.raises(error, match=match):
+        mpl.step(**_batch_with(), mpl_batch=mpl_batch)
+    assert_tree_equal(params(mpl.teacher), t0, "teacher")
+    assert mpl.num_steps == 0
 
 
 def test_uda_without_strong_view_raises():
