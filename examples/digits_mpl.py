@@ -61,7 +61,7 @@ import metapl
 from metapl import optim
 from metapl.bounds import check_bounds
 from metapl.data.augment import cutout, weak_augment
-from metapl.recipe import check_mpl_options, mpl_options, set_fields
+from metapl.recipe import check_mpl_options, mpl_options, set_fields, split_labels
 from metapl.tracking import Tracker
 
 # ----------------------------------------------------------------------------- config
@@ -89,6 +89,9 @@ class Config:
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
     log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
     student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
+    # the MPL signal's labels: "same" as the teacher's, or "held_out" (half of each class's
+    # labels, which the teacher's own loss then never sees); rows without an MPL term: "same"
+    mpl_labels: str = "same"
     rotate_degrees: float = 15.0  # strong augmentation
     noise_std: float = 0.1
     cutout: int = 2  # side of the square
@@ -243,11 +246,17 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
         h_baseline_decay=0.9 if method == "first_order" else None,
         **mpl_options(cfg, method),
     )  # fmt: skip
+    own = held = torch.arange(len(data.y_l))
+    if method and cfg.mpl_labels == "held_out":
+        own, held = split_labels(data.y_l)
     gen = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
         idx = torch.randint(len(data.x_u), (cfg.batch_u,), generator=gen)
         x_u = data.x_u[idx]
-        metrics = mpl.step(weak(data.x_l, gen), data.y_l, weak(x_u, gen), strong(x_u, cfg, gen))
+        x_l = weak(data.x_l[own], gen)
+        mpl_batch = (weak(data.x_l[held], gen), data.y_l[held]) if held is not own else None
+        metrics = mpl.step(x_l, data.y_l[own], weak(x_u, gen), strong(x_u, cfg, gen),
+                           mpl_batch=mpl_batch)  # fmt: skip
         log(step, metrics, mpl.ema_student)
     return mpl.ema_student
 
@@ -339,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             cfg = replace(cfg, steps=args.steps)
         if args.labeled_per_class is not None:
             cfg = replace(cfg, labeled_per_class=args.labeled_per_class)
+        if cfg.mpl_labels == "held_out":  # at least 2 labels per class
+            split_labels(torch.arange(10).repeat(cfg.labeled_per_class))
         datasets = {seed: load_data(cfg, seed) for seed in args.seeds}
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -65,7 +65,7 @@ import metapl
 from metapl import optim
 from metapl.data import DigitAugment, load_mnist, mnist_split
 from metapl.finetune import finetune
-from metapl.recipe import check_mpl_options, mpl_options, set_fields
+from metapl.recipe import check_mpl_options, mpl_options, set_fields, split_labels
 from metapl.tracking import Tracker
 
 # ----------------------------------------------------------------------------- config
@@ -94,6 +94,9 @@ class Config:
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
     log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
     student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
+    # the MPL signal's labels: "same" batch as the teacher's, or "held_out" (half of each
+    # class's labels, which the teacher's own loss then never sees); rows without MPL: "same"
+    mpl_labels: str = "same"
     ema_decay: float = 0.99  # of the student (and of the supervised model)
     cutout: int = 8  # side of the strong view's cutout square
     finetune_steps: int = 0  # then train the selected student on the labels alone (0: off)
@@ -248,12 +251,20 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         h_baseline_decay=0.9 if method == "first_order" else None,
         **mpl_options(cfg, method),
     )  # fmt: skip
+    own = held = torch.arange(len(data.y_l))
+    if method and cfg.mpl_labels == "held_out":
+        own, held = split_labels(data.y_l)
     gen = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
-        i_l = torch.randint(len(data.x_l), (cfg.batch_l,), generator=gen)
+        i_l = own[torch.randint(len(own), (cfg.batch_l,), generator=gen)]
         x_u = data.x_u[torch.randint(len(data.x_u), (cfg.batch_u,), generator=gen)]
         x_l = weak(data.x_l[i_l], gen)
-        metrics = mpl.step(x_l, data.y_l[i_l], weak(x_u, gen), strong(x_u, cfg, gen))
+        mpl_batch = None
+        if held is not own:
+            i_m = held[torch.randint(len(held), (cfg.batch_l,), generator=gen)]
+            mpl_batch = (weak(data.x_l[i_m], gen), data.y_l[i_m])
+        metrics = mpl.step(x_l, data.y_l[i_l], weak(x_u, gen), strong(x_u, cfg, gen),
+                           mpl_batch=mpl_batch)  # fmt: skip
         log(step, metrics, {"student": mpl.ema_student, "teacher": mpl.teacher})
 
 
@@ -425,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     try:
         cfg = set_fields(PRESETS[args.preset], args.set)
         check_mpl_options(cfg)
+        if cfg.mpl_labels == "held_out":  # at least 2 labels per class
+            split_labels(torch.arange(10).repeat(cfg.labels_per_class))
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ __all__ = [
     "recipe_from_args",
     "run",
     "set_fields",
+    "split_labels",
     "tracker_for",
     "train_config",
 ]
@@ -442,9 +443,30 @@ def mpl_options(config, method: str | None) -> dict:
 
 
 def check_mpl_options(config) -> None:
-    """Raise MPL's own ValueError for a bad knob of ``config`` before any run starts."""
+    """Raise MPL's own ValueError for a bad knob of ``config`` before any run starts (and for
+    a bad ``mpl_labels``)."""
     MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
         **mpl_options(config, "exact"))  # fmt: skip
+    if config.mpl_labels not in ("same", "held_out"):
+        raise ValueError(f"mpl_labels must be 'same' or 'held_out', got {config.mpl_labels!r}")
+
+
+def split_labels(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a labeled set [N] in two halves per class (``mpl_labels="held_out"``): the
+    first ``ceil(n_c / 2)`` of each class for the teacher's own loss, the rest for the MPL
+    signal. Raises ValueError when a class has fewer than 2 labels."""
+    own, held = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < 2:
+            raise ValueError(
+                f"mpl_labels='held_out' needs at least 2 labels per class, class {int(c)} has "
+                f"{len(idx)}: use more labels per class or mpl_labels='same'"
+            )
+        half = (len(idx) + 1) // 2
+        own.append(idx[:half])
+        held.append(idx[half:])
+    return torch.cat(own), torch.cat(held)
 
 
 def set_fields(config, assignments: list[str]):

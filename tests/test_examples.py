@@ -100,6 +100,31 @@ def test_digits_mpl_knobs_reach_metapl_mpl(isolated, monkeypatch, capsys):
     assert "mpl_weight must be >= 0" in capsys.readouterr().err
 
 
+def test_digits_mpl_held_out_labels_reach_the_mpl_signal_only(isolated, monkeypatch, capsys):
+    """mpl_labels=held_out: the teacher's batch holds one half of each class's labels, the MPL
+    signal's batch the other half; rows without an MPL term keep every label."""
+    digits = load_example("digits_mpl")
+    seen = {}
+    real_step = digits.metapl.MPL.step
+
+    def step(self, x_l, y_l, x_u, x_u_strong=None, **kwargs):
+        seen.setdefault(self.meta_grad, (y_l.bincount(minlength=10), kwargs["mpl_batch"]))
+        return real_step(self, x_l, y_l, x_u, x_u_strong, **kwargs)
+
+    monkeypatch.setattr(digits.metapl.MPL, "step", step)
+    digits.main(["--steps", "2", "--seeds", "0", "--rows", "uda", "mpl_uda", "--json",
+                 "--labeled-per-class", "3", "--wandb-mode", "disabled", "--output-dir",
+                 str(isolated / "out"), "--set", "mpl_labels=held_out"])  # fmt: skip
+    own, mpl_batch = seen["exact"]
+    assert own.tolist() == [2] * 10 and mpl_batch[1].bincount().tolist() == [1] * 10
+    all_labels, none = seen[None]
+    assert all_labels.tolist() == [3] * 10 and none is None
+    with pytest.raises(SystemExit):
+        digits.main(["--labeled-per-class", "1", "--set", "mpl_labels=held_out",
+                     "--output-dir", str(isolated / "out")])  # fmt: skip
+    assert "at least 2 labels per class" in capsys.readouterr().err
+
+
 def test_digits_mpl_disabled_wandb(isolated, capsys):
     digits = load_example("digits_mpl")
     out = isolated / "out"

@@ -130,6 +130,30 @@ def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
     assert seen[None]["lookahead_steps"] == 2 and "mpl_weight" not in seen[None]
 
 
+def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypatch):
+    """mpl_labels=held_out: the teacher draws from one half of each class's labels, the MPL
+    signal from the other (disjoint images); rows without an MPL term draw from all."""
+    mnist = load_example()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    seen = {}
+    real_step = mnist.metapl.MPL.step
+
+    def step(self, x_l, y_l, x_u, x_u_strong=None, **kwargs):
+        seen.setdefault(self.meta_grad, []).append((x_l, kwargs["mpl_batch"]))
+        return real_step(self, x_l, y_l, x_u, x_u_strong, **kwargs)
+
+    monkeypatch.setattr(mnist.metapl.MPL, "step", step)
+    monkeypatch.setattr(mnist, "weak", lambda x, gen: x.float() / 255)  # images as stored
+    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_uda", "--data-dir", str(mnist_dir),
+                "--output-dir", str(isolated / "out"), "--json",
+                "--set", *SMALL, "labels_per_class=2", "mpl_labels=held_out"])  # fmt: skip
+    assert all(m is None for _, m in seen[None])
+    own = {x.numpy().tobytes() for x_l, _ in seen["exact"] for x in x_l}
+    held = {x.numpy().tobytes() for _, (x_m, _) in seen["exact"] for x in x_m}
+    assert own and held and not own & held
+    assert len(own) <= 10 and len(held) <= 10  # one image per class in each half
+
+
 @pytest.mark.parametrize(
     ("knob", "match"),
     [("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
