@@ -32,8 +32,13 @@ SETTINGS: dict[str, tuple[str, dict[str, object]]] = {
     "student_bn_joint": ("mpl_uda", {"student_bn": "joint"}),  # the official code's BatchNorm
     "first_order": ("mpl_uda_first_order", {}),  # hard labels, the paper's 1/B_u scale
     "first_order_sum": ("mpl_uda_first_order", {"log_prob_reduction": "sum"}),  # without 1/B_u
+    # the MPL signal on half of each class's labels, the teacher's own loss on the other half
+    # (the UDA baseline keeps every label for its supervised loss)
+    "held_out_labels": ("mpl_uda", {"mpl_labels": "held_out"}),
+    "resampled_labels": ("mpl_uda", {"mpl_labels": "resampled"}),  # another weak view
 }
-MPL_ONLY = ("mpl_weight", "log_prob_reduction")  # knobs that leave the UDA baseline unchanged
+# knobs that leave the UDA baseline unchanged
+MPL_ONLY = ("mpl_weight", "log_prob_reduction", "mpl_labels")
 
 
 def overrides_text(overrides: dict[str, object]) -> list[str]:

@@ -89,8 +89,9 @@ class Config:
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
     log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
     student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
-    # the MPL signal's labels: "same" as the teacher's, or "held_out" (half of each class's
-    # labels, which the teacher's own loss then never sees); rows without an MPL term: "same"
+    # the MPL signal's labeled batch: "same" as the teacher's, "resampled" (the labels again,
+    # with their own weak views) or "held_out" (half of each class's labels, which the
+    # teacher's own loss then never sees); rows without an MPL term: "same"
     mpl_labels: str = "same"
     rotate_degrees: float = 15.0  # strong augmentation
     noise_std: float = 0.1
@@ -254,7 +255,9 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
         idx = torch.randint(len(data.x_u), (cfg.batch_u,), generator=gen)
         x_u = data.x_u[idx]
         x_l = weak(data.x_l[own], gen)
-        mpl_batch = (weak(data.x_l[held], gen), data.y_l[held]) if held is not own else None
+        mpl_batch = None
+        if method and cfg.mpl_labels != "same":
+            mpl_batch = (weak(data.x_l[held], gen), data.y_l[held])
         metrics = mpl.step(x_l, data.y_l[own], weak(x_u, gen), strong(x_u, cfg, gen),
                            mpl_batch=mpl_batch)  # fmt: skip
         log(step, metrics, mpl.ema_student)

@@ -94,8 +94,9 @@ class Config:
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
     log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
     student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
-    # the MPL signal's labels: "same" batch as the teacher's, or "held_out" (half of each
-    # class's labels, which the teacher's own loss then never sees); rows without MPL: "same"
+    # the MPL signal's labeled batch: "same" as the teacher's, "resampled" (a draw of its
+    # own) or "held_out" (drawn from half of each class's labels, which the teacher's own loss
+    # then never sees); rows without an MPL term: "same"
     mpl_labels: str = "same"
     ema_decay: float = 0.99  # of the student (and of the supervised model)
     cutout: int = 8  # side of the strong view's cutout square
@@ -260,7 +261,7 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         x_u = data.x_u[torch.randint(len(data.x_u), (cfg.batch_u,), generator=gen)]
         x_l = weak(data.x_l[i_l], gen)
         mpl_batch = None
-        if held is not own:
+        if method and cfg.mpl_labels != "same":
             i_m = held[torch.randint(len(held), (cfg.batch_l,), generator=gen)]
             mpl_batch = (weak(data.x_l[i_m], gen), data.y_l[i_m])
         metrics = mpl.step(x_l, data.y_l[i_l], weak(x_u, gen), strong(x_u, cfg, gen),

@@ -447,8 +447,10 @@ def check_mpl_options(config) -> None:
     a bad ``mpl_labels``)."""
     MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
         **mpl_options(config, "exact"))  # fmt: skip
-    if config.mpl_labels not in ("same", "held_out"):
-        raise ValueError(f"mpl_labels must be 'same' or 'held_out', got {config.mpl_labels!r}")
+    if config.mpl_labels not in ("same", "resampled", "held_out"):
+        raise ValueError(
+            f"mpl_labels must be 'same', 'resampled' or 'held_out', got {config.mpl_labels!r}"
+        )
 
 
 def split_labels(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,9 +100,11 @@ def test_digits_mpl_knobs_reach_metapl_mpl(isolated, monkeypatch, capsys):
     assert "mpl_weight must be >= 0" in capsys.readouterr().err
 
 
-def test_digits_mpl_held_out_labels_reach_the_mpl_signal_only(isolated, monkeypatch, capsys):
+@pytest.mark.parametrize("mpl_labels", ["held_out", "resampled"])
+def test_digits_mpl_labels_for_the_mpl_signal(isolated, monkeypatch, capsys, mpl_labels):
     """mpl_labels=held_out: the teacher's batch holds one half of each class's labels, the MPL
-    signal's batch the other half; rows without an MPL term keep every label."""
+    signal's batch the other half; resampled: every label in both, other weak views; rows
+    without an MPL term keep every label and no MPL batch."""
     digits = load_example("digits_mpl")
     seen = {}
     real_step = digits.metapl.MPL.step
@@ -114,9 +116,12 @@ def test_digits_mpl_held_out_labels_reach_the_mpl_signal_only(isolated, monkeypa
     monkeypatch.setattr(digits.metapl.MPL, "step", step)
     digits.main(["--steps", "2", "--seeds", "0", "--rows", "uda", "mpl_uda", "--json",
                  "--labeled-per-class", "3", "--wandb-mode", "disabled", "--output-dir",
-                 str(isolated / "out"), "--set", "mpl_labels=held_out"])  # fmt: skip
+                 str(isolated / "out"), "--set", f"mpl_labels={mpl_labels}"])  # fmt: skip
     own, mpl_batch = seen["exact"]
-    assert own.tolist() == [2] * 10 and mpl_batch[1].bincount().tolist() == [1] * 10
+    if mpl_labels == "held_out":
+        assert own.tolist() == [2] * 10 and mpl_batch[1].bincount().tolist() == [1] * 10
+    else:
+        assert own.tolist() == mpl_batch[1].bincount().tolist() == [3] * 10
     all_labels, none = seen[None]
     assert all_labels.tolist() == [3] * 10 and none is None
     with pytest.raises(SystemExit):
