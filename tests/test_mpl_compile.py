@@ -40,9 +40,9 @@ def build(meta_grad, pseudo_labels, compile, *, bn=True, dropout=0.0, uda=True, 
     )  # fmt: skip
 
 
-def run(mpl: metapl.MPL, steps=3, no_recompile=False, seed=0):
-    """``steps`` steps on fixed batches; with ``no_recompile`` every step after the first must
-    reuse the first step's graph."""
+def run(mpl: metapl.MPL, steps=3, no_recompile=False, seed=0, n_mpl=0):
+    """``steps`` steps on fixed batches (with an MPL batch of ``n_mpl`` rows); with
+    ``no_recompile`` every step after the first must reuse the first step's graph."""
     dtype = next(mpl.teacher.parameters()).dtype
     torch.manual_seed(seed)
     metrics = []
@@ -53,7 +53,8 @@ def run(mpl: metapl.MPL, steps=3, no_recompile=False, seed=0):
             else contextlib.nullcontext()
         )
         with guard:
-            metrics.append(mpl.step(*make_batch(k, dtype=dtype).args()))
+            batch = make_batch(k, dtype=dtype, n_mpl=n_mpl)
+            metrics.append(mpl.step(*batch.args(), mpl_batch=batch.mpl_batch))
     return metrics
 
 
@@ -71,14 +72,14 @@ def assert_same_run(compiled: metapl.MPL, eager: metapl.MPL, m_compiled, m_eager
             assert got[k] == pytest.approx(expected[k], rel=10 * tol["rtol"], abs=tol["atol"]), k
 
 
-def compare(meta_grad, pseudo_labels, tol=TOL, **kwargs):
+def compare(meta_grad, pseudo_labels, tol=TOL, n_mpl=0, **kwargs):
     torch._dynamo.reset()
     counters.clear()
     compiled = build(meta_grad, pseudo_labels, compile=True, **kwargs)
-    m_compiled = run(compiled, no_recompile=True)
+    m_compiled = run(compiled, no_recompile=True, n_mpl=n_mpl)
     assert counters["stats"]["unique_graphs"] == 1  # one graph, compiled once for all steps
     eager = build(meta_grad, pseudo_labels, compile=False, **kwargs)
-    m_eager = run(eager)
+    m_eager = run(eager, n_mpl=n_mpl)
     assert_same_run(compiled, eager, m_compiled, m_eager, tol)
     # the run is not trivial: the weights moved
     start = params(mlp(seed=1, bn=True))
@@ -93,6 +94,11 @@ def test_compiled_exact_step_equals_eager():
 def test_compiled_finite_difference_step_equals_eager():
     # float64: a float32 central difference amplifies rounding beyond float32 tolerances
     compare("finite_difference", "soft", tol=F64_TOL, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_a_separate_mpl_batch_equals_eager():
+    compare("exact", "soft", n_mpl=6)
 
 
 @pytest.mark.slow
