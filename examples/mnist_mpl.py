@@ -41,6 +41,7 @@ uda per seed: the MPL term matters in two seeds of three; docs/mpl.md, with a st
     python examples/mnist_mpl.py --preset 1-label --jobs 2
     python examples/mnist_mpl.py --rows uda mpl_uda --seeds 0 --json
     python examples/mnist_mpl.py --set steps=300 lr_student=0.1   # any Config field
+    python examples/mnist_mpl.py --rows mpl_uda --set mpl_labels=resampled  # MPL signal's own batch
 """
 
 from __future__ import annotations
