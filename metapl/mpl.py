@@ -421,11 +421,7 @@ class MPL:
     def _check_batch(self, x_l, y_l, x_u, x_u_strong) -> None:
         if not all(isinstance(x, Tensor) for x in (x_l, y_l, x_u)):
             raise TypeError("x_l, y_l and x_u must be tensors")
-        if y_l.dim() != 1 or y_l.shape[0] != x_l.shape[0] or y_l.is_floating_point():
-            raise ValueError(
-                f"y_l must be integer class indices of shape [{x_l.shape[0]}] (one per row of "
-                f"x_l), got {y_l.dtype} of shape {tuple(y_l.shape)}"
-            )
+        _check_label_shape(y_l, x_l, "y_l", "x_l")
         if x_l.shape[1:] != x_u.shape[1:]:
             raise ValueError(
                 f"x_l and x_u must have the same example shape, got {tuple(x_l.shape[1:])} and "
@@ -449,11 +445,7 @@ class MPL:
                 and all(isinstance(t, Tensor) for t in mpl_batch)):  # fmt: skip
             raise TypeError("mpl_batch must be a pair of tensors (x, y)")
         x_m, y_m = mpl_batch
-        if y_m.dim() != 1 or y_m.shape[0] != x_m.shape[0] or y_m.is_floating_point():
-            raise ValueError(
-                f"mpl_batch's labels must be integer class indices of shape [{x_m.shape[0]}] "
-                f"(one per row of its x), got {y_m.dtype} of shape {tuple(y_m.shape)}"
-            )
+        _check_label_shape(y_m, x_m, "mpl_batch's labels", "its x")
         if x_m.shape[1:] != x_l.shape[1:]:
             raise ValueError(
                 f"mpl_batch's x must have x_l's example shape {tuple(x_l.shape[1:])}, got "
@@ -547,6 +539,15 @@ def _has_dropout(module: nn.Module) -> bool:
     dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.FeatureAlphaDropout)  # fmt: skip
     return any(isinstance(m, dropouts) and m.p > 0 for m in module.modules())
+
+
+def _check_label_shape(y: Tensor, x: Tensor, y_name: str, x_name: str) -> None:
+    """``y`` must be integer class indices [N], one per row of ``x`` [N, ...]."""
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise ValueError(
+            f"{y_name} must be integer class indices of shape [{x.shape[0]}] (one per row of "
+            f"{x_name}), got {y.dtype} of shape {tuple(y.shape)}"
+        )
 
 
 def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_labels, uda,
