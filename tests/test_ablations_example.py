@@ -1,10 +1,10 @@
 """examples/ablations.py: a grid of tiny runs, one wandb group, a summary table."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from metapl import plot
 from metapl.data.fake import write_fake_cifar
@@ -17,9 +17,7 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     write_fake_cifar(tmp_path / "data", n_train=100, n_test=20)
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    ablations = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablations)
+    ablations = load_script(SCRIPT, "ablations")
     out = tmp_path / "grid"
     argv = [
         "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--meta-grads", "none",

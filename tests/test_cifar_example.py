@@ -1,6 +1,5 @@
 """examples/cifar_mpl.py end to end on tiny fake datasets in the real on-disk formats."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from metapl.data.fake import write_fake_cifar, write_fake_svhn
 from metapl.train import load_checkpoint
@@ -138,11 +138,7 @@ def test_torchrun_two_processes(tmp_path, cifar_dir):
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("cifar_mpl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "cifar_mpl")
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:

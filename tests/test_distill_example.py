@@ -2,7 +2,6 @@
 images and the learning rate equals a hand-written float64 autograd unroll (no metapl in the
 reference), the vmap over inits equals a loop, and a smoke run writes its outputs."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import one_thread  # noqa: F401  (fixture: single-threaded module)
+from script_loader import load_script
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "distill.py"
 F64 = torch.float64
@@ -18,12 +18,8 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def ds():
-    spec = importlib.util.spec_from_file_location("distill_example", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(_PATH, "distill_example")
+    sys.modules.pop("distill_example", None)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """CUDA paths: run on a GPU machine with ``pytest -m gpu`` (deselected by default)."""
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 import metapl
 from metapl import optim
@@ -87,10 +86,7 @@ def test_cifar_example_on_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_cifar(tmp_path / "data", n_train=100, n_test=20)
     script = Path(__file__).resolve().parents[1] / "examples" / "cifar_mpl.py"
-    spec = importlib.util.spec_from_file_location("cifar_mpl_gpu", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script(script, "cifar_mpl_gpu")
     argv = [
         "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
         "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",

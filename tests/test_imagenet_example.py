@@ -3,7 +3,6 @@ the slow run) on a tiny fake ImageNet in the real layout: train/<class>/*.png an
 val/<class>/*.png."""
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from metapl.data.fake import write_fake_imagefolder
 from metapl.train import load_checkpoint
@@ -19,10 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "imagenet_mpl.py"
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("imagenet_mpl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "imagenet_mpl")
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,13 @@
 """examples/maml_sinusoid.py: a tiny end-to-end run writes its outputs, and the per-task
 meta-gradients (MAML, first-order MAML, Meta-SGD) equal hand-written float64 autograd ones."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from metapl.tracking import read_metrics
 
@@ -17,12 +17,8 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def ms():
-    spec = importlib.util.spec_from_file_location("maml_sinusoid_example", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(_PATH, "maml_sinusoid_example")
+    sys.modules.pop("maml_sinusoid_example", None)
 
 
 def _net(p, x):

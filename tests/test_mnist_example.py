@@ -3,7 +3,6 @@ JSON summary, the learning curves, the split manifest and offline wandb runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 from wandb_logs import wandb_log_has
 
 from metapl.data import load_manifest
@@ -23,11 +23,7 @@ SMALL = ["steps=3", "eval_every=2", "log_every=1", "batch_l=8", "batch_u=8", "va
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_mnist_mpl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "example_mnist_mpl")
 
 
 @pytest.fixture

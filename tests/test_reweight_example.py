@@ -1,7 +1,6 @@
 """examples/reweight.py (Learning to Reweight Examples): the meta-gradient per example weight
 matches a hand-written autograd computation, and a short run is deterministic per seed."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from script_loader import load_script
 
 from metapl import optim
 
@@ -17,12 +17,8 @@ _PATH = Path(__file__).resolve().parents[1] / "examples" / "reweight.py"
 
 @pytest.fixture(scope="module")
 def rw():
-    spec = importlib.util.spec_from_file_location("reweight_example", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(_PATH, "reweight_example")
+    sys.modules.pop("reweight_example", None)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,16 @@
 """benchmarks/wrn_step.py prints a table on the CPU without NaN (peak memory: n/a, with why)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wrn_step.py"
 
 
 @pytest.mark.slow
 def test_cpu_table_says_what_it_cannot_measure(capsys):
-    spec = importlib.util.spec_from_file_location("wrn_step", PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(PATH, "wrn_step")
     bench.main(["--device", "cpu", "--labeled-batch", "2", "--unlabeled-ratio", "1",
                 "--repeats", "1", "--warmup", "0", "--no-compile"])  # fmt: skip
     out = capsys.readouterr().out
