@@ -346,13 +346,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     try:
         check_flags(args)
         cfg = set_fields(replace(Config(), **BUDGETS[args.budget]), args.set)
-        check_mpl_options(cfg)
         if args.steps is not None:
             cfg = replace(cfg, steps=args.steps)
         if args.labeled_per_class is not None:
             cfg = replace(cfg, labeled_per_class=args.labeled_per_class)
-        if cfg.mpl_labels == "held_out":  # at least 2 labels per class
-            split_labels(torch.arange(10).repeat(cfg.labeled_per_class))
+        check_mpl_options(cfg, cfg.labeled_per_class)
         datasets = {seed: load_data(cfg, seed) for seed in args.seeds}
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -437,9 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     try:
         cfg = set_fields(PRESETS[args.preset], args.set)
-        check_mpl_options(cfg)
-        if cfg.mpl_labels == "held_out":  # at least 2 labels per class
-            split_labels(torch.arange(10).repeat(cfg.labels_per_class))
+        check_mpl_options(cfg, cfg.labels_per_class)
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
