@@ -91,10 +91,13 @@ class Config:
     uda_temperature: float = 0.4
     uda_threshold: float = 0.6
     uda_ramp_steps: int = 0
+    vat_weight: float = 0.0  # VAT beside UDA in the teacher's loss (the uda rows; 0: off)
+    vat_epsilon: float = 2.0  # the adversarial perturbation's L2 length (pixels in [0, 1])
     lookahead_steps: int = 1  # student steps per MPL step on the same pseudo labels (MPL's K)
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
     log_prob_reduction: str = "mean"  # first_order: "mean" (the paper's 1/B scale) or "sum"
     student_bn: str = "unlabeled"  # the student's BatchNorm batch: "unlabeled" or "joint"
+    student_view: str = "strong"  # the student learns on the "strong" or the "weak" view
     # the MPL signal's labeled batch: "same" as the teacher's, "resampled" (a draw of its
     # own) or "held_out" (drawn from half of each class's labels, which the teacher's own loss
     # then never sees); rows without an MPL term: "same"
@@ -245,13 +248,14 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
     if "uda" in row:
         uda = metapl.UDA(cfg.uda_weight, cfg.uda_temperature, cfg.uda_threshold,
                          cfg.uda_ramp_steps)  # fmt: skip
+    vat = metapl.VAT(cfg.vat_weight, cfg.vat_epsilon) if uda and cfg.vat_weight else None
     mpl = metapl.MPL(
         cnn(cfg, seed), cnn(cfg, seed + 1),
         sgd(cfg, cfg.lr_teacher), sgd(cfg, cfg.lr_student),
         meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
         uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
-        **mpl_options(cfg, method),
+        vat=vat, student_view=cfg.student_view, **mpl_options(cfg, method),
     )  # fmt: skip
     own = held = torch.arange(len(data.y_l))
     if method and cfg.mpl_labels == "held_out":

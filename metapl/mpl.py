@@ -5,8 +5,10 @@ One ``MPL.step``:
 1. The teacher runs once, in training mode, on ``cat(x_l, x_u, x_u_strong)`` (the parts it
    needs). Its own loss is cross-entropy on the labeled batch (with label smoothing) plus, with
    ``uda``, the UDA consistency loss between its sharpened, confidence-masked prediction on
-   ``x_u`` and its prediction on ``x_u_strong``.
-2. Its logits ``z`` on the student's view (``x_u_strong``, else ``x_u``) become pseudo labels:
+   ``x_u`` and its prediction on ``x_u_strong``; with ``vat``, the VAT loss on ``x_u``
+   (``metapl.VAT``: its perturbed forwards use batch statistics and track none).
+2. Its logits ``z`` on the student's view (``x_u_strong``, else ``x_u``; ``x_u`` with
+   ``student_view="weak"``) become pseudo labels:
    ``softmax(z / temperature)`` ("soft") or a sample from it ("hard").
 3. The student takes ``lookahead_steps`` (K, default 1) optimizer steps on the pseudo labels
    of this one batch (the same view and the same targets at every step; fresh dropout masks).
@@ -56,6 +58,7 @@ from metapl.functional import (
 )
 from metapl.metagrad import meta_grad as compute_meta_grad
 from metapl.optim import Optimizer
+from metapl.vat import VAT
 
 __all__ = ["MPL", "UDA"]
 
@@ -124,6 +127,10 @@ class MPL:
             baseline).
         pseudo_labels: ``"soft"`` (``softmax(z / temperature)``) or ``"hard"`` (sampled).
         uda: a ``UDA`` term for the teacher, or ``None``.
+        vat: a ``metapl.VAT`` term for the teacher (on ``x_u``), or ``None``.
+        student_view: the batch the student learns from, with the teacher's pseudo labels for
+            it: ``"strong"`` (``x_u_strong`` when given, else ``x_u``: the paper's) or
+            ``"weak"`` (``x_u``, also when ``x_u_strong`` is given for UDA).
         label_smoothing: for the teacher's supervised cross-entropy.
         compile: ``torch.compile`` the whole step (one graph).
         temperature: of the pseudo labels.
@@ -177,7 +184,24 @@ class MPL:
         student_bn: str = "joint",
         lookahead_steps: int = 1,
         mpl_weight: float = 1.0,
+        vat: VAT | None = None,
+        student_view: str = "strong",
     ):
+        if vat is not None and not isinstance(vat, VAT):
+            raise TypeError("vat must be a metapl.VAT(weight, epsilon) or None")
+        if vat is not None and compile:
+            # measured on torch 2.13: with a dropout student and meta_grad="exact" the compiled
+            # step's VAT loss came out as exactly 0 (eager: the closed form of tests/test_vat)
+            raise ValueError(
+                "vat does not compile reliably (its power iteration differentiates with respect "
+                "to the input inside the step): pass compile=False"
+            )
+        if student_view not in ("strong", "weak"):
+            raise ValueError(
+                f"student_view must be 'strong' (x_u_strong, the paper's) or 'weak' (x_u), got "
+                f"{student_view!r}"
+            )
+        self.vat, self.student_view = vat, student_view
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
             uda, label_smoothing, temperature, ema_decay, h_baseline_decay, compile,
@@ -303,22 +327,34 @@ class MPL:
         """The whole step as a pure function (this is what ``compile=True`` compiles)."""
         step = counters["step"]
         reduce = all_reduce_mean if is_distributed() else None
-        x_view = x_u if x_us is None else x_us
+        x_view = x_us if x_us is not None and self.student_view == "strong" else x_u
         n_l, n_u = x_l.shape[0], x_u.shape[0]
-        parts = [x_l] + ([x_u] if self.uda is not None else []) + [x_view]
+        # rows: x_l, x_u, then x_u_strong where the student's view or UDA needs it
+        with_x_u = x_view is not x_u and (self.uda is not None or self.vat is not None)
+        with_strong = x_view is x_u and self.uda is not None
+        parts = [x_l] + ([x_u] if with_x_u else []) + [x_view] + ([x_us] if with_strong else [])
 
         def teacher_losses(tp):
             logits, new_bufs = forward(self.teacher, tp, t_bufs, torch.cat(parts))
-            logits_l, z = logits[:n_l], logits[-n_u:]
+            logits_l, logits_u, logits_strong = logits[:n_l], logits[n_l : n_l + n_u], logits[-n_u:]
+            z = logits_u if x_view is x_u else logits_strong
             loss_sup = F.cross_entropy(logits_l, y_l, label_smoothing=self.label_smoothing)
             metrics = {"teacher/loss_sup": loss_sup.detach()}
             loss = loss_sup
             if self.uda is not None:
-                loss_uda, mask = self.uda.loss(logits[n_l : n_l + n_u], z)
+                loss_uda, mask = self.uda.loss(logits_u, logits_strong)
                 weight = self.uda.weight_at(step.to(loss_uda.dtype))
                 loss = loss + weight * loss_uda
                 metrics.update({"teacher/loss_uda": loss_uda.detach(), "teacher/uda_mask": mask,
                                 "teacher/uda_weight": weight})  # fmt: skip
+            if self.vat is not None:
+
+                def logits_fn(x):
+                    return forward_batch_stats(self.teacher, tp, t_bufs, x)
+
+                loss_vat = self.vat.loss(logits_fn, x_u, logits_u)
+                loss = loss + self.vat.weight * loss_vat
+                metrics["teacher/loss_vat"] = loss_vat.detach()
             metrics["teacher/loss"] = loss.detach()
             return (loss, z), (new_bufs, metrics)
 

@@ -60,9 +60,8 @@ class Batch:
     x_us: Tensor | None
     mpl_batch: tuple[Tensor, Tensor] | None = None  # a separate labeled batch for the MPL signal
 
-    @property
-    def x_view(self) -> Tensor:  # what the student trains on
-        return self.x_u if self.x_us is None else self.x_us
+    def x_view(self, student_view: str = "strong") -> Tensor:  # what the student trains on
+        return self.x_us if self.x_us is not None and student_view == "strong" else self.x_u
 
     def args(self):
         return self.x_l, self.y_l, self.x_u, self.x_us
@@ -186,6 +185,7 @@ class Config:
     student_opt: str = "momentum"
     h_baseline_decay: float | None = None
     student_bn: str = "joint"
+    student_view: str = "strong"
     extra: dict = field(default_factory=dict)
 
     def mpl(self, teacher, student, **kwargs) -> metapl.MPL:
@@ -196,7 +196,7 @@ class Config:
             teacher, student, OPTIMIZERS[self.teacher_opt]()[0], OPTIMIZERS[self.student_opt]()[0],
             meta_grad=self.meta_grad, pseudo_labels=self.pseudo_labels, uda=self.uda,
             label_smoothing=self.label_smoothing, temperature=self.temperature,
-            student_bn=self.student_bn, **kwargs,
+            student_bn=self.student_bn, student_view=self.student_view, **kwargs,
         )  # fmt: skip
 
 
@@ -209,8 +209,10 @@ def smoothed_ce(logits: Tensor, y: Tensor, eps: float) -> Tensor:
 
 def hand_teacher_loss(tp, batch: Batch, cfg: Config, step: int):
     """The teacher's own loss and its logits ``z`` on the student's view, from one forward."""
-    parts = [batch.x_l] + ([batch.x_u] if cfg.uda else []) + [batch.x_view]
-    logits = hand_mlp(tp, torch.cat(parts))
+    x_view = batch.x_view(cfg.student_view)
+    on_weak = x_view is batch.x_u  # then the rows are x_l, x_u (the view), x_u_strong (UDA's)
+    parts = [batch.x_l] + ([batch.x_u] if cfg.uda and not on_weak else []) + [x_view]
+    logits = hand_mlp(tp, torch.cat(parts + ([batch.x_us] if cfg.uda and on_weak else [])))
     n_l, n_u = len(batch.x_l), len(batch.x_u)
     loss_sup = smoothed_ce(logits[:n_l], batch.y_l, cfg.label_smoothing)
     metrics = {"teacher/loss_sup": loss_sup}
@@ -227,7 +229,7 @@ def hand_teacher_loss(tp, batch: Batch, cfg: Config, step: int):
         metrics |= {"teacher/loss_uda": loss_uda, "teacher/uda_mask": mask.mean(),
                     "teacher/uda_weight": weight}  # fmt: skip
     metrics["teacher/loss"] = loss
-    return loss, logits[-n_u:], metrics
+    return loss, logits[n_l : n_l + n_u] if on_weak else logits[-n_u:], metrics
 
 
 def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed=None, h_b=0.0):
@@ -253,9 +255,10 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     new_s = sp  # K lookahead steps on the same batch, unrolled with plain autograd
     for k in range(cfg.extra.get("lookahead_steps", 1)):
         if cfg.student_bn == "joint":  # one forward on cat(x_l, x_view); the loss on its rows
-            logits_u = hand_mlp(new_s, torch.cat([batch.x_l, batch.x_view]))[len(batch.x_l) :]
+            x_lv = torch.cat([batch.x_l, batch.x_view(cfg.student_view)])
+            logits_u = hand_mlp(new_s, x_lv)[len(batch.x_l) :]
         else:
-            logits_u = hand_mlp(new_s, batch.x_view)
+            logits_u = hand_mlp(new_s, batch.x_view(cfg.student_view))
         loss_k = pseudo_loss(logits_u)
         if k == 0:
             loss_u = loss_k
@@ -398,6 +401,30 @@ def test_student_bn_choice_changes_the_step_with_batchnorm_only():
     assert diff > 1e-4
     with pytest.raises(ValueError, match="student_bn must be 'joint'"):
         Config(student_bn="both").mpl(mlp(seed=1), mlp(seed=2))
+
+
+WEAK_VIEW = {
+    "exact_uda_bn": (Config(meta_grad="exact", uda=uda_for(weight=0.7), student_view="weak",
+                            student_bn="unlabeled", teacher_opt="adamw"), True),
+    "first_order_uda": (Config(meta_grad="first_order", pseudo_labels="hard", uda=uda_for(),
+                               student_view="weak", h_baseline_decay=0.8), False),
+    "no_meta_grad_uda_bn": (Config(meta_grad=None, uda=uda_for(weight=1.5), student_view="weak"),
+                            True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(WEAK_VIEW))
+def test_student_on_the_weak_view_equals_hand_computation(name):
+    """student_view="weak": the teacher still sees x_u_strong for UDA (one forward on
+    cat(x_l, x_u, x_u_strong)), but its pseudo labels and the student's steps are on x_u."""
+    cfg, bn = WEAK_VIEW[name]
+    mpl, hand = run_both(cfg, steps=2, bn=bn)
+    assert_matches_hand(mpl, hand)
+    on_strong = Config(**{**cfg.__dict__, "student_view": "strong"})
+    _, hand_on_strong = run_both(on_strong, steps=2, bn=bn)
+    assert (hand[1]["0.weight"] - hand_on_strong[1]["0.weight"]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="student_view must be 'strong'"):
+        Config(student_view="clean").mpl(mlp(seed=1), mlp(seed=2))
 
 
 # --------------------------------------------------------------------------- 2. finite difference
