@@ -442,11 +442,12 @@ def mpl_options(config, method: str | None) -> dict:
     return options | ({"mpl_weight": config.mpl_weight} if method else {})
 
 
-def check_mpl_options(config, labels_per_class: int) -> None:
-    """Raise MPL's own ValueError for a bad knob of ``config`` before any run starts (and for
-    a bad ``mpl_labels``, or "held_out" with fewer than 2 of the ``labels_per_class``)."""
+def check_mpl_options(config, labels_per_class: int, **mpl_kwargs) -> None:
+    """Raise MPL's own ValueError for a bad knob of ``config`` (or of the further ``MPL``
+    keyword arguments ``mpl_kwargs``) before any run starts, and for a bad ``mpl_labels``, or
+    "held_out" with fewer than 2 of the ``labels_per_class``."""
     MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
-        **mpl_options(config, "exact"))  # fmt: skip
+        **mpl_options(config, "exact"), **mpl_kwargs)  # fmt: skip
     if config.mpl_labels not in ("same", "resampled", "held_out"):
         raise ValueError(
             f"mpl_labels must be 'same', 'resampled' or 'held_out', got {config.mpl_labels!r}"

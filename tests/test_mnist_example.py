@@ -13,6 +13,7 @@ import pytest
 from script_loader import load_script
 from wandb_logs import wandb_log_has
 
+import metapl
 from metapl.data import load_manifest
 from metapl.data.fake import write_fake_mnist
 
@@ -104,26 +105,30 @@ def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
 
 
 def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
-    """--set lookahead_steps / mpl_weight / log_prob_reduction / student_bn go to metapl.MPL
-    (mpl_weight only where there is an MPL term: the uda row has none)."""
+    """--set lookahead_steps / mpl_weight / log_prob_reduction / student_bn / student_view /
+    vat_epsilon go to metapl.MPL (mpl_weight only where there is an MPL term: the uda row has
+    none; VAT only with UDA)."""
     mnist = load_example()
     monkeypatch.setenv("WANDB_MODE", "disabled")
     seen = {}
 
     def spy(*args, **kwargs):
-        seen[kwargs["meta_grad"]] = kwargs
+        seen[kwargs["meta_grad"], kwargs["uda"] is not None] = kwargs
         return real(*args, **kwargs)
 
     real = mnist.metapl.MPL
     monkeypatch.setattr(mnist.metapl, "MPL", spy)
-    knobs = ["lookahead_steps=2", "mpl_weight=0.5", "log_prob_reduction=sum", "student_bn=joint"]
-    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_uda_first_order", "--data-dir",
-                str(mnist_dir), "--output-dir", str(isolated / "out"), "--json",
+    knobs = ["lookahead_steps=2", "mpl_weight=0.5", "log_prob_reduction=sum", "student_bn=joint",
+             "student_view=strong", "vat_epsilon=1.5"]  # fmt: skip
+    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_first_order", "mpl_uda_first_order",
+                "--data-dir", str(mnist_dir), "--output-dir", str(isolated / "out"), "--json",
                 "--set", *SMALL, *knobs])  # fmt: skip
-    fo = seen["first_order"]
+    fo, uda = seen["first_order", True], seen[None, True]
     assert (fo["lookahead_steps"], fo["mpl_weight"]) == (2, 0.5)
     assert (fo["log_prob_reduction"], fo["student_bn"]) == ("sum", "joint")
-    assert seen[None]["lookahead_steps"] == 2 and "mpl_weight" not in seen[None]
+    assert uda["lookahead_steps"] == 2 and "mpl_weight" not in uda
+    assert fo["student_view"] == "strong" and fo["vat"] == uda["vat"] == metapl.VAT(1.0, 1.5)
+    assert seen["first_order", False]["vat"] is None
 
 
 def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypatch):
@@ -153,7 +158,8 @@ def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypat
 @pytest.mark.parametrize(
     ("knob", "match"),
     [("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
-     ("student_bn=both", "student_bn must be"), ("mpl_weight=-1", "mpl_weight must be >= 0")],
+     ("student_bn=both", "student_bn must be"), ("mpl_weight=-1", "mpl_weight must be >= 0"),
+     ("student_view=clean", "student_view must be"), ("vat_epsilon=0", "VAT needs")],
 )  # fmt: skip
 def test_bad_mpl_knob_is_a_one_line_error(isolated, capsys, knob, match):
     with pytest.raises(SystemExit):
