@@ -12,11 +12,14 @@ baseline. Augmentation
 (`metapl.data.DigitAugment`, per sample, no flips): weak = shift / rotation / scale jitter;
 strong = a larger affine, elastic wobble, stroke width, contrast and a cutout.
 
-Rows (every one trains from scratch for the same number of steps):
+Rows (every one trains from scratch for the same number of steps). The teacher's
+unsupervised loss in the rows named uda is UDA's consistency (weak view -> strong view) plus
+VAT (virtual adversarial training, `metapl.VAT`, on the weak view; `vat_weight=0` drops it);
+the student learns the teacher's soft pseudo labels for the weak view (`student_view`):
 
 ====================  =========================================================================
 supervised            the CNN on the labeled images only (weak augmentation)
-uda                   teacher on labels + UDA consistency; student on its soft labels (no MPL)
+uda                   teacher on labels + UDA + VAT; student on its soft labels (no MPL term)
 mpl                   MPL, exact meta-gradient through the student's SGD step, soft labels
 mpl_first_order       MPL, the paper's first-order (score-function) estimator, hard labels
 mpl_uda               exact MPL + UDA teacher: the paper's full recipe
@@ -78,7 +81,7 @@ class Config:
     val_per_class: int = 100  # held out of training, for model selection
     channels: int = 16  # conv widths: channels, 2 * channels, 4 * channels
     dropout: float = 0.1
-    steps: int = 500
+    steps: int = 1000
     batch_l: int = 100  # labeled images per step (drawn with replacement)
     batch_u: int = 256  # unlabeled images per step
     lr_teacher: float = 0.1  # SGD, momentum 0.9, nesterov, warm-up + cosine (both networks)
