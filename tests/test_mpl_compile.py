@@ -107,6 +107,11 @@ def test_compiled_no_meta_grad_step_equals_eager():
 
 
 @pytest.mark.slow
+def test_compiled_step_with_the_student_on_the_weak_view_equals_eager():
+    compare("exact", "soft", student_view="weak")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
 def test_compiled_first_order_step_equals_eager_with_eager_random_numbers(dtype):
     tol = TOL if dtype == F32 else F64_TOL
