@@ -187,24 +187,10 @@ class MPL:
         vat: VAT | None = None,
         student_view: str = "strong",
     ):
-        if vat is not None and not isinstance(vat, VAT):
-            raise TypeError("vat must be a metapl.VAT(weight, epsilon) or None")
-        if vat is not None and compile:
-            # measured on torch 2.13: with a dropout student and meta_grad="exact" the compiled
-            # step's VAT loss came out as exactly 0 (eager: the closed form of tests/test_vat)
-            raise ValueError(
-                "vat does not compile reliably (its power iteration differentiates with respect "
-                "to the input inside the step): pass compile=False"
-            )
-        if student_view not in ("strong", "weak"):
-            raise ValueError(
-                f"student_view must be 'strong' (x_u_strong, the paper's) or 'weak' (x_u), got "
-                f"{student_view!r}"
-            )
-        self.vat, self.student_view = vat, student_view
         _check_config(
             teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
-            uda, label_smoothing, temperature, ema_decay, h_baseline_decay, compile,
+            uda, vat, student_view, label_smoothing, temperature, ema_decay, h_baseline_decay,
+            compile,
         )  # fmt: skip
         if (
             isinstance(lookahead_steps, bool)
@@ -233,6 +219,7 @@ class MPL:
             broadcast_module(module)  # identical replicas (a no-op in a single process)
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.meta_grad, self.pseudo_labels, self.uda = meta_grad, pseudo_labels, uda
+        self.vat, self.student_view = vat, student_view
         self.label_smoothing, self.temperature = label_smoothing, temperature
         self.ema_decay = ema_decay
         self.h_baseline_decay = h_baseline_decay
@@ -327,17 +314,19 @@ class MPL:
         """The whole step as a pure function (this is what ``compile=True`` compiles)."""
         step = counters["step"]
         reduce = all_reduce_mean if is_distributed() else None
-        x_view = x_us if x_us is not None and self.student_view == "strong" else x_u
+        strong_view = x_us is not None and self.student_view == "strong"
+        x_view = x_us if strong_view else x_u
         n_l, n_u = x_l.shape[0], x_u.shape[0]
-        # rows: x_l, x_u, then x_u_strong where the student's view or UDA needs it
-        with_x_u = x_view is not x_u and (self.uda is not None or self.vat is not None)
-        with_strong = x_view is x_u and self.uda is not None
-        parts = [x_l] + ([x_u] if with_x_u else []) + [x_view] + ([x_us] if with_strong else [])
+        # the teacher's rows: x_l, then x_u and x_u_strong where the student's view, UDA or VAT
+        # needs them
+        with_x_u = not strong_view or self.uda is not None or self.vat is not None
+        with_strong = strong_view or self.uda is not None
+        parts = [x_l] + ([x_u] if with_x_u else []) + ([x_us] if with_strong else [])
 
         def teacher_losses(tp):
             logits, new_bufs = forward(self.teacher, tp, t_bufs, torch.cat(parts))
             logits_l, logits_u, logits_strong = logits[:n_l], logits[n_l : n_l + n_u], logits[-n_u:]
-            z = logits_u if x_view is x_u else logits_strong
+            z = logits_strong if strong_view else logits_u
             loss_sup = F.cross_entropy(logits_l, y_l, label_smoothing=self.label_smoothing)
             metrics = {"teacher/loss_sup": loss_sup.detach()}
             loss = loss_sup
@@ -587,7 +576,7 @@ def _check_label_shape(y: Tensor, x: Tensor, y_name: str, x_name: str) -> None:
 
 
 def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_labels, uda,
-                  label_smoothing, temperature, ema_decay, h_baseline_decay,
+                  vat, student_view, label_smoothing, temperature, ema_decay, h_baseline_decay,
                   compile) -> None:  # fmt: skip
     if not (isinstance(teacher, nn.Module) and isinstance(student, nn.Module)):
         raise TypeError("teacher and student must be torch.nn.Module instances")
@@ -618,6 +607,20 @@ def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_lab
         )
     if uda is not None and not isinstance(uda, UDA):
         raise TypeError("uda must be a metapl.UDA(weight, temperature, threshold) or None")
+    if vat is not None and not isinstance(vat, VAT):
+        raise TypeError("vat must be a metapl.VAT(weight, epsilon) or None")
+    if vat is not None and compile:
+        # measured on torch 2.13: with a dropout student and meta_grad="exact" the compiled
+        # step's VAT loss came out as exactly 0 (eager: the closed form of tests/test_vat)
+        raise ValueError(
+            "vat does not compile reliably (its power iteration differentiates with respect "
+            "to the input inside the step): pass compile=False"
+        )
+    if student_view not in ("strong", "weak"):
+        raise ValueError(
+            f"student_view must be 'strong' (x_u_strong, the paper's) or 'weak' (x_u), got "
+            f"{student_view!r}"
+        )
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if temperature <= 0:
