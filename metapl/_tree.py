@@ -1,0 +1,160 @@
+"""Helpers over trees of tensors: nested dicts, lists and tuples (``torch.utils._pytree``).
+
+Parameters, optimizer states, meta parameters, per-parameter hyperparameters and carried state
+(BatchNorm buffers) are all trees; every helper here returns the caller's structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+Tree = Any  # a tensor, or nested dicts / lists / tuples of tensors
+TreeSpec = pytree.TreeSpec
+
+__all__ = [
+    "Tree", "TreeSpec", "add", "check_same_structure", "clone", "detach", "dot", "dtype", "flatten",
+    "identity", "index", "is_tree_of_tensors", "leaves", "map", "norm", "paths", "scale",
+    "structure", "sub", "to", "unflatten", "zeros_like",
+]  # fmt: skip
+
+
+def flatten(tree: Tree) -> tuple[list, TreeSpec]:
+    return pytree.tree_flatten(tree)
+
+
+def unflatten(leaves: list, spec: TreeSpec) -> Tree:
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def leaves(tree: Tree) -> list:
+    return pytree.tree_leaves(tree)
+
+
+def structure(tree: Tree) -> TreeSpec:
+    return pytree.tree_structure(tree)
+
+
+def map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 (the pytree name)
+    """``fn`` applied leafwise; ``rest`` must have ``tree``'s structure."""
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def _tensors(fn: Callable[[Tensor], Any]) -> Callable:
+    return lambda x: fn(x) if isinstance(x, Tensor) else x
+
+
+def detach(tree: Tree) -> Tree:
+    return map(_tensors(Tensor.detach), tree)
+
+
+def clone(tree: Tree) -> Tree:
+    return map(_tensors(torch.clone), tree)
+
+
+def to(tree: Tree, device: torch.device | str) -> Tree:
+    return map(_tensors(lambda x: x.to(device)), tree)
+
+
+def zeros_like(tree: Tree) -> Tree:
+    return map(torch.zeros_like, tree)
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    return map(torch.add, a, b)
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    return map(torch.sub, a, b)
+
+
+def scale(tree: Tree, c: Tensor | float) -> Tree:
+    return map(lambda x: c * x, tree)
+
+
+def dot(a: Tree, b: Tree) -> Tensor:
+    """``sum_i <a_i, b_i>`` over the leaves (a 0-d tensor)."""
+    return sum(torch.sum(x * y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+def norm(tree: Tree) -> Tensor:
+    return torch.sqrt(dot(tree, tree))
+
+
+def dtype(tree: Tree) -> torch.dtype:
+    return leaves(tree)[0].dtype
+
+
+def index(tree: Tree, k: int) -> Tree:
+    """Slice ``k`` of every leaf's leading dimension (a batch of per-step inputs)."""
+    return map(lambda x: x[k], tree)
+
+
+def identity(tree: Tree) -> Tree:
+    return tree
+
+
+def is_tree_of_tensors(tree: Tree) -> bool:
+    """A non-empty tree whose every leaf is a tensor (``None`` counts as a leaf, not a node)."""
+    found = leaves(tree)
+    return bool(found) and all(isinstance(x, Tensor) for x in found)
+
+
+def paths(tree: Tree) -> list[str]:
+    """Each leaf's name: its keys and indices joined by dots (``"w"`` in a flat dict,
+    ``"theta.w"`` or ``"layers.0"`` in nested ones), in leaf order."""
+    flat, _ = pytree.tree_flatten_with_path(tree)
+    return [".".join(_key_name(key) for key in path) for path, _ in flat]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def check_same_structure(what: str, got: Tree, expected: Tree, fix: str = "") -> None:
+    """Raise a ValueError naming the leaves ``got`` lacks and those it has in excess (or the
+    first differing container) when its structure differs from ``expected``'s."""
+    if _matches(got, expected):
+        return
+    have, want = set(paths(got)), set(paths(expected))
+    missing, extra = sorted(want - have), sorted(have - want)
+    detail = (
+        f"missing {missing}, unexpected {extra}"
+        if missing or extra
+        else _container_mismatch(got, expected)
+    )
+    raise ValueError(
+        f"{what} must have the same keys as the parameters; {detail}."
+        + (f" {fix}" if fix else " Build it from the same tree (e.g. optimizer.init(params)).")
+    )
+
+
+def _matches(got: Tree, expected: Tree) -> bool:
+    """Whether ``got`` has ``expected``'s structure (dict keys in any order)."""
+    try:
+        parts = structure(expected).flatten_up_to(got)
+    except (ValueError, TypeError, KeyError):
+        return False
+    return all(structure(part).is_leaf() for part in parts)
+
+
+def _container_mismatch(got: Tree, expected: Tree, path: str = "") -> str:
+    """Where two trees with the same leaf names differ in a container's type."""
+    if type(got) is not type(expected):
+        where = f" at {path!r}" if path else ""
+        return f"a {type(got).__name__} where a {type(expected).__name__} is expected{where}"
+    if not isinstance(got, dict | list | tuple):
+        return ""
+    keys = got.keys() if isinstance(got, dict) else range(len(got))
+    for key in keys:
+        found = _container_mismatch(got[key], expected[key], f"{path}.{key}".lstrip("."))
+        if found:
+            return found
+    return ""
