@@ -15,12 +15,8 @@ from torch.utils import _pytree as pytree
 
 Tree = Any  # a tensor, or nested dicts / lists / tuples of tensors
 TreeSpec = pytree.TreeSpec
+_NODES = (dict, list, tuple, Tensor)  # a tuple: torch.compile cannot trace `dict | list`
 
-__all__ = [
-    "Tree", "TreeSpec", "add", "check_same_structure", "clone", "detach", "dot", "dtype", "flatten",
-    "identity", "index", "is_tree_of_tensors", "leaves", "map", "norm", "paths", "scale",
-    "structure", "sub", "to", "unflatten", "zeros_like",
-]  # fmt: skip
 
 
 def flatten(tree: Tree) -> tuple[list, TreeSpec]:
@@ -76,6 +72,11 @@ def scale(tree: Tree, c: Tensor | float) -> Tree:
     return map(lambda x: c * x, tree)
 
 
+def axpy(a: Tensor | float, x: Tree, y: Tree) -> Tree:
+    """``a * x + y`` leafwise."""
+    return map(lambda x_, y_: y_ + a * x_, x, y)
+
+
 def dot(a: Tree, b: Tree) -> Tensor:
     """``sum_i <a_i, b_i>`` over the leaves (a 0-d tensor)."""
     return sum(torch.sum(x * y) for x, y in zip(leaves(a), leaves(b), strict=True))
@@ -96,6 +97,12 @@ def index(tree: Tree, k: int) -> Tree:
 
 def identity(tree: Tree) -> Tree:
     return tree
+
+
+def is_tree(x: Any) -> bool:
+    """Whether ``x`` is a tree rather than, say, a function (torch.compile can trace this,
+    not ``callable`` on a dict)."""
+    return isinstance(x, _NODES)
 
 
 def is_tree_of_tensors(tree: Tree) -> bool:

@@ -20,14 +20,14 @@ One ``MPL.step``:
    ``mpl_weight``, pushed through the teacher together with its own loss in a single backward
    pass (one VJP).
 
-BatchNorm: running statistics advance exactly once per step for each network: the teacher's
-from its forward on the concatenated batch; the student's from its first forward for its own
-steps (at its parameters before the K steps), which with ``student_bn="joint"`` (the default,
-as the official code and the PyTorch port) runs on ``cat(x_l, x_view)`` (BatchNorm normalises
-the two together; the loss is on the ``x_view`` rows only) and with ``student_bn="unlabeled"``
-on ``x_view`` alone. The student's forward on the labeled batch after its steps (for the MPL
-signal) uses batch statistics and leaves the running statistics alone. Dropout is active in
-every training forward.
+BatchNorm: the teacher's running statistics advance once per step, from its forward on the
+concatenated batch; the student's once per optimizer step (K times with ``lookahead_steps=K``,
+carried through ``metapl.meta_grad(..., state=)``), from its forward for that step, which with
+``student_bn="joint"`` (the default, as the official code and the PyTorch port) runs on
+``cat(x_l, x_view)`` (BatchNorm normalises the two together; the loss is on the ``x_view``
+rows only) and with ``student_bn="unlabeled"`` on ``x_view`` alone. The student's forward
+on the labeled batch after its steps (for the MPL signal) uses batch statistics and leaves the
+running statistics alone. Dropout is active in every training forward.
 """
 
 from __future__ import annotations
@@ -358,33 +358,30 @@ class MPL:
                 )
             return logits
 
-        def student_forward(sp, x):
-            logits, new_bufs = forward(self.student, sp, s_bufs, x)
-            return checked(logits), new_bufs
-
-        def student_on_view(sp):
+        def student_on_view(sp, bufs):
             """The student's logits on x_view (its pseudo-label batch) and its new buffers."""
             if self.student_bn == "unlabeled":
-                return student_forward(sp, x_view)
-            logits, new_bufs = student_forward(sp, torch.cat([x_l, x_view]))
-            return logits[n_l:], new_bufs
+                logits, new_bufs = forward(self.student, sp, bufs, x_view)
+                return checked(logits), new_bufs
+            logits, new_bufs = forward(self.student, sp, bufs, torch.cat([x_l, x_view]))
+            return checked(logits)[n_l:], new_bufs
 
         if self.pseudo_labels == "soft":
             target = None
 
-            def inner_loss(sp, labels):
-                logits, new_bufs = student_on_view(sp)
+            def inner_loss(sp, labels, bufs):
+                logits, new_bufs = student_on_view(sp, bufs)
                 probs = torch.softmax(labels["z"] / self.temperature, dim=-1)
                 return soft_cross_entropy(logits, probs), new_bufs
         else:
             target = _sample_categorical(z / self.temperature)
 
-            def inner_loss(sp, labels):
-                logits, new_bufs = student_on_view(sp)
+            def inner_loss(sp, labels, bufs):
+                logits, new_bufs = student_on_view(sp, bufs)
                 return F.cross_entropy(logits, target), new_bufs
 
-        def outer_loss(sp):  # batch statistics, no running ones (it may run under vmap)
-            return F.cross_entropy(checked(forward_batch_stats(self.student, sp, s_bufs, x_m)), y_m)
+        def outer_loss(sp, bufs):  # batch statistics, no running ones (it may run under vmap)
+            return F.cross_entropy(checked(forward_batch_stats(self.student, sp, bufs, x_m)), y_m)
 
         def log_prob(labels):  # "mean": the paper's scale (1/B of the joint log-probability)
             log_p = F.log_softmax(labels["z"] / self.temperature, dim=-1)
@@ -393,25 +390,29 @@ class MPL:
 
         s_lr = self.student_optimizer.lr_at(s_state)
         if self.meta_grad is None:
-            for k in range(self.lookahead_steps):  # running statistics from the first forward
-                (s_grads, bufs_k), loss_k = _grad_aux_and_value(inner_loss, s_params, {"z": z})
+            for k in range(self.lookahead_steps):  # running statistics advance at every step
+                (s_grads, s_bufs), loss_k = _grad_aux_and_value(inner_loss, s_params, {"z": z},
+                                                                s_bufs)  # fmt: skip
                 if k == 0:
-                    new_s_bufs, loss_u = bufs_k, loss_k
+                    loss_u = loss_k
                 s_grads = reduce(s_grads) if reduce else s_grads
                 s_params, s_state = self.student_optimizer.step(s_params, s_grads, s_state)
-            s_bufs, dz = new_s_bufs, torch.zeros_like(z)
+            dz = torch.zeros_like(z)
             metrics["student/loss_u"] = loss_u
         else:
             baseline = counters["h_baseline"] if self.h_baseline_decay is not None else 0.0
             method = _METHODS[self.meta_grad]
+            options = {
+                "finite_difference": {"fd_radius": self.fd_radius},
+                "score_function": {"baseline": baseline, "log_prob": log_prob},
+            }.get(method, {})
             res = compute_meta_grad(
                 inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
-                steps=self.lookahead_steps, method=method, has_aux=True,
-                fd_radius=self.fd_radius, baseline=baseline,
-                log_prob=log_prob if method == "score_function" else None, reduce=reduce,
+                steps=self.lookahead_steps, method=method, state=s_bufs, reduce=reduce,
+                **options,
             )  # fmt: skip
             s_params, s_state, s_bufs, dz = (
-                res.student_params, res.opt_state, res.inner_aux, res.teacher_grads["z"]
+                res.student_params, res.opt_state, res.state, res.teacher_grads["z"]
             )  # fmt: skip
             metrics["student/loss_l"] = res.outer_loss
             # Squared here; the whole batch's norm is taken after the mean across processes.

@@ -339,7 +339,7 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="student_params=lambda meta: meta"):
         call(student_params=problem.teacher)
     with pytest.raises(TypeError, match=r"dict of tensors, e.g. dict\(model.named_parameters"):
-        call(student_params=list(problem.student.values()))
+        call(student_params={"w0": [1.0, 2.0]})  # nested lists are trees, but of floats
     with pytest.raises(TypeError, match="teacher_params must be a dict of tensors"):
         call(teacher_params={"w": 1.0})
     torch_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

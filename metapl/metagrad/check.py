@@ -1,15 +1,18 @@
-"""Validation of ``meta_grad``'s arguments: the one place that raises, at the public boundary."""
+"""Validation of ``meta_grad``'s and ``implicit_grad``'s arguments: the one place that raises,
+at the public boundary."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
-from torch import Tensor
+import torch
 
-from metapl.metagrad import tree
-from metapl.metagrad.implicit import CG, Neumann
-from metapl.metagrad.problem import positional_arity
-from metapl.optim import Optimizer, check_same_keys
+from metapl import _tree as tree
+from metapl.metagrad import rng
+from metapl.metagrad.implicit import CG, Neumann, can_branch
+from metapl.metagrad.problem import Problem, Schedule, positional_arity
+from metapl.optim import Optimizer
 
 METHOD_HELP = (
     "'exact' (second order), 'finite_difference' (the same from first-order gradients), "
@@ -18,70 +21,76 @@ METHOD_HELP = (
     "log_prob)"
 )
 
+# The options only some methods use; any other method refuses them (they would be ignored).
+METHOD_OPTIONS = {
+    "log_prob": ("score_function",),
+    "baseline": ("score_function",),
+    "fd_radius": ("finite_difference",),
+    "solver": ("implicit",),
+    "stationary_tol": ("implicit",),
+    "checkpoint": ("exact", "finite_difference", "first_order"),
+    "truncate": ("exact", "finite_difference", "first_order"),
+}
+
 
 def check_arguments(
     *, inner_loss, outer_loss, student_params, teacher_params, optimizer, opt_state, steps,
-    method, log_prob, inner_batches, truncate, solver, checkpoint, methods,
+    method, inner_batches, state, has_aux, options, methods,
 ) -> None:  # fmt: skip
+    """``options``: the method options the caller gave (``None`` for those not given)."""
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; pass one of {METHOD_HELP}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    _check_dict("teacher_params", teacher_params)
+    check_tree("teacher_params", teacher_params)
     if student_params is teacher_params:
         raise ValueError(
             "student_params is the same dict as teacher_params, so the student's start would "
             "be a constant copy and get no gradient: for MAML (the start is the meta "
             "parameters) pass student_params=lambda meta: meta"
         )
-    learns_start = not isinstance(student_params, Mapping)
+    learns_start = not tree.is_tree(student_params)
     if not learns_start:
-        _check_dict("student_params", student_params)
-    elif not callable(student_params):
-        raise TypeError(
-            "student_params must be a dict of tensors, e.g. dict(model.named_parameters()), or "
-            f"a callable meta -> dict, got {type(student_params).__name__}"
-        )
+        check_tree("student_params", student_params)
     if not (isinstance(optimizer, Optimizer) or callable(optimizer)):
         raise TypeError(
-            "optimizer must be a metapl.optim optimizer (optim.sgd / adam / adamw) or a "
-            f"callable meta -> optimizer, got {type(optimizer).__name__}"
+            "optimizer must be a metapl.optim optimizer (optim.sgd / adam / adamw / rmsprop / "
+            f"adagrad) or a callable meta -> optimizer, got {type(optimizer).__name__}"
         )
     if opt_state is not None and isinstance(optimizer, Optimizer) and not learns_start:
         _check_opt_state(opt_state, optimizer, student_params)
-    arity = positional_arity(outer_loss)
-    if arity not in (None, 1, 2):
-        raise TypeError(
-            f"outer_loss must take (student) or (student, meta), but it requires {arity} "
-            "positional arguments"
-        )
-    _check_batches(inner_loss, inner_batches, steps)
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps
-    ):
-        raise ValueError(f"truncate must be an int in [1, steps={steps}], got {truncate!r}")
-    if not isinstance(checkpoint, bool) and (not isinstance(checkpoint, int) or checkpoint < 1):
-        raise ValueError(
-            "checkpoint must be True (recompute all steps but the last), False (keep every "
-            f"step's graph) or an int n >= 1 (keep the last n), got {checkpoint!r}"
-        )
-    _check_method_options(
-        method, log_prob, truncate, solver, student_params, optimizer, arity, inner_batches
-    )
+    stateful = state is not None
+    if stateful:
+        check_tree("state", state, allow_empty=True)
+        if has_aux:
+            raise ValueError(
+                "has_aux=True and state= do not combine: with state=, inner_loss returns "
+                "(loss, new_state); carry what you want to keep in the state"
+            )
+    _check_arities(inner_loss, outer_loss, inner_batches, steps, stateful)
+    _check_options(method, options, steps)
+    _check_method_paths(method, options, steps, student_params, optimizer, outer_loss,
+                        inner_batches, stateful)  # fmt: skip
 
 
-def _check_dict(name: str, params) -> None:
-    if not isinstance(params, Mapping) or not all(isinstance(v, Tensor) for v in params.values()):
+def check_tree(name: str, params, allow_empty: bool = False) -> None:
+    """``params`` must be a tree (nested dicts / lists / tuples) of tensors, non-empty unless
+    ``allow_empty``."""
+    empty = tree.is_tree(params) and not tree.leaves(params)
+    if empty and allow_empty:
+        return
+    if not tree.is_tree_of_tensors(params):
+        if empty:
+            raise ValueError(f"{name} is empty")
         raise TypeError(
-            f"{name} must be a dict of tensors, e.g. dict(model.named_parameters())"
+            f"{name} must be a dict of tensors, e.g. dict(model.named_parameters()) (nested "
+            "dicts, lists and tuples of tensors work too)"
             + (", or a callable meta -> dict" if name == "student_params" else "")
         )
-    if not params:
-        raise ValueError(f"{name} is empty")
 
 
 def _check_opt_state(opt_state, optimizer: Optimizer, student) -> None:
-    expected = optimizer.init({k: v.new_empty(0) for k, v in student.items()})
+    expected = optimizer.init(student)
     if not isinstance(opt_state, Mapping) or opt_state.keys() != expected.keys():
         got = sorted(opt_state) if isinstance(opt_state, Mapping) else type(opt_state).__name__
         raise ValueError(
@@ -89,52 +98,99 @@ def _check_opt_state(opt_state, optimizer: Optimizer, student) -> None:
             "optimizer.init(student_params) from the same optimizer, or None"
         )
     for key, slot in opt_state.items():
-        if isinstance(slot, Mapping):
-            check_same_keys(f"opt_state[{key!r}]", slot, student)
+        if key != "step":
+            tree.check_same_structure(f"opt_state[{key!r}]", slot, expected[key])
 
 
-def _check_batches(inner_loss, inner_batches, steps: int) -> None:
+def _check_arities(inner_loss, outer_loss, inner_batches, steps: int, stateful: bool) -> None:
+    names = "(student, meta" + (", state" if stateful else "")
+    outer = positional_arity(outer_loss)
+    allowed = (None, 2, 3) if stateful else (None, 1, 2)
+    if outer not in allowed:
+        form = "(student, state) or (student, meta, state)" if stateful else (
+            "(student) or (student, meta)")  # fmt: skip
+        raise TypeError(f"outer_loss must take {form}, but it requires {outer} positional "
+                        "arguments")  # fmt: skip
+    inner = positional_arity(inner_loss)
     if inner_batches is None:
+        if inner not in (None, 2 + stateful):
+            raise TypeError(f"inner_loss must take {names})")
         return
+    if not tree.leaves(inner_batches) or not tree.is_tree_of_tensors(inner_batches):
+        raise ValueError("inner_batches must be a tree (dict / list / tuple) of tensors")
     for leaf in tree.leaves(inner_batches):
         if leaf.dim() == 0 or leaf.shape[0] != steps:
             raise ValueError(
                 f"every inner_batches leaf needs a leading dimension of steps={steps} (step k "
                 f"sees slice k), got a leaf of shape {tuple(leaf.shape)}"
             )
-    if positional_arity(inner_loss) not in (None, 3):
-        raise TypeError("with inner_batches, inner_loss must take (student, meta, batch)")
+    if inner not in (None, 3 + stateful):
+        raise TypeError(f"with inner_batches, inner_loss must take {names}, batch)")
 
 
-def _check_method_options(
-    method, log_prob, truncate, solver, student_params, optimizer, outer_arity, inner_batches
-) -> None:
-    if method == "score_function" and log_prob is None:
+def _check_options(method: str, options: dict, steps: int) -> None:
+    for name, value in options.items():
+        if value is not None and method not in METHOD_OPTIONS[name]:
+            users = " or ".join(f"method={m!r}" for m in METHOD_OPTIONS[name])
+            hint = (
+                ": the score-function estimator (MPL's 'first order') is "
+                "method='score_function'; method='first_order' drops second-order terms "
+                "(first-order MAML)"
+                if name == "log_prob" and method == "first_order"
+                else ""
+            )
+            raise ValueError(f"{name} is only used by {users}, not {method!r}{hint}")
+    truncate, checkpoint = options["truncate"], options["checkpoint"]
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps
+    ):
+        raise ValueError(f"truncate must be an int in [1, steps={steps}], got {truncate!r}")
+    if checkpoint is not None and not isinstance(checkpoint, bool) and (
+        not isinstance(checkpoint, int) or checkpoint < 1
+    ):  # fmt: skip
+        raise ValueError(
+            "checkpoint must be True (recompute all steps but the last), False (keep every "
+            f"step's graph) or an int n >= 1 (keep the last n), got {checkpoint!r}"
+        )
+    radius = options["fd_radius"]
+    if radius is not None and not (isinstance(radius, float | int) and radius > 0):
+        raise ValueError(f"fd_radius must be a float > 0, got {radius!r}")
+    solver = options["solver"]
+    if solver is not None and not isinstance(solver, CG | Neumann):
+        raise TypeError(f"solver must be metapl.CG(...) or metapl.Neumann(...), got {solver!r}")
+    tol = options["stationary_tol"]
+    if tol is not None and not (isinstance(tol, float | int) and tol > 0):
+        raise ValueError(
+            f"stationary_tol must be a float > 0 (math.inf accepts any point), got {tol!r}"
+        )
+
+
+def _check_method_paths(method, options, steps, student_params, optimizer, outer_loss,
+                        inner_batches, stateful) -> None:  # fmt: skip
+    learns_start = not tree.is_tree(student_params)
+    learns_optimizer = not isinstance(optimizer, Optimizer)
+    outer_meta = positional_arity(outer_loss) == 2 + stateful
+    if method == "score_function" and options["log_prob"] is None:
         raise ValueError(
             "method='score_function' needs log_prob=(teacher_params) -> log-probability of the "
             "sampled targets the inner loss used"
         )
-    if method != "score_function" and log_prob is not None:
-        hint = (
-            ": the score-function estimator (MPL's 'first order') is method='score_function'; "
-            "method='first_order' drops second-order terms (first-order MAML)"
-            if method == "first_order"
-            else ""
-        )
-        raise ValueError(f"log_prob is only used by method='score_function', not {method!r}{hint}")
-    learns_start = not isinstance(student_params, Mapping)
-    learns_optimizer = not isinstance(optimizer, Optimizer)
-    if method == "score_function" and (learns_start or learns_optimizer or outer_arity == 2):
+    if method == "score_function" and (learns_start or learns_optimizer or outer_meta):
         raise ValueError(
             "method='score_function' estimates the gradient through sampled targets only: "
             "pass student_params as a dict, a fixed optimizer and outer_loss(student), or use "
             "'exact' / 'finite_difference' / 'first_order' for the other paths"
         )
-    if method == "first_order" and not (learns_start or learns_optimizer or outer_arity == 2):
+    truncated = options["truncate"] is not None and options["truncate"] < steps
+    if method == "first_order" and not (
+        learns_optimizer or outer_meta or (learns_start and not truncated)
+    ):
         raise ValueError(
             "method='first_order' drops the second-order terms, and here every path from the "
             "meta parameters to the outer loss is second order (through the inner loss' "
-            "gradient), so the result would be zero: use 'exact' or 'finite_difference' (or "
+            "gradient"
+            + (", the start being cut off by truncate" if truncated and learns_start else "")
+            + "), so the result would be zero: use 'exact' or 'finite_difference' (or "
             "'score_function' for sampled targets)"
         )
     if method == "implicit":
@@ -144,13 +200,49 @@ def _check_method_options(
                 "optimizer's hyperparameters have no effect: pass a fixed optimizer, or use "
                 "'exact' to learn them"
             )
-        if inner_batches is not None or truncate is not None:
+        if inner_batches is not None:
             raise ValueError(
                 "method='implicit' differentiates the stationarity of one inner objective at "
-                "the final student: inner_batches and truncate do not apply (evaluate the full "
-                "inner batch inside inner_loss)"
+                "the final student: inner_batches do not apply (evaluate the full inner batch "
+                "inside inner_loss)"
             )
-    if solver is not None and method != "implicit":
-        raise ValueError(f"solver is only used by method='implicit', not {method!r}")
-    if solver is not None and not isinstance(solver, CG | Neumann):
-        raise TypeError(f"solver must be metapl.CG(...) or metapl.Neumann(...), got {solver!r}")
+
+
+def check_truncation_reaches_meta(problem: Problem, schedule: Schedule, meta, state,
+                                  truncate: int | None) -> None:  # fmt: skip
+    """With ``truncate < K`` the start gets no gradient; refuse when nothing else connects the
+    meta parameters to the outer loss (the result would be all zeros). Whether the inner loss
+    depends on them is probed by one evaluation (eager only; its random numbers are replayed)."""
+    if truncate is None or truncate == schedule.steps or not problem.learns_start:
+        return
+    if problem.learns_optimizer or problem.outer_takes_meta:
+        return
+    if not can_branch(tree.leaves(meta)[0]):
+        return
+    probe = tree.map(lambda x: x.detach().requires_grad_(), meta)
+    s = tree.detach(problem.start(tree.detach(meta)))
+    with torch.enable_grad():
+        loss, _ = rng.replayed(rng.snapshot(), problem.inner_loss, s, probe, state,
+                               schedule.batch(schedule.steps - truncate))  # fmt: skip
+    if not loss.requires_grad:
+        raise ValueError(
+            f"truncate={truncate} cuts the start off the gradient, and the meta parameters reach "
+            "the outer loss only through the start here (not through the inner loss, the "
+            "optimizer or the outer loss), so the result would be all zeros: drop truncate to "
+            "differentiate through all the steps"
+        )
+
+
+@contextlib.contextmanager
+def explained_batchnorm_errors() -> Iterator[None]:
+    """BatchNorm's error under vmap with one state for all tasks, with the fix."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "running_mean or running_var" not in str(e):
+            raise
+        raise ValueError(
+            "under vmap, BatchNorm updates its running statistics per task, so the state must "
+            "be batched too: pass one state per task (e.g. vmap over a state whose leaves are "
+            "stacked n times: {k: b.expand(n, *b.shape).clone() for k, b in buffers.items()})"
+        ) from e

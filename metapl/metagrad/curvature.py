@@ -1,7 +1,8 @@
 """One inner step forward, and its pullback, for each reverse-mode method.
 
 Step k maps ``(s_k, st_k, m)`` to ``optimizer(m).step(s_k, g_k, st_k)`` with
-``g_k = grad_s inner(s_k, m, b_k)``. Its pullback maps the adjoints ``(a_s, a_st)`` of the
+``g_k = grad_s inner(s_k, m, c_k, b_k)`` (``c_k``: the carried state, an input like the
+batch). Its pullback maps the adjoints ``(a_s, a_st)`` of the
 step's outputs to those of ``(s_k, st_k, m)``. Through ``g_k`` this needs the second-order
 products ``(H_ss a_g, H_ms a_g)`` of the inner loss, which each method supplies its own way:
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vjp
 
-from metapl.metagrad import rng, tree
+from metapl import _tree as tree
+from metapl.metagrad import rng
 from metapl.metagrad.problem import Problem
 
 
@@ -33,19 +35,19 @@ class _Split:
     def __init__(self, problem: Problem, reduce):
         self.problem, self.reduce = problem, reduce
 
-    def advance(self, s, st, m, batch, need_s, keep):
-        g, aux = self.problem.inner_grad(s, m, batch)
+    def advance(self, s, st, c, m, batch, need_s, keep):
+        g, (c_next, aux) = self.problem.inner_grad(s, m, c, batch)
         g = self.reduce(g)
         s_next, st_next = self.problem.optimizer(m).step(s, g, st)
-        return s_next, st_next, aux, g
+        return s_next, st_next, c_next, aux, g
 
-    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+    def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
         """``(g_k, a -> (H_ss a or None, H_ms a or None))``."""
         raise NotImplementedError
 
-    def pullback(self, s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+    def pullback(self, s, st, c, m, batch, memo, snapshot, need_s, a_s, a_st):
         """The adjoints of ``(s_k or None, st_k, m or None)`` from those of the step's output."""
-        g, products = self.gradient_and_products(s, m, batch, memo, snapshot, need_s)
+        g, products = self.gradient_and_products(s, c, m, batch, memo, snapshot, need_s)
         problem = self.problem
         if problem.learns_optimizer:
             step = lambda s_, g_, st_, m_: problem.optimizer(m_).step(s_, g_, st_)  # noqa: E731
@@ -67,49 +69,49 @@ class Exact(_Split):
         super().__init__(problem, reduce)
         self.fused = reduce is tree.identity  # an all-reduce has no VJP: split the step then
 
-    def _step_vjp(self, s, st, m, batch, need_s):
-        """VJP of the whole step; ``(s_next, st_next), pull, aux``."""
+    def _step_vjp(self, s, st, c, m, batch, need_s):
+        """VJP of the whole step; ``(s_next, st_next), pull, (c_next, aux)``."""
         problem = self.problem
 
         def step(s_, st_, m_):
-            g, aux = problem.inner_grad(s_, m_, batch)
-            return problem.optimizer(m_).step(s_, g, st_), aux
+            g, carried = problem.inner_grad(s_, m_, c, batch)
+            return problem.optimizer(m_).step(s_, g, st_), carried
 
         if need_s:
             return vjp(step, s, st, m, has_aux=True)
         out, pull_m, aux = vjp(lambda m_: step(s, st, m_), m, has_aux=True)
         return out, (lambda cot: (None, None, pull_m(cot)[0])), aux
 
-    def _grad_vjp(self, s, m, batch, need_s):
-        """``g, (a -> (H_ss a, H_ms a)), aux`` by reverse mode over the gradient."""
+    def _grad_vjp(self, s, c, m, batch, need_s):
+        """``g, (a -> (H_ss a, H_ms a)), (c_next, aux)`` by reverse mode over the gradient."""
         inner_grad = self.problem.inner_grad
         if need_s:
-            return vjp(lambda s_, m_: inner_grad(s_, m_, batch), s, m, has_aux=True)
-        g, pull, aux = vjp(lambda m_: inner_grad(s, m_, batch), m, has_aux=True)
-        return g, (lambda a: (None, pull(a)[0])), aux
+            return vjp(lambda s_, m_: inner_grad(s_, m_, c, batch), s, m, has_aux=True)
+        g, pull, carried = vjp(lambda m_: inner_grad(s, m_, c, batch), m, has_aux=True)
+        return g, (lambda a: (None, pull(a)[0])), carried
 
-    def advance(self, s, st, m, batch, need_s, keep):
+    def advance(self, s, st, c, m, batch, need_s, keep):
         if not keep:
-            s_next, st_next, aux, _ = super().advance(s, st, m, batch, need_s, keep)
-            return s_next, st_next, aux, None
+            s_next, st_next, c_next, aux, _ = super().advance(s, st, c, m, batch, need_s, keep)
+            return s_next, st_next, c_next, aux, None
         if self.fused:
-            (s_next, st_next), pull, aux = self._step_vjp(s, st, m, batch, need_s)
-            return s_next, st_next, aux, pull
-        g, products, aux = self._grad_vjp(s, m, batch, need_s)
+            (s_next, st_next), pull, (c_next, aux) = self._step_vjp(s, st, c, m, batch, need_s)
+            return s_next, st_next, c_next, aux, pull
+        g, products, (c_next, aux) = self._grad_vjp(s, c, m, batch, need_s)
         s_next, st_next = self.problem.optimizer(m).step(s, self.reduce(g), st)
-        return s_next, st_next, aux, (g, products)
+        return s_next, st_next, c_next, aux, (g, products)
 
-    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+    def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
         g, products = memo if memo is not None else rng.replayed(
-            snapshot, self._grad_vjp, s, m, batch, need_s
+            snapshot, self._grad_vjp, s, c, m, batch, need_s
         )[:2]  # fmt: skip
         return self.reduce(g), products
 
-    def pullback(self, s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+    def pullback(self, s, st, c, m, batch, memo, snapshot, need_s, a_s, a_st):
         if not self.fused:
-            return super().pullback(s, st, m, batch, memo, snapshot, need_s, a_s, a_st)
+            return super().pullback(s, st, c, m, batch, memo, snapshot, need_s, a_s, a_st)
         if memo is None:
-            _, memo, _ = rng.replayed(snapshot, self._step_vjp, s, st, m, batch, need_s)
+            _, memo, _ = rng.replayed(snapshot, self._step_vjp, s, st, c, m, batch, need_s)
         return memo((a_s, a_st))
 
 
@@ -123,16 +125,15 @@ class FiniteDifference(_Split):
         self._grad_both = grad(problem.inner_loss, argnums=(0, 1), has_aux=True)
         self._grad_meta = grad(problem.inner_loss, argnums=1, has_aux=True)
 
-    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+    def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
         def products(a):
             eps = self.radius / torch.clamp(tree.norm(a), min=torch.finfo(tree.dtype(a)).eps)
-            plus = {n: s[n] + eps * a[n] for n in s}
-            minus = {n: s[n] - eps * a[n] for n in s}
+            plus, minus = tree.axpy(eps, a, s), tree.axpy(-eps, a, s)
             fn = self._grad_both if need_s else self._grad_meta
             # Outside autocast: in bfloat16 weights a perturbation of norm `radius` rounds away.
-            with torch.autocast(next(iter(s.values())).device.type, enabled=False):
-                g_plus, _ = rng.replayed(snapshot, fn, plus, m, batch)
-                g_minus, _ = rng.replayed(snapshot, fn, minus, m, batch)
+            with torch.autocast(tree.leaves(s)[0].device.type, enabled=False):
+                g_plus, _ = rng.replayed(snapshot, fn, plus, m, c, batch)
+                g_minus, _ = rng.replayed(snapshot, fn, minus, m, c, batch)
             if not need_s:
                 return None, _central(g_plus, g_minus, eps)
             (s_plus, m_plus), (s_minus, m_minus) = g_plus, g_minus
@@ -142,9 +143,9 @@ class FiniteDifference(_Split):
 
 
 class FirstOrder(_Split):
-    def gradient_and_products(self, s, m, batch, memo, snapshot, need_s):
+    def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
         return memo, lambda a: (None, None)
 
 
 def _central(plus, minus, eps):
-    return {n: (plus[n] - minus[n]) / (2 * eps) for n in plus}
+    return tree.map(lambda p, q: (p - q) / (2 * eps), plus, minus)

@@ -1,31 +1,32 @@
-"""Implicit differentiation: the hypergradient at a converged inner problem.
+"""Implicit differentiation: the hypergradient at a solution of the inner problem.
 
-If the inner steps have reached a stationary point, grad_s inner(s*, m) = 0, the implicit
+If ``s*`` is a stationary point of the inner loss, grad_s inner(s*, m) = 0, the implicit
 function theorem gives ds*/dm = -H_ss^{-1} H_sm, so (Rajeswaran et al. 2019, Eq. 5; Lorraine
 et al. 2020, Eq. 2)
 
     dL/dm = ∂L/∂m - H_ms x,   where   (H_ss + damping I) x = ∂L/∂s*.
 
-Only the final student is used: memory and cost do not depend on K, and neither the start nor
-the optimizer reaches the gradient (at a true stationary point they do not matter). The linear
-system is solved with Hessian-vector products by conjugate gradient or a Neumann series.
+Only the solution is used: how it was found (metapl's own unroll, LBFGS, a closed form, any
+torch.optim loop) does not matter, nor does its cost. The linear system is solved with
+Hessian-vector products by conjugate gradient or a Neumann series.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.func import vjp
 
-from metapl.metagrad import tree
-from metapl.metagrad.problem import Problem, Schedule
-from metapl.metagrad.reverse import _outer_grads, run_forward
+from metapl import _tree as tree
+from metapl.metagrad.problem import Problem
+from metapl.metagrad.reverse import outer_grads_at
 
 __all__ = ["CG", "Neumann"]
 
-Params = tree.Params
+Matvec = Callable[[tree.Tree], tree.Tree]
 
 
 @dataclass(frozen=True)
@@ -39,24 +40,29 @@ class CG:
     tol: float = 1e-10
     damping: float = 0.0
 
-    def solve(self, hvp: Callable[[Params], Params], v: Params) -> Params:
+    def __post_init__(self):
+        _check_solver(self)
+        if not self.tol >= 0:
+            raise ValueError(f"CG needs tol >= 0, got {self.tol}")
+
+    def solve(self, hvp: Matvec, v: tree.Tree) -> tree.Tree:
         matvec = _damped(hvp, self.damping)
         x = tree.zeros_like(v)
         r, p = v, v
         rr = tree.dot(r, r)
         threshold = (self.tol**2) * rr
         for _ in range(self.iterations):
-            if _can_stop(rr) and bool(rr <= threshold):
+            if can_branch(rr) and bool(rr <= threshold):
                 break
             ap = matvec(p)
             pap = tree.dot(p, ap)
             active = rr > threshold
             alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), 0.0)
-            x = {k: x[k] + alpha * p[k] for k in x}
-            r = {k: r[k] - alpha * ap[k] for k in r}
+            x = tree.axpy(alpha, p, x)
+            r = tree.axpy(-alpha, ap, r)
             rr_new = tree.dot(r, r)
             beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)), 0.0)
-            p = {k: r[k] + beta * p[k] for k in p}
+            p = tree.axpy(beta, p, r)
             rr = torch.where(active, rr_new, rr)
         return x
 
@@ -64,46 +70,139 @@ class CG:
 @dataclass(frozen=True)
 class Neumann:
     """Truncated Neumann series x = alpha * sum_{j<iterations} (I - alpha A)^j v with
-    A = H + damping I; converges when 0 < alpha < 2 / lambda_max(A) (Lorraine et al. 2020)."""
+    A = H + damping I, which converges when A is positive definite and
+    0 < alpha < 2 / lambda_max(A) (Lorraine et al. 2020).
+
+    ``alpha=None`` (the default) takes ``alpha = 1 / lambda`` with lambda the largest eigenvalue
+    of A estimated by ``power_iterations`` steps of the power method started from v (the
+    series only grows v's eigencomponents): safe whenever the estimate is above half the true
+    largest eigenvalue, and it costs ``power_iterations`` more Hessian-vector products. With a
+    given ``alpha``, a diverging series raises (in eager mode) naming a safe alpha.
+    """
 
     iterations: int = 100
-    alpha: float = 1.0
+    alpha: float | None = None
     damping: float = 0.0
+    power_iterations: int = 20
 
-    def solve(self, hvp: Callable[[Params], Params], v: Params) -> Params:
+    def __post_init__(self):
+        _check_solver(self)
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"Neumann needs alpha > 0 (or None: chosen by power iteration), "
+                             f"got {self.alpha}")  # fmt: skip
+        if not (isinstance(self.power_iterations, int) and self.power_iterations >= 1):
+            raise ValueError(f"power_iterations must be an int >= 1, got {self.power_iterations}")
+
+    def largest_eigenvalue(self, hvp: Matvec, v: tree.Tree) -> torch.Tensor:
+        """The power method's estimate of lambda_max(H + damping I) on v's eigencomponents."""
         matvec = _damped(hvp, self.damping)
+        u = tree.scale(v, 1 / torch.clamp(tree.norm(v), min=torch.finfo(tree.dtype(v)).tiny))
+        estimate = torch.zeros((), dtype=tree.dtype(v))
+        for _ in range(self.power_iterations):
+            au = matvec(u)
+            estimate = tree.dot(u, au)  # the Rayleigh quotient (||u|| = 1)
+            size = torch.clamp(tree.norm(au), min=torch.finfo(tree.dtype(v)).tiny)
+            u = tree.scale(au, 1 / size)
+        return estimate
+
+    def solve(self, hvp: Matvec, v: tree.Tree) -> tree.Tree:
+        matvec = _damped(hvp, self.damping)
+        if self.alpha is None:
+            alpha = 1 / torch.clamp(self.largest_eigenvalue(hvp, v), min=1e-30)
+        else:
+            alpha = self.alpha
         term, total = v, v
         for _ in range(self.iterations - 1):
             a_term = matvec(term)
-            term = {k: term[k] - self.alpha * a_term[k] for k in term}
+            term = tree.axpy(-alpha, a_term, term)
             total = tree.add(total, term)
-        return tree.scale(total, self.alpha)
+        if self.alpha is not None and can_branch(tree.norm(term)):
+            self._check_converging(hvp, v, term, total)
+        return tree.scale(total, alpha)
+
+    def _check_converging(self, hvp: Matvec, v, last_term, total) -> None:
+        """Raise if the series' terms grew: for a positive definite A and a safe alpha each
+        term is no longer than v."""
+        grew = float(tree.norm(last_term)) > 2 * float(tree.norm(v))
+        if not grew and all(bool(torch.isfinite(x).all()) for x in tree.leaves(total)):
+            return
+        lam = float(self.largest_eigenvalue(hvp, v))
+        advice = (
+            f"the largest eigenvalue of H + damping I is about {lam:.3g}, so pass "
+            f"Neumann(alpha={1 / lam:.3g}) (any alpha < {2 / lam:.3g}) or alpha=None"
+            if lam > 0 and math.isfinite(lam)
+            else "H + damping I is not positive definite: add damping"
+        )
+        raise ValueError(
+            f"the Neumann series diverged with alpha={self.alpha}: {advice}; if it still "
+            "diverges, H is not positive definite there: add damping"
+        )
 
 
-def implicit(problem: Problem, schedule: Schedule, meta, opt_state, solver: CG | Neumann):
-    """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``."""
-    s, st, first_aux = run_forward(problem, schedule, meta, opt_state)
-    a_s, a_m, loss = _outer_grads(problem, s, meta)
+Solver = CG | Neumann
+
+
+def _check_solver(solver: CG | Neumann) -> None:
+    name = type(solver).__name__
+    if not (isinstance(solver.iterations, int) and solver.iterations >= 1):
+        raise ValueError(f"{name} needs iterations >= 1 (an int), got {solver.iterations!r}")
+    if not solver.damping >= 0:
+        raise ValueError(f"{name} needs damping >= 0, got {solver.damping}")
+
+
+def implicit_at(problem: Problem, s, c, meta, solver: Solver, stationary_tol: float):
+    """The hypergradient at the solution ``s`` (state ``c``): ``(meta_grads, outer_loss,
+    outer_grads)``. Checks (eagerly) that ``s`` is near a stationary point of the inner loss."""
+    a_s, a_m, loss = outer_grads_at(problem, s, meta, c)
 
     def inner_grad_at(s_, m_):
-        return problem.inner_grad(s_, m_, None)[0]
+        return problem.inner_grad(s_, m_, c, None)[0]
 
-    _, hvp = vjp(lambda s_: inner_grad_at(s_, meta), s)  # H_ss is symmetric: VJP = HVP
-    x = solver.solve(lambda u: hvp(u)[0], a_s)
+    g, hvp = vjp(lambda s_: inner_grad_at(s_, meta), s)  # H_ss is symmetric: VJP = HVP
+    matvec = lambda u: hvp(u)[0]  # noqa: E731
+    if math.isfinite(stationary_tol) and can_branch(tree.norm(g)):
+        _check_stationary(g, s, matvec, solver.damping, stationary_tol)
+    x = solver.solve(matvec, a_s)
     _, mixed = vjp(lambda m_: inner_grad_at(s, m_), meta)
     h_ms_x = mixed(x)[0]
-    meta_grads = {k: a_m[k] - h_ms_x[k] for k in a_m}
-    return meta_grads, s, st, loss, first_aux, a_s
+    return tree.sub(a_m, h_ms_x), loss, a_s
 
 
-def _damped(hvp, damping: float):
+def _check_stationary(g, s, matvec: Matvec, damping: float, tol: float) -> None:
+    """Refuse a solution clearly away from a stationary point: the length of the Cauchy step
+    t g, t = <g, g> / <g, (H + damping I) g> (the minimiser of the quadratic model along g;
+    one Hessian-vector product), relative to ||s||, must be at most ``tol``."""
+    g_norm = float(tree.norm(g))
+    if g_norm == 0:
+        return
+    curvature = float(tree.dot(g, matvec(g))) + damping * g_norm**2
+    s_norm = float(tree.norm(s))
+    distance = g_norm**3 / curvature if curvature > 0 else math.inf
+    if distance <= tol * max(s_norm, 1e-12):
+        return
+    where = (
+        f"the gradient there has norm {g_norm:.3g} and a Newton-like step to stationarity "
+        f"would move the solution by {distance:.3g} ({distance / max(s_norm, 1e-12):.2g} of "
+        f"its norm {s_norm:.3g})"
+        if curvature > 0
+        else f"the gradient there has norm {g_norm:.3g} and the inner loss does not curve "
+        "upwards along it (not a minimum: add damping to the solver)"
+    )
+    raise ValueError(
+        "implicit differentiation needs the solution to be a stationary point of the inner "
+        f"loss, and {where}: solve the inner problem further, or pass "
+        f"stationary_tol=math.inf (now {tol:g}) to accept it"
+    )
+
+
+def _damped(hvp: Matvec, damping: float) -> Matvec:
     if not damping:
         return hvp
-    return lambda u: {k: v + damping * u[k] for k, v in hvp(u).items()}
+    return lambda u: tree.axpy(damping, u, hvp(u))
 
 
-def _can_stop(x: torch.Tensor) -> bool:
-    """Whether a data-dependent early exit is possible (not under vmap or torch.compile)."""
+def can_branch(x: torch.Tensor) -> bool:
+    """Whether a data-dependent branch is possible (not under vmap or torch.compile)."""
     if torch.compiler.is_compiling():  # checked first: dynamo cannot trace the next check
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(x)

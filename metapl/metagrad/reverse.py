@@ -1,15 +1,16 @@
 """Reverse mode through the inner steps, one step at a time ("exact", "finite_difference",
 "first_order").
 
-The forward pass keeps only the trajectory (each step's student, optimizer state and, where
-the method needs it, gradient), never a step's activations: memory grows with K by the
-trajectory alone (see metagrad/curvature.py for each method's step). The reverse pass walks
-back from the outer loss (the adjoint recursion of reverse-mode hypergradients; Maclaurin et
-al. 2015, Alg. 2; Franceschi et al. 2017, Sec. 3):
+The forward pass keeps only the trajectory (each step's student, optimizer state, carried
+state and, where the method needs it, gradient), never a step's activations: memory grows
+with K by the trajectory alone (see metagrad/curvature.py for each method's step). The
+reverse pass walks back from the outer loss (the adjoint recursion of reverse-mode
+hypergradients; Maclaurin et al. 2015, Alg. 2; Franceschi et al. 2017, Sec. 3):
 
     a_s  <- dL/ds_K,  a_m <- dL/dm (the outer loss' own meta path),  a_st <- 0
     for k = K-1 .. K-T:
         (a_s', a_g, a_st, a_m') = VJP of optimizer(m).step at (s_k, g_k, st_k, m)
+                                  (g_k evaluated with the state c_k step k saw going forward)
         (H_ss a_g, H_ms a_g)    = the curvature's products at step k
         a_s = a_s' + H_ss a_g;  a_m += a_m' + H_ms a_g
     a_m += VJP of start(m) with a_s            (only when T = K)
@@ -19,18 +20,21 @@ T = ``truncate`` (default K).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.func import grad_and_value, vjp
 
-from metapl.metagrad import rng, tree
+from metapl import _tree as tree
+from metapl.metagrad import rng
 from metapl.metagrad.problem import Problem, Schedule
 
 
 def reverse(
-    problem: Problem, schedule: Schedule, meta, opt_state, method, reduce, truncate: int,
+    problem: Problem, schedule: Schedule, meta, opt_state, state, method, reduce, truncate: int,
     kept_graphs: int, compiled: bool,
 ):  # fmt: skip
-    """Returns ``(meta_grads, s_K, opt_state_K, outer_loss, first_aux, outer_grads)``.
+    """Returns ``(meta_grads, s_K, opt_state_K, state_K, outer_loss, first_aux, outer_grads)``.
 
     The last ``kept_graphs`` steps (at least one) keep their graphs from the forward pass; the
     reverse pass recomputes the earlier ones (memory grows by at most ``kept_graphs`` steps'
@@ -53,79 +57,85 @@ def reverse(
     else:
         s = problem.start(m)
     if compiled:  # a start aliasing the meta parameters (MAML) would need a graph of its own
-        s = {k: v.clone() for k, v in s.items()}
+        s = tree.clone(s)
     st = problem.optimizer(m).init(s) if opt_state is None else opt_state
 
-    trajectory, first_aux = [], None
+    trajectory, first_aux, c = [], None, state
     for k in range(steps):
         snapshot = rng.snapshot()  # the reverse pass replays this step's dropout masks
         batch = schedule.batch(k)
         # Keep the step's graph near the end (where the reverse pass starts), and inside a
         # caller's torch.compile, where a recomputation could not replay the dropout masks.
         keep = (k >= steps - kept_graphs or torch.compiler.is_compiling()) and not compiled
-        s_next, st_next, aux, memo = advance(s, st, m, batch, need_s(k), keep)
+        s_next, st_next, c_next, aux, memo = advance(s, st, c, m, batch, need_s(k), keep)
         first_aux = aux if k == 0 else first_aux
         if k >= first:
-            trajectory.append((s, st, memo, snapshot))
-        s, st = s_next, st_next
+            trajectory.append((s, st, c, memo, snapshot))
+        s, st, c = s_next, st_next, c_next
 
-    a_s, a_m, loss = _outer_grads(problem, s, m)
+    a_s, a_m, loss = outer_grads_at(problem, s, m, c)
     a_s, loss = reduce(a_s), reduce({"loss": loss})["loss"]
     outer_grads, a_st = a_s, tree.zeros_like(st)
     for k in reversed(range(first, steps)):
-        s_k, st_k, memo, snapshot = trajectory.pop()  # frees step k's trajectory as we go
+        s_k, st_k, c_k, memo, snapshot = trajectory.pop()  # frees step k's trajectory as we go
         a_s_k, a_st, a_m_k = pullback(
-            s_k, st_k, m, schedule.batch(k), memo, snapshot, need_s(k), a_s, a_st
+            s_k, st_k, c_k, m, schedule.batch(k), memo, snapshot, need_s(k), a_s, a_st
         )
         if a_m_k is not None:
             a_m = tree.add(a_m, a_m_k)
         a_s = a_s_k
     if reaches_start:
         a_m = tree.add(a_m, start_pull(a_s)[0])
-    return a_m, s, st, loss, first_aux, outer_grads
+    return a_m, s, st, c, loss, first_aux, outer_grads
 
 
-@torch.compile(fullgraph=True)
-def _compiled_advance(method, s, st, m, batch, need_s):
-    return method.advance(s, st, m, batch, need_s, False)
+def _advance(method, s, st, c, m, batch, need_s):
+    return method.advance(s, st, c, m, batch, need_s, False)
 
 
-@torch.compile(fullgraph=True)
-def _compiled_pullback(method, s, st, m, batch, memo, need_s, a_s, a_st):
-    return method.pullback(s, st, m, batch, memo, None, need_s, a_s, a_st)
+def _pullback(method, s, st, c, m, batch, memo, need_s, a_s, a_st):
+    return method.pullback(s, st, c, m, batch, memo, None, need_s, a_s, a_st)
+
+
+@functools.cache
+def _compiled(fn):
+    """``fn`` compiled once per process (compiling is set up on first use only, so that
+    importing metapl does not import torch._dynamo)."""
+    return torch.compile(fn, fullgraph=True)
 
 
 def _compiled_step(method):
     """(advance, pullback) with the signatures of ``method``'s, each one compiled graph."""
 
-    def advance(s, st, m, batch, need_s, keep):
-        return _compiled_advance(method, s, st, m, batch, need_s)
+    def advance(s, st, c, m, batch, need_s, keep):
+        return _compiled(_advance)(method, s, st, c, m, batch, need_s)
 
-    def pullback(s, st, m, batch, memo, snapshot, need_s, a_s, a_st):
+    def pullback(s, st, c, m, batch, memo, snapshot, need_s, a_s, a_st):
         return rng.replayed(
-            snapshot, _compiled_pullback, method, s, st, m, batch, memo, need_s, a_s, a_st
+            snapshot, _compiled(_pullback), method, s, st, c, m, batch, memo, need_s, a_s, a_st
         )
 
     return advance, pullback
 
 
-def _outer_grads(problem: Problem, s, m):
-    """(dL/ds_K, dL/dm through the outer loss alone, L)."""
+def outer_grads_at(problem: Problem, s, m, c):
+    """(dL/ds_K, dL/dm through the outer loss alone, L) at the final student and state."""
     if problem.outer_takes_meta:
-        (a_s, a_m), loss = grad_and_value(problem.outer_loss, argnums=(0, 1))(s, m)
+        (a_s, a_m), loss = grad_and_value(problem.outer_loss, argnums=(0, 1))(s, m, c)
         return a_s, a_m, loss
-    a_s, loss = grad_and_value(lambda s_: problem.outer_loss(s_, m))(s)
+    a_s, loss = grad_and_value(lambda s_: problem.outer_loss(s_, m, c))(s)
     return a_s, tree.zeros_like(m), loss
 
 
-def run_forward(problem: Problem, schedule: Schedule, meta, opt_state, reduce=tree.identity):
-    """The inner steps alone: ``(s_K, opt_state_K, first_aux)``."""
+def run_forward(problem: Problem, schedule: Schedule, meta, opt_state, state,
+                reduce=tree.identity):  # fmt: skip
+    """The inner steps alone: ``(s_K, opt_state_K, state_K, first_aux)``."""
     s = problem.start(meta)
     opt = problem.optimizer(meta)
     st = opt.init(s) if opt_state is None else opt_state
-    first_aux = None
+    first_aux, c = None, state
     for k in range(schedule.steps):
-        g, aux = problem.inner_grad(s, meta, schedule.batch(k))
+        g, (c, aux) = problem.inner_grad(s, meta, c, schedule.batch(k))
         first_aux = aux if k == 0 else first_aux
         s, st = opt.step(s, reduce(g), st)
-    return s, st, first_aux
+    return s, st, c, first_aux
