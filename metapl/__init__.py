@@ -2,12 +2,12 @@
 
 from metapl import optim
 from metapl.finetune import finetune
-from metapl.metagrad import CG, METHODS, MetaGradResult, Neumann, meta_grad
+from metapl.metagrad import CG, METHODS, MetaGradResult, Neumann, implicit_grad, meta_grad
 from metapl.mpl import MPL, UDA
 from metapl.vat import VAT
 
 __all__ = [
-    "CG", "METHODS", "MPL", "UDA", "VAT", "MetaGradResult", "Neumann", "finetune", "meta_grad",
-    "optim",
+    "CG", "METHODS", "MPL", "UDA", "VAT", "MetaGradResult", "Neumann", "finetune", "implicit_grad",
+    "meta_grad", "optim",
 ]  # fmt: skip
 __version__ = "0.1.0"

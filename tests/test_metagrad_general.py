@@ -479,3 +479,82 @@ def test_compile_steps_once_for_every_unroll_length():
     # Per method one forward and one pullback graph, whatever K and the data.
     assert counters["stats"]["unique_graphs"] == 4
     assert not counters["graph_break"]
+
+
+def test_options_a_method_ignores_are_refused():
+    """Each was silently ignored before (fd_radius by exact, ...)."""
+    meta, start, inner, outer, opt, _ = everywhere_problem("sgd")
+    cases = [
+        ({"fd_radius": 1e-3}, "fd_radius is only used by method='finite_difference', not 'exact'"),
+        ({"baseline": 0.5}, "baseline is only used by method='score_function', not 'exact'"),
+        ({"stationary_tol": 1e-3}, "stationary_tol is only used by method='implicit'"),
+        ({"method": "implicit", "checkpoint": 2, "optimizer": optim.sgd(0.1)},
+         "checkpoint is only used by .* not 'implicit'"),
+        ({"method": "score_function", "truncate": 1, "log_prob": lambda m: m["t"].sum(),
+          "student_params": {k: meta[k] for k in ("w0", "b0", "w1", "b1")},
+          "outer_loss": lambda s: outer(s, meta), "optimizer": optim.sgd(0.1)},
+         "truncate is only used by .* not 'score_function'"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        args = {"inner_loss": inner, "outer_loss": outer, "student_params": start,
+                "teacher_params": meta, "optimizer": opt, "steps": 2, **kwargs}  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            metapl.meta_grad(**args)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference", "first_order"])
+def test_truncation_that_leaves_no_path_to_the_meta_parameters_is_refused(method):
+    """MAML (the meta parameters are the start only) with truncate < K: the start is cut off
+    and the result was all zeros, silently."""
+    theta, xs, ys, xq, yq = tasks()
+
+    def inner(s, m):
+        return (mlp(s, xs[0]) - ys[0]).square().mean()
+
+    def outer(s):
+        return (mlp(s, xq[0]) - yq[0]).square().mean()
+
+    with pytest.raises(ValueError, match="would be (all )?zero"):
+        metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3,
+                         truncate=2, method=method)  # fmt: skip
+    # with a learned rate the truncated gradient is defined (and not zero)
+    meta = {**theta, "log_lr": torch.tensor(-2.0, dtype=F64)}
+    res = metapl.meta_grad(inner, outer, lambda m: {k: m[k] for k in theta}, meta,
+                           lambda m: optim.sgd(m["log_lr"].exp()), steps=3, truncate=2,
+                           method=method)  # fmt: skip
+    assert res.teacher_grads["log_lr"].abs() > 0
+    # and so is the full one
+    full = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3,
+                            method=method)  # fmt: skip
+    assert flat(full.teacher_grads).abs().max() > 0
+
+
+def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
+    """Meta-Weight-Net (Shu et al. 2019): example weights from a net over the *detached*
+    per-example losses. Exact differentiates the inner gradient as autograd defines it (the
+    weights' input is a constant); finite differences evaluate the gradient at perturbed
+    students, where the weights move with the losses, so they estimate another derivative:
+    far from exact here. The docs say so; use exact (or first_order) for such inner losses."""
+    gen, x_u, y_u, x_l, y_l = data(10, n_u=12)
+    theta = init_mlp(SIZES, gen)
+    weighter = {"v": torch.randn(4, generator=gen, dtype=F64), "c": torch.tensor(0.1, dtype=F64)}
+
+    def weights(losses, m):  # a tiny scorer of each example's loss
+        features = torch.stack([losses, losses**2, torch.ones_like(losses),
+                                torch.sqrt(losses + 1)], -1)  # fmt: skip
+        return torch.sigmoid(features @ m["v"] + m["c"])
+
+    def inner(s, m):
+        losses = F.cross_entropy(mlp(s, x_u), y_u, reduction="none")
+        return (weights(losses.detach(), m) * losses).mean()
+
+    def outer(s):
+        return F.cross_entropy(mlp(s, x_l), y_l)
+
+    exact = metapl.meta_grad(inner, outer, theta, weighter, optim.sgd(0.5), steps=2)
+    reference, *_ = reference_general(inner, lambda s, m: outer(s), lambda m: theta,
+                                      lambda m: REFERENCE["sgd"](0.5), weighter, 2)  # fmt: skip
+    assert_close(exact.teacher_grads, reference, rtol=1e-10, atol=1e-13)
+    fd = metapl.meta_grad(inner, outer, theta, weighter, optim.sgd(0.5), steps=2,
+                          method="finite_difference", fd_radius=1e-6)  # fmt: skip
+    assert rel_err(fd.teacher_grads, reference) > 0.1
