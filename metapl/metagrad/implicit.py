@@ -46,25 +46,44 @@ class CG:
             raise ValueError(f"CG needs tol >= 0, got {self.tol}")
 
     def solve(self, hvp: Matvec, v: tree.Tree) -> tree.Tree:
-        matvec = _damped(hvp, self.damping)
-        x = tree.zeros_like(v)
-        r, p = v, v
-        rr = tree.dot(r, r)
+        # on the list of leaves: one flatten per iteration instead of one per vector operation
+        b, spec = tree.flatten(v)
+        damped = _damped(hvp, self.damping)
+
+        def matvec(xs: list) -> list:
+            return tree.leaves(damped(tree.unflatten(xs, spec)))
+
+        x = [torch.zeros_like(b_) for b_ in b]
+        r, p = b, b
+        rr = _dot(r, r)
         threshold = (self.tol**2) * rr
+        eager = can_branch(rr)
         for _ in range(self.iterations):
-            if can_branch(rr) and bool(rr <= threshold):
+            if eager and bool(rr <= threshold):
                 break
             ap = matvec(p)
-            pap = tree.dot(p, ap)
-            active = rr > threshold
-            alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), 0.0)
-            x = tree.axpy(alpha, p, x)
-            r = tree.axpy(-alpha, ap, r)
-            rr_new = tree.dot(r, r)
-            beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)), 0.0)
-            p = tree.axpy(beta, p, r)
-            rr = torch.where(active, rr_new, rr)
-        return x
+            pap = _dot(p, ap)
+            if eager:  # a plain step; the converged case has left the loop
+                alpha = rr / pap
+            else:  # freeze converged entries (no data-dependent exit under vmap / compile)
+                active = rr > threshold
+                alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)),
+                                    0.0)  # fmt: skip
+            x = [x_ + alpha * p_ for x_, p_ in zip(x, p, strict=True)]
+            r = [r_ - alpha * ap_ for r_, ap_ in zip(r, ap, strict=True)]
+            rr_new = _dot(r, r)
+            if eager:
+                beta = rr_new / rr
+            else:
+                beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)),
+                                   0.0)  # fmt: skip
+            p = [r_ + beta * p_ for r_, p_ in zip(r, p, strict=True)]
+            rr = rr_new if eager else torch.where(active, rr_new, rr)
+        return tree.unflatten(x, spec)
+
+
+def _dot(a: list, b: list) -> torch.Tensor:
+    return sum(torch.sum(x * y) for x, y in zip(a, b, strict=True))
 
 
 @dataclass(frozen=True)
@@ -153,19 +172,56 @@ def _check_solver(solver: CG | Neumann) -> None:
 def implicit_at(problem: Problem, s, c, meta, solver: Solver, stationary_tol: float):
     """The hypergradient at the solution ``s`` (state ``c``): ``(meta_grads, outer_loss,
     outer_grads)``. Checks (eagerly) that ``s`` is near a stationary point of the inner loss."""
-    a_s, a_m, loss = outer_grads_at(problem, s, meta, c)
+    eager = can_branch(tree.leaves(s)[0])
+    products = _autograd_products if eager else _func_products
+    (a_s, a_m, loss), g, hvp, mixed = products(problem, s, c, meta)
+    if eager and math.isfinite(stationary_tol):
+        _check_stationary(g, s, hvp, solver.damping, stationary_tol)
+    x = solver.solve(hvp, a_s)
+    return tree.sub(a_m, mixed(x)), loss, a_s
+
+
+def _func_products(problem: Problem, s, c, meta):
+    """``(outer grads, g, u -> H_ss u, x -> H_ms x)`` by torch.func (under vmap / compile)."""
 
     def inner_grad_at(s_, m_):
         return problem.inner_grad(s_, m_, c, None)[0]
 
     g, hvp = vjp(lambda s_: inner_grad_at(s_, meta), s)  # H_ss is symmetric: VJP = HVP
-    matvec = lambda u: hvp(u)[0]  # noqa: E731
-    if math.isfinite(stationary_tol) and can_branch(tree.norm(g)):
-        _check_stationary(g, s, matvec, solver.damping, stationary_tol)
-    x = solver.solve(matvec, a_s)
     _, mixed = vjp(lambda m_: inner_grad_at(s, m_), meta)
-    h_ms_x = mixed(x)[0]
-    return tree.sub(a_m, h_ms_x), loss, a_s
+    return (outer_grads_at(problem, s, meta, c), g, lambda u: hvp(u)[0],
+            lambda x: mixed(x)[0])  # fmt: skip
+
+
+def _autograd_products(problem: Problem, s, c, meta):
+    """The same by plain autograd on one recorded gradient (eager: less overhead per product,
+    which a solver takes dozens of)."""
+    with torch.enable_grad():
+        s_, m_ = (tree.map(lambda x: x.detach().requires_grad_(), t) for t in (s, meta))
+        s_leaves, m_leaves = tree.leaves(s_), tree.leaves(m_)
+        outer = problem.outer_loss(s_, m_, c)
+        grads = _grad(outer, s_leaves + m_leaves)
+        a_s = tree.unflatten(grads[: len(s_leaves)], tree.structure(s))
+        a_m = tree.unflatten(grads[len(s_leaves) :], tree.structure(meta))
+        loss, _ = problem.inner_loss(s_, m_, c, None)
+        g = _grad(loss, s_leaves, create_graph=True)
+
+    def hvp(u):
+        return tree.unflatten(_grad(g, s_leaves, tree.leaves(u), retain=True), tree.structure(s))
+
+    def mixed(x):
+        return tree.unflatten(_grad(g, m_leaves, tree.leaves(x), retain=True),
+                              tree.structure(meta))  # fmt: skip
+
+    g_tree = tree.detach(tree.unflatten(list(g), tree.structure(s)))
+    return (a_s, a_m, outer.detach()), g_tree, hvp, mixed
+
+
+def _grad(outputs, inputs, cotangents=None, create_graph=False, retain=False) -> list:
+    grads = torch.autograd.grad(outputs, inputs, cotangents, create_graph=create_graph,
+                                retain_graph=retain or create_graph, allow_unused=True,
+                                materialize_grads=True)  # fmt: skip
+    return [x.detach() for x in grads] if not create_graph else list(grads)
 
 
 def _check_stationary(g, s, matvec: Matvec, damping: float, tol: float) -> None:
