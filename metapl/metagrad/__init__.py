@@ -24,6 +24,7 @@ running statistics in place may do so, and the statistics advance once per inner
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -46,7 +47,6 @@ from metapl.optim import Optimizer, State
 Tree = Any  # a dict of tensors, or nested dicts / lists / tuples of tensors
 Method = Literal["exact", "finite_difference", "first_order", "implicit", "score_function"]
 METHODS: tuple[str, ...] = get_args(Method)
-DEFAULT_CHECKPOINT = 5  # the last n steps keep their graphs
 DEFAULT_FD_RADIUS = 3e-4
 DEFAULT_STATIONARY_TOL = 1e-2
 
@@ -153,13 +153,14 @@ def meta_grad(
             this process's share: average them across processes too.
         checkpoint: ``"exact"``, ``"finite_difference"``, ``"first_order"``: which steps the
             reverse pass recomputes instead of keeping their graphs from the forward pass.
-            An int ``n`` (default 5): keep at most n steps' graphs at a time, recomputing the
-            others once (memory grows with K by the trajectory and at most n steps'
-            activations; short unrolls such as MAML's recompute nothing); ``True``: n = 1
-            (the least memory); ``False``: keep every step's graph (no recomputation).
-            Eager ``"exact"`` calls without ``reduce`` backpropagate through segments of n
-            steps with plain autograd (keeping only each segment's start); under vmap or
-            torch.compile the step-by-step reverse pass runs.
+            An int ``n``: keep at most n steps' graphs at a time, recomputing the others once
+            (memory grows with K by the trajectory and at most n steps' activations);
+            ``True``: n = 1 (the least memory); ``False``: keep every step's graph (no
+            recomputation). Default: n = max(5, ceil(K / 2)) (short unrolls such as MAML's
+            recompute nothing; long ones half their steps, for half the memory). Eager
+            ``"exact"`` calls without ``reduce`` backpropagate through segments of n steps
+            with plain autograd (keeping only each segment's start: memory grows by K / n
+            students); under vmap or torch.compile the step-by-step reverse pass runs.
         compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
             as one ``torch.compile``'d graph, compiled once for every step (compile time does
             not grow with K; later calls with the same shapes reuse it). To compile a whole
@@ -192,9 +193,8 @@ def meta_grad(
                            inner_batches is not None, has_aux, state is not None)  # fmt: skip
     schedule = Schedule(steps, inner_batches)
     check_truncation_reaches_meta(problem, schedule, meta, carried, truncate)
-    checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
-    kept_graphs = steps if checkpoint is False else int(checkpoint)
     truncate = truncate or steps
+    kept_graphs = kept_steps(checkpoint, truncate)
     h, outer_grads = None, None
     with explained_batchnorm_errors():
         if method == "score_function":
@@ -229,6 +229,16 @@ def meta_grad(
     result = MetaGradResult(grads, s, st, loss, aux if has_aux else None, h, outer_grads,
                             None if state is None else c)  # fmt: skip
     return MetaGradResult(*(tree.detach(part) for part in result))
+
+
+def kept_steps(checkpoint: bool | int | None, steps: int) -> int:
+    """How many steps' graphs the reverse pass keeps at a time, of the ``steps`` it
+    differentiates: by default half of them, at least 5 (short unrolls recompute nothing; a
+    long one recomputes half its steps once, for half the memory: measured in
+    benchmarks/meta_learning.py)."""
+    if checkpoint is None:
+        return max(5, math.ceil(steps / 2))
+    return steps if checkpoint is False else int(checkpoint)
 
 
 def implicit_grad(
