@@ -26,9 +26,12 @@ Every exact row is checked against higher's gradient.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -68,7 +71,7 @@ def sinusoid_tasks(n: int) -> tuple[torch.Tensor, ...]:
     return x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]
 
 
-def metapl_maml(model: nn.Module, checkpoint: bool | int = 5) -> Callable:
+def metapl_maml(model: nn.Module, checkpoint: bool | int | None = None) -> Callable:
     opt = optim.sgd(MAML_LR)
 
     def task_grad(theta, x_s, y_s, x_q, y_q):
@@ -167,7 +170,7 @@ def hyper_problem():
 
 
 def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
-                 whole=False, checkpoint: bool | int = 5) -> Callable:  # fmt: skip
+                 whole=False, checkpoint: bool | int | None = None) -> Callable:  # fmt: skip
     s0 = {k: v.detach() for k, v in model.named_parameters()}
     meta = {"log_lr": torch.tensor(-3.0)}
 
@@ -249,6 +252,319 @@ def hyper_rows(args, steps: int) -> list[tuple]:
     return table
 
 
+# --------------------------------------------------------------------------- long unrolls
+
+
+def long_problem(steps: int):
+    """MLP 64-256-10, a fresh batch of 128 examples at every inner step (``inner_batches``),
+    SGD momentum 0.9 with a learned learning rate, validation loss on 300 examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    gen = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(steps, 128, 64, generator=gen), torch.randint(0, 10, (steps, 128),
+                                                                       generator=gen)  # fmt: skip
+    x_v, y_v = torch.randn(300, 64, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    return model, xs, ys, x_v, y_v
+
+
+def metapl_long(model, xs, ys, x_v, y_v, **kwargs) -> Callable:
+    s0 = {k: v.detach() for k, v in model.named_parameters()}
+
+    def inner(s, m, batch):
+        return F.cross_entropy(functional_call(model, s, (batch[0],)), batch[1])
+
+    def outer(s):
+        return F.cross_entropy(functional_call(model, s, (x_v,)), y_v)
+
+    def optimizer(m):
+        return optim.sgd(m["log_lr"].exp(), momentum=MOMENTUM)
+
+    def run():
+        return metapl.meta_grad(inner, outer, s0, {"log_lr": torch.tensor(-3.0)}, optimizer,
+                                steps=len(xs), inner_batches=(xs, ys),
+                                **kwargs).teacher_grads["log_lr"]  # fmt: skip
+
+    return run
+
+
+def higher_long(model, xs, ys, x_v, y_v) -> Callable:
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=MOMENTUM)
+
+    def run():
+        log_lr = torch.tensor(-3.0, requires_grad=True)
+        with higher.innerloop_ctx(model, opt, override={"lr": [log_lr.exp()]}) as (fm, diffopt):
+            for x, y in zip(xs, ys, strict=True):
+                diffopt.step(F.cross_entropy(fm(x), y))
+            (g,) = torch.autograd.grad(F.cross_entropy(fm(x_v), y_v), [log_lr])
+        return g
+
+    return run
+
+
+def torchopt_long(model, xs, ys, x_v, y_v) -> Callable | str:
+    try:
+        import torchopt
+    except ImportError as e:
+        return f"not installed ({e.name}; `make bench-env`)"
+
+    def run():
+        log_lr = torch.tensor(-3.0, requires_grad=True)
+        opt = torchopt.MetaSGD(model, lr=log_lr.exp(), momentum=MOMENTUM)
+        snapshot = torchopt.extract_state_dict(model)
+        for x, y in zip(xs, ys, strict=True):
+            opt.step(F.cross_entropy(model(x), y))
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_v), y_v), [log_lr])
+        torchopt.recover_state_dict(model, snapshot)
+        return g
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 (report any failure as a table line)
+        return f"fails on torch {torch.__version__}: {type(e).__name__}: {e}"[:120]
+    return run
+
+
+def long_rows(args, steps: int) -> list[tuple]:
+    """K = 200 / 400 steps: time and peak memory, every exact row checked against higher."""
+    problem = long_problem(steps)
+    ref = higher_long(*problem)
+    rows = [(f"K={steps}: higher", ref, "ref")]
+    exact = []
+    for name, kwargs in (("metapl exact (default: keeps K/2 steps' graphs)", {}),
+                         ("metapl exact, checkpoint=True (least memory)", {"checkpoint": True}),
+                         ("metapl exact, checkpoint=False (no recomputation)",
+                          {"checkpoint": False}),
+                         ("metapl exact, vmap/compile engine (reverse pass)",
+                          {"reduce": lambda tree: tree}),
+                         ("metapl first_order", {"method": "first_order"})):  # fmt: skip
+        fn = metapl_long(*problem, **kwargs)
+        rows.append((f"K={steps}: {name}", fn, "ref"))
+        exact += [(name, fn)] if "first_order" not in name else []
+    other = torchopt_long(*problem)
+    if isinstance(other, str):
+        print(f"torchopt: {other}")
+    else:
+        rows.append((f"K={steps}: torchopt (MetaSGD)", other, "ref"))
+        exact.append(("torchopt", other))
+    table = _time_rows(rows, args, memory=True)
+    expected = ref()
+    for name, fn in exact:
+        _check(name, [fn()], [expected], rtol=1e-3)
+    return table
+
+
+# --------------------------------------------------------------------------- iMAML ridge
+
+RIDGE_N, RIDGE_D, RIDGE_TOL, RIDGE_ITERATIONS = 500, 100, 1e-6, 100
+
+
+def ridge_problem():
+    """iMAML's inner problem on ridge regression: inner(w; theta, lam) = ||X w - y||^2 / 2n +
+    lam / 2 ||w - theta||^2, solved in closed form; the hypergradient of the validation loss
+    w.r.t. (theta, log lam) by implicit differentiation, CG to a relative residual of 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(RIDGE_N, RIDGE_D, generator=gen), torch.randn(RIDGE_N, generator=gen)
+    x_v, y_v = torch.randn(RIDGE_N, RIDGE_D, generator=gen), torch.randn(RIDGE_N, generator=gen)
+    meta = {"theta": 0.1 * torch.randn(RIDGE_D, generator=gen), "log_lam": torch.tensor(-1.0)}
+
+    def inner(w, theta, log_lam):
+        fit = (x @ w - y).square().mean() / 2
+        return fit + log_lam.exp() / 2 * (w - theta).square().sum()
+
+    def solve(theta, log_lam):
+        a = x.T @ x / RIDGE_N + log_lam.exp() * torch.eye(RIDGE_D)
+        return torch.linalg.solve(a, x.T @ y / RIDGE_N + log_lam.exp() * theta)
+
+    def outer(w):
+        return (x_v @ w - y_v).square().mean() / 2
+
+    return meta, inner, solve, outer
+
+
+def metapl_ridge(meta, inner, solve, outer) -> Callable:
+    solver = metapl.CG(iterations=RIDGE_ITERATIONS, tol=RIDGE_TOL)
+
+    def run():
+        w = solve(meta["theta"], meta["log_lam"])
+        res = metapl.implicit_grad(lambda s, m: inner(s, m["theta"], m["log_lam"]), outer, w,
+                                   meta, solver=solver)  # fmt: skip
+        return res.teacher_grads["theta"], res.teacher_grads["log_lam"]
+
+    return run
+
+
+def torchopt_ridge(meta, inner, solve, outer) -> Callable | str:
+    try:
+        import torchopt
+    except ImportError as e:
+        return f"not installed ({e.name}; `make bench-env`)"
+
+    def optimality(w, theta, log_lam):
+        return torch.func.grad(inner)(w, theta, log_lam)
+
+    @torchopt.diff.implicit.custom_root(
+        optimality, argnums=(1, 2),
+        solve=torchopt.linear_solve.solve_cg(maxiter=RIDGE_ITERATIONS, rtol=RIDGE_TOL),
+    )  # fmt: skip
+    def solver(w0, theta, log_lam):
+        return solve(theta, log_lam)
+
+    def run():
+        theta, log_lam = (meta[k].clone().requires_grad_() for k in ("theta", "log_lam"))
+        w = solver(torch.zeros(RIDGE_D), theta, log_lam)
+        return torch.autograd.grad(outer(w), [theta, log_lam])
+
+    return run
+
+
+def ridge_rows(args) -> list[tuple] | str:
+    problem = ridge_problem()
+    ours, other = metapl_ridge(*problem), torchopt_ridge(*problem)
+    if isinstance(other, str):
+        return f"torchopt: {other}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torchopt calls functorch.vjp
+        table = _time_rows([("torchopt (custom_root, CG)", other, "ref"),
+                            ("metapl implicit_grad (CG)", ours, "ref")], args, memory=False,
+                           reference="torchopt")  # fmt: skip
+        _check("metapl implicit_grad", ours(), other(), rtol=1e-4)
+    return table
+
+
+# --------------------------------------------------------------------------- BatchNorm MAML
+
+BN_STEPS = 10
+
+
+def bn_maml_model() -> nn.Module:
+    """MLP 1-40-40-1 with BatchNorm after the second layer. Not after the first: a BatchNorm
+    of an affine function of a scalar input does not depend on that layer, whose gradients
+    are then rounding noise; the layer before a BatchNorm has no bias (its gradient is 0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40, bias=False),
+                         nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 1))  # fmt: skip
+
+
+def metapl_bn_maml(model: nn.Module, **kwargs) -> Callable:
+    """MAML through K = 10 steps of a BatchNorm MLP: the running statistics are the state."""
+    opt = optim.sgd(MAML_LR)
+
+    def task_grad(theta, buffers, x_s, y_s, x_q, y_q):
+        def inner(s, m, state):
+            return F.mse_loss(functional_call(model, {**s, **state}, (x_s,)), y_s), state
+
+        def outer(s, state):
+            return F.mse_loss(functional_call(model, {**s, **state}, (x_q,)), y_q)
+
+        res = metapl.meta_grad(inner, outer, lambda m: m, theta, opt, steps=BN_STEPS,
+                               state=buffers, **kwargs)  # fmt: skip
+        return res.teacher_grads
+
+    return task_grad
+
+
+def higher_bn_maml(model: nn.Module) -> Callable:
+    """higher updates the module's own running statistics in place: each call works on a
+    fresh copy of the starting buffers."""
+    opt = torch.optim.SGD(model.parameters(), lr=MAML_LR)
+    start = {k: v.clone() for k, v in model.named_buffers()}
+
+    def task_grad(x_s, y_s, x_q, y_q):
+        for k, b in model.named_buffers():
+            b.copy_(start[k])
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(BN_STEPS):
+                diffopt.step(F.mse_loss(fmodel(x_s), y_s))
+            query = F.mse_loss(fmodel(x_q), y_q)
+            return torch.autograd.grad(query, list(model.parameters()))
+
+    return task_grad
+
+
+def bn_maml_rows(args) -> list[tuple]:
+    model = bn_maml_model().train()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    tasks = sinusoid_tasks(TASKS)
+    one = tuple(t[0] for t in tasks)
+    per_task = {k: v.expand(TASKS, *v.shape).clone() for k, v in buffers.items()}
+    ours, ref = metapl_bn_maml(model), higher_bn_maml(model)
+    kept = metapl_bn_maml(model, checkpoint=True)
+    first = metapl_bn_maml(model, method="first_order")
+    batched = torch.func.vmap(ours, in_dims=(None, 0, 0, 0, 0, 0))
+    rows = [
+        ("1 task: higher", lambda: ref(*one), "ref1"),
+        ("1 task: metapl exact", lambda: ours(theta, buffers, *one), "ref1"),
+        ("1 task: metapl exact, checkpoint=True", lambda: kept(theta, buffers, *one), "ref1"),
+        ("1 task: metapl first_order", lambda: first(theta, buffers, *one), "ref1"),
+        (f"{TASKS} tasks: higher loop",
+         lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)], "ref25"),
+        (f"{TASKS} tasks: metapl vmap (one state per task)",
+         lambda: batched(theta, per_task, *tasks), "ref25"),
+    ]  # fmt: skip
+    table = _time_rows(rows, args, memory=False)
+    _check_bn_maml_in_float64()
+    return table
+
+
+def _check_bn_maml_in_float64() -> None:
+    """metapl against higher on the same problem in float64: in float32 ten steps through a
+    BatchNorm of 10 examples amplify rounding (features of small variance) until engines that
+    order their operations differently disagree in the third digit."""
+    with _default_dtype(torch.float64):
+        model = bn_maml_model().double().train()
+        theta = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        tasks = [t.double() for t in sinusoid_tasks(4)]
+        per_task = {k: v.expand(4, *v.shape).clone() for k, v in buffers.items()}
+        ours, ref = metapl_bn_maml(model), higher_bn_maml(model)
+        kept = metapl_bn_maml(model, checkpoint=True)
+        loop = [ref(*(t[i] for t in tasks)) for i in range(4)]
+        for name, fn in (("BN exact", ours), ("BN checkpoint=True", kept)):
+            _check(name, fn(theta, buffers, *(t[0] for t in tasks)), loop[0], rtol=1e-9)
+        batched = torch.func.vmap(ours, in_dims=(None, 0, 0, 0, 0, 0))(theta, per_task, *tasks)
+        stacked = [torch.stack([g[j] for g in loop]) for j in range(len(loop[0]))]
+        _check("BN vmap", batched, stacked, rtol=1e-9)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+# --------------------------------------------------------------------------- import time
+
+
+def import_times(args) -> str:
+    """``import torch`` and ``import metapl`` each in a fresh interpreter, alternating."""
+    code = {"torch": "import torch", "metapl": "import metapl"}
+    times = {name: [] for name in code}
+    for _ in range(args.import_repeats):
+        for name, statement in code.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", statement], check=True)
+            times[name].append(time.perf_counter() - start)
+    probe = ("import sys, torch; before = set(sys.modules); import metapl; "
+             "new = set(sys.modules) - before; "
+             "print(len(new), 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True).stdout.split()  # fmt: skip
+    torch_s, metapl_s = (statistics.median(times[n]) for n in code)
+    return "\n".join([
+        "| interpreter runs | median s | ratio to `import torch` |", "|---|---|---|",
+        f"| python -c 'import torch' | {torch_s:.2f} | 1.00x |",
+        f"| python -c 'import metapl' | {metapl_s:.2f} | {metapl_s / torch_s:.2f}x |",
+        "",
+        f"`import metapl` after `import torch` loads {out[0]} more modules; torch._dynamo "
+        f"imported: {out[1]}; sympy imported: {out[2]}.",
+    ])  # fmt: skip
+
+
 def compile_times(args) -> str:
     """Seconds dynamo + inductor spend compiling (torch's own accounting, inductor's on-disk
     graph cache off so every row compiles from scratch): compile=True against one
@@ -274,11 +590,13 @@ def compile_times(args) -> str:
 def _check(name: str, got, expected, rtol: float = 1e-4) -> None:
     got = list(got.values()) if isinstance(got, dict) else list(got)
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-6, msg=f"{name} differs from higher")
+        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-6,
+                                   msg=f"{name} differs from the reference")  # fmt: skip
 
 
-def _time_rows(rows, args, memory: bool) -> list[tuple]:
-    """(name, median s, ratio to the row group's reference, peak bytes or None)."""
+def _time_rows(rows, args, memory: bool, reference: str = "higher") -> list[tuple]:
+    """(name, median s, ratio to the row group's reference row, the one whose name contains
+    ``reference``, peak bytes or None)."""
     for _name, fn, _ in rows:  # compiles the compiled rows, outside the timing
         for _ in range(1 + args.warmup):
             fn()
@@ -289,7 +607,7 @@ def _time_rows(rows, args, memory: bool) -> list[tuple]:
             fn()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    refs = {group: medians[name] for name, _, group in rows if "higher" in name}
+    refs = {group: medians[name] for name, _, group in rows if reference in name}
     out = []
     for name, fn, group in rows:
         peak = measure_step(fn, torch.device("cpu"))[0] if memory else None
@@ -297,8 +615,8 @@ def _time_rows(rows, args, memory: bool) -> list[tuple]:
     return out
 
 
-def _table(rows: list[tuple]) -> str:
-    lines = ["| row | median ms | ratio to higher | peak MiB |", "|---|---|---|---|"]
+def _table(rows: list[tuple], reference: str = "higher") -> str:
+    lines = [f"| row | median ms | ratio to {reference} | peak MiB |", "|---|---|---|---|"]
     for name, median, ratio, peak in rows:
         mib = "" if peak is None else f"{peak / 2**20:.0f}"
         lines.append(f"| {name} | {median * 1e3:.1f} | {ratio:.2f}x | {mib} |")
@@ -325,27 +643,75 @@ def main(argv: list[str] | None = None) -> None:
         default=[5, 20],
         help="K for the compile-time rows of torch.compile(whole call)",
     )
-    parser.add_argument("--only-compile-times", action="store_true")
+    parser.add_argument("--import-repeats", type=int, default=10,
+                        help="interpreter starts per import-time row")  # fmt: skip
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
+                        help="which tables to print (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 5
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.import_repeats < 1:
+        parser.error("--repeats, --import-repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     print(f"- machine: {platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch "
           f"thread(s); python {platform.python_version()}, torch {torch.__version__}, higher "
-          f"{importlib.metadata.version('higher')}, metapl {metapl.__version__} "
-          f"({_git_commit()})")  # fmt: skip
-    print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin\n")
-    print("Compile time, learned learning rate, MLP 64-256-256-10:\n")
+          f"{importlib.metadata.version('higher')}, torchopt {_version('torchopt')}, metapl "
+          f"{metapl.__version__} ({_git_commit()})")  # fmt: skip
+    print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin")
+    for section in args.sections:
+        SECTIONS[section](args)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _print_compile(args) -> None:
+    print("\nCompile time, learned learning rate, MLP 64-256-256-10:\n")
     print(compile_times(args))
-    if args.only_compile_times:
-        return
+
+
+def _print_maml(args) -> None:
     print("\nMAML, sinusoid, MLP 1-40-40-1, K=5:\n")
     print(_table(maml_rows(args)))
+
+
+def _print_bn_maml(args) -> None:
+    print(f"\nMAML with BatchNorm, sinusoid, MLP 1-40-40(BN)-1, K={BN_STEPS} (the running "
+          "statistics carried as state=):\n")  # fmt: skip
+    print(_table(bn_maml_rows(args)))
+
+
+def _print_hyper(args) -> None:
     for steps in (5,) if args.quick else (5, 20, 100):
         print(f"\nLearned learning rate, MLP 64-256-256-10, {N_TRAIN} examples, K={steps}:\n")
         print(_table(hyper_rows(args, steps)))
+
+
+def _print_long(args) -> None:
+    for steps in (200,) if args.quick else (200, 400):
+        print(f"\nLearned learning rate, MLP 64-256-10, batch 128 per step, K={steps}:\n")
+        print(_table(long_rows(args, steps)))
+
+
+def _print_ridge(args) -> None:
+    print(f"\niMAML ridge regression, n={RIDGE_N}, d={RIDGE_D}: implicit hypergradient at the "
+          "closed-form solution:\n")  # fmt: skip
+    table = ridge_rows(args)
+    print(table if isinstance(table, str) else _table(table, reference="torchopt"))
+
+
+def _print_imports(args) -> None:
+    print("\nImport time:\n")
+    print(import_times(args))
+
+
+SECTIONS = {"compile": _print_compile, "maml": _print_maml, "bn_maml": _print_bn_maml,
+            "hyper": _print_hyper, "long": _print_long, "ridge": _print_ridge,
+            "imports": _print_imports}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def meta_grad(
             An int ``n``: keep at most n steps' graphs at a time, recomputing the others once
             (memory grows with K by the trajectory and at most n steps' activations);
             ``True``: n = 1 (the least memory); ``False``: keep every step's graph (no
-            recomputation). Default: n = max(5, ceil(K / 2)) (short unrolls such as MAML's
+            recomputation). Default: n = max(10, ceil(K / 2)) (short unrolls such as MAML's
             recompute nothing; long ones half their steps, for half the memory). Eager
             ``"exact"`` calls without ``reduce`` backpropagate through segments of n steps
             with plain autograd (keeping only each segment's start: memory grows by K / n
@@ -233,11 +233,11 @@ def meta_grad(
 
 def kept_steps(checkpoint: bool | int | None, steps: int) -> int:
     """How many steps' graphs the reverse pass keeps at a time, of the ``steps`` it
-    differentiates: by default half of them, at least 5 (short unrolls recompute nothing; a
+    differentiates: by default half of them, at least 10 (short unrolls recompute nothing; a
     long one recomputes half its steps once, for half the memory: measured in
     benchmarks/meta_learning.py)."""
     if checkpoint is None:
-        return max(5, math.ceil(steps / 2))
+        return max(10, math.ceil(steps / 2))
     return steps if checkpoint is False else int(checkpoint)
 
 
