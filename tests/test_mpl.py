@@ -836,6 +836,34 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     assert (wrong - s_mean).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("case", ["exact", "finite_difference", "first_order", "none"])
+def test_batchnorm_student_statistics_advance_at_every_lookahead_step(case):
+    """lookahead_steps=2: the student's statistics advance twice, from its forward at s_0 and
+    at s_1 (carried through meta_grad's state=), each on cat(x_l, x_us)."""
+    method, labels = BN_CASES[case]
+    teacher, student = mlp(seed=1, bn=True), mlp(seed=2, bn=True)
+    s0, s_bufs0 = params(student), buffers(student)
+    batch = make_batch(0)
+    after = {}
+    for k in (1, 2):
+        cfg = Config(meta_grad=method, pseudo_labels=labels, extra={"lookahead_steps": k})
+        mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student))
+        torch.manual_seed(0)
+        mpl.step(*batch.args())
+        after[k] = mpl
+    s1 = params(after[1].student)  # the first of the two lookahead steps is K=1's only step
+    first = lambda p, x: x @ p["0.weight"].T + p["0.bias"]  # noqa: E731
+    x = torch.cat([batch.x_l, batch.x_us])
+    running = (s_bufs0["1.running_mean"], s_bufs0["1.running_var"])
+    for p in (s0, s1):
+        running = bn_update(running, first(p, x), 0.3)
+    got = buffers(after[2].student)
+    torch.testing.assert_close(got["1.running_mean"], running[0], **TIGHT)
+    torch.testing.assert_close(got["1.running_var"], running[1], **TIGHT)
+    assert int(got["1.num_batches_tracked"]) == 2
+    assert int(buffers(after[2].teacher)["1.num_batches_tracked"]) == 1  # once per MPL step
+
+
 def test_forward_batch_stats_equals_forward_mutates_nothing_and_runs_under_vmap():
     """The student's labeled forward after its steps (the MPL signal) tracks no statistics,
     so the score-function engine can evaluate L(s_0) and L(s_K) in one vmap under compile."""
