@@ -18,6 +18,11 @@ meta_sgd    Li et al. (2017): the start and one learning rate per weight are bot
             parameters (``optimizer=lambda m: sgd({k: m["lr_" + k] ...})``), rates start at 0.01
 imaml       Rajeswaran et al. (2019): inner loss + lam/2 ||s - theta||^2 (lam 10), 10 Adam
             steps at lr 0.01, ``method="implicit"`` with 5 conjugate-gradient iterations
+maml_bn     MAML with BatchNorm after the second layer, 5 SGD steps: the running statistics
+            start at (0, 1) for every task, accumulate over the inner steps on the support
+            set (a cumulative average, as ``BatchNorm1d(momentum=None)``), are carried through
+            the steps as ``meta_grad(..., state=)`` and normalise the query points (eval
+            mode: no statistics of the query batch are used)
 ==========  ===========================================================================
 
 Evaluation: 600 held-out tasks, each with K = 10 support points; every row adapts with the
@@ -54,8 +59,9 @@ from metapl import optim
 from metapl.tracking import Tracker
 
 Params = dict[str, Tensor]
-ROWS = ("pretrained", "maml", "fomaml", "meta_sgd", "imaml")
+ROWS = ("pretrained", "maml", "fomaml", "meta_sgd", "imaml", "maml_bn")
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")  # the MLP's parameters
+BN_EPS = 1e-5
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -75,6 +81,7 @@ class Config:
     imaml_lr: float = _opt(0.01, "imaml: inner Adam learning rate")
     imaml_steps: int = _opt(10, "imaml: inner Adam steps per task in meta-training")
     imaml_cg: int = _opt(5, "imaml: conjugate-gradient iterations")
+    bn_steps: int = _opt(5, "maml_bn: inner SGD steps in meta-training")
     test_tasks: int = _opt(600, "held-out tasks")
     test_steps: int = _opt(10, "adaptation steps at test time (MSE after each is reported)")
     test_points: int = _opt(100, "evenly spaced evaluation points on [-5, 5]")
@@ -143,8 +150,38 @@ def mse(p: Params, x: Tensor, y: Tensor) -> Tensor:
     return (mlp(p, x) - y).square().mean()
 
 
+def mlp_bn(p: Params, x: Tensor, stats: Params, training: bool) -> tuple[Tensor, Params]:
+    """``mlp`` with BatchNorm after the second layer (whose bias it replaces): in training,
+    normalise with the batch's statistics and fold them into the running ones (cumulative
+    average, unbiased variance, as ``nn.BatchNorm1d(momentum=None)``); in eval mode,
+    normalise with the running ones. Returns ``(output, new running statistics)``."""
+    h = F.linear(torch.relu(F.linear(x, p["w0"], p["b0"])), p["w1"])
+    if training:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+        n, count = h.shape[0], stats["count"] + 1
+        stats = {
+            "mean": stats["mean"] + (mean.detach() - stats["mean"]) / count,
+            "var": stats["var"] + (var.detach() * n / (n - 1) - stats["var"]) / count,
+            "count": count,
+        }
+    else:
+        mean, var = stats["mean"], stats["var"]
+    h = (h - mean) / torch.sqrt(var + BN_EPS) * p["bn_weight"] + p["bn_bias"]
+    return F.linear(torch.relu(h), p["w2"], p["b2"]), stats
+
+
+def bn_stats(hidden: int, dtype=torch.float32) -> Params:
+    """A task's running statistics before its first step."""
+    return {"mean": torch.zeros(hidden, dtype=dtype), "var": torch.ones(hidden, dtype=dtype),
+            "count": torch.zeros((), dtype=dtype)}  # fmt: skip
+
+
 def init_meta(row: str, cfg: Config, dtype=torch.float32) -> Params:
     theta = init_mlp(torch.Generator().manual_seed(cfg.seed), cfg.hidden, dtype)
+    if row == "maml_bn":  # the BatchNorm's affine parameters replace the second layer's bias
+        del theta["b1"]
+        return {**theta, "bn_weight": torch.ones(cfg.hidden, dtype=dtype),
+                "bn_bias": torch.zeros(cfg.hidden, dtype=dtype)}  # fmt: skip
     if row == "meta_sgd":
         return {
             **theta,
@@ -157,14 +194,17 @@ def init_meta(row: str, cfg: Config, dtype=torch.float32) -> Params:
 
 
 class Inner(NamedTuple):
-    """A row's inner loop on one task: where it starts, what it minimises, with which optimizer."""
+    """A row's inner loop on one task: where it starts, what it minimises, with which optimizer,
+    and how the adapted student predicts."""
 
     start: Callable[[Params], Params]  # meta -> starting student
-    loss: Callable[[Params, Params], Tensor]  # (student, meta) -> 0-d
+    loss: Callable[..., Tensor]  # (student, meta) -> 0-d, or with state: -> (0-d, new state)
     optimizer: optim.Optimizer | Callable[[Params], optim.Optimizer]
     steps: int  # in meta-training
     method: str
     solver: metapl.CG | None = None
+    state: Params | None = None  # carried through the steps (BatchNorm statistics)
+    predict: Callable[..., Tensor] = lambda s, x: mlp(s, x)  # (student[, state], x) -> y
 
 
 def inner_problem(row: str, cfg: Config, x: Tensor, y: Tensor) -> Inner:
@@ -194,6 +234,18 @@ def inner_problem(row: str, cfg: Config, x: Tensor, y: Tensor) -> Inner:
         # (docs/maml.md); Adam's steps stay bounded.
         opt = optim.adam(cfg.imaml_lr)
         return Inner(_identity, proximal_loss, opt, cfg.imaml_steps, "implicit", solver)
+    if row == "maml_bn":
+
+        def bn_loss(s: Params, m: Params, stats: Params) -> tuple[Tensor, Params]:
+            out, stats = mlp_bn(s, x, stats, training=True)
+            return (out - y).square().mean(), stats
+
+        def predict(s: Params, stats: Params, x_: Tensor) -> Tensor:
+            return mlp_bn(s, x_, stats, training=False)[0]
+
+        state = bn_stats(cfg.hidden, x.dtype)
+        return Inner(_identity, bn_loss, optim.sgd(cfg.inner_lr), cfg.bn_steps, "exact",
+                     state=state, predict=predict)  # fmt: skip
     method = "first_order" if row == "fomaml" else "exact"
     return Inner(_identity, task_loss, optim.sgd(cfg.inner_lr), 1, method)
 
@@ -207,16 +259,21 @@ def task_meta_grad(
 ) -> metapl.MetaGradResult:
     """d (query MSE after the row's inner loop on the support set) / d meta, for one task."""
     inner = inner_problem(row, cfg, x_s, y_s)
-    solver = {"solver": inner.solver} if inner.solver is not None else {}
+    options = {"solver": inner.solver} if inner.solver is not None else {}
+    if inner.state is None:
+        query_loss = lambda s: mse(s, x_q, y_q)  # noqa: E731
+    else:
+        options["state"] = inner.state
+        query_loss = lambda s, state: (inner.predict(s, state, x_q) - y_q).square().mean()  # noqa: E731
     return metapl.meta_grad(
         inner.loss,
-        lambda s: mse(s, x_q, y_q),
+        query_loss,
         inner.start,
         meta,
         inner.optimizer,
         steps=inner.steps,
         method=inner.method,
-        **solver,
+        **options,
     )
 
 
@@ -234,12 +291,20 @@ def adaptation_curve(
     ``([steps + 1], [steps + 1, Q, 1])``."""
     inner = inner_problem(row, cfg, x_s, y_s)
     opt = inner.optimizer(meta) if callable(inner.optimizer) else inner.optimizer
-    s = inner.start(meta)
+    s, stats = inner.start(meta), inner.state
     state = opt.init(s)
-    preds = [mlp(s, x_q)]
+
+    def predict(s_):
+        return inner.predict(s_, x_q) if stats is None else inner.predict(s_, stats, x_q)
+
+    preds = [predict(s)]
     for _ in range(steps):
-        s, state = opt.step(s, grad(inner.loss)(s, meta), state)
-        preds.append(mlp(s, x_q))
+        if stats is None:
+            g = grad(inner.loss)(s, meta)
+        else:
+            g, stats = grad(inner.loss, has_aux=True)(s, meta, stats)
+        s, state = opt.step(s, g, state)
+        preds.append(predict(s))
     preds = torch.stack(preds)
     return (preds - y_q).square().mean(dim=(1, 2)), preds
 

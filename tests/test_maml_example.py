@@ -71,9 +71,46 @@ def test_meta_sgd_gradient_matches_autograd(ms):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def _bn_net(p, x, stats, training):
+    """The BatchNorm MLP written out again: batch statistics in training, folded into the
+    running ones as a cumulative average (unbiased variance); running ones otherwise."""
+    h = torch.relu(x @ p["w0"].T + p["b0"]) @ p["w1"].T
+    if training:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+        c = stats[2] + 1
+        stats = (stats[0] + (mean.detach() - stats[0]) / c,
+                 stats[1] + (h.detach().var(0) - stats[1]) / c, c)  # fmt: skip
+    else:
+        mean, var = stats[0], stats[1]
+    h = (h - mean) / torch.sqrt(var + 1e-5) * p["bn_weight"] + p["bn_bias"]
+    return torch.relu(h) @ p["w2"].T + p["b2"], stats
+
+
+def test_maml_bn_gradient_and_statistics_match_autograd(ms):
+    """Two inner steps carry the running statistics (state=); the query is scored in eval
+    mode with them, so they reach the meta-gradient."""
+    cfg = ms.Config(hidden=16, bn_steps=2)
+    meta = ms.init_meta("maml_bn", cfg, F64)
+    x_s, y_s, x_q, y_q = _one_task(ms)
+    res = ms.task_meta_grad("maml_bn", cfg, meta, x_s, y_s, x_q, y_q)
+    m = {k: v.detach().clone().requires_grad_(True) for k, v in meta.items()}
+    s, stats = dict(m), (torch.zeros(16, dtype=F64), torch.ones(16, dtype=F64), 0)
+    for _ in range(2):
+        out, stats = _bn_net(s, x_s, stats, training=True)
+        g = torch.autograd.grad((out - y_s).square().mean(), list(s.values()), create_graph=True)
+        s = {k: p - cfg.inner_lr * gk for (k, p), gk in zip(s.items(), g, strict=True)}
+    outer = (_bn_net(s, x_q, stats, training=False)[0] - y_q).square().mean()
+    expected = dict(zip(m, torch.autograd.grad(outer, list(m.values())), strict=True))
+    torch.testing.assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.state["mean"], stats[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.state["var"], stats[1], rtol=1e-12, atol=1e-14)
+    assert res.state["count"] == 2
+
+
 def test_main_tiny_run_writes_outputs(ms, tmp_path, capsys):
     argv = ["--iterations", "3", "--meta-batch", "4", "--hidden", "8", "--test-tasks", "6",
-            "--test-points", "20", "--imaml-steps", "2", "--log-every", "2", "--no-compile",
+            "--test-points", "20", "--imaml-steps", "2", "--bn-steps", "2", "--log-every", "2",
+            "--no-compile",
             "--output-dir", str(tmp_path / "out"), "--figure-copy", str(tmp_path / "copy.png"),
             "--json"]  # fmt: skip
     returned = ms.main(argv)
