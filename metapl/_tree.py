@@ -143,6 +143,13 @@ def check_same_structure(what: str, got: Tree, expected: Tree, fix: str = "") ->
     )
 
 
+def leaves_like(what: str, got: Tree, expected: Tree, fix: str = "") -> list:
+    """``got``'s leaves in ``expected``'s leaf order (dict keys in any order), after
+    ``check_same_structure``."""
+    check_same_structure(what, got, expected, fix)
+    return structure(expected).flatten_up_to(got)
+
+
 def _matches(got: Tree, expected: Tree) -> bool:
     """Whether ``got`` has ``expected``'s structure (dict keys in any order)."""
     try:
