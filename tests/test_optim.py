@@ -12,8 +12,22 @@ from reference import (
 
 from metapl import optim
 
-TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-TORCH_SLOTS = {"momentum": "momentum_buffer", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+TORCH = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+TORCH_SLOTS = {  # metapl's slot name: torch's
+    "momentum": "momentum_buffer",
+    "exp_avg": "exp_avg",
+    "exp_avg_sq": "exp_avg_sq",
+    "max_exp_avg_sq": "max_exp_avg_sq",
+    "square_avg": "square_avg",
+    "grad_avg": "grad_avg",
+    "sum": "sum",
+}
 CASES = [
     ("sgd", {}),
     ("sgd", {"momentum": 0.9}),
@@ -24,9 +38,33 @@ CASES = [
     ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
     ("adamw", {}),
     ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
-]
-IDS = [f"{kind}-{'-'.join(map(str, hyper.values())) or 'default'}" for kind, hyper in CASES]
-LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
+    ("sgd", {"momentum": 0.9, "dampening": 0.3}),
+    ("sgd", {"momentum": 0.7, "dampening": 0.5, "weight_decay": 0.1, "maximize": True}),
+    ("sgd", {"maximize": True}),
+    ("adam", {"amsgrad": True}),
+    ("adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    ("adamw", {"maximize": True, "eps_root": 0.0}),
+    ("adamw", {"amsgrad": True, "weight_decay": 0.3, "betas": (0.5, 0.9)}),
+    ("rmsprop", {}),
+    ("rmsprop", {"momentum": 0.9}),
+    ("rmsprop", {"centered": True}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-4, "weight_decay": 0.1, "momentum": 0.5,
+                 "centered": True, "maximize": True}),
+    ("adagrad", {}),
+    ("adagrad", {"lr_decay": 0.1}),
+    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5,
+                 "eps": 1e-6, "maximize": True}),
+]  # fmt: skip
+
+
+def case_ids(cases):
+    return [f"{kind}-{'-'.join(f'{k}={v}' for k, v in hyper.items()) or 'default'}"
+            for kind, hyper in cases]  # fmt: skip
+
+
+IDS = case_ids(CASES)
+LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01, "rmsprop": 0.01, "adagrad": 0.1}
+METAPL_ONLY = ("eps_root",)  # options torch.optim does not have
 
 
 def make_params(seed=0):
@@ -51,14 +89,18 @@ def make_grads(n_steps, seed=1):
     return grads
 
 
-def compare_with_torch(kind, hyper, lr, torch_lr, schedule=None, clip=None, n_steps=10):
-    """Run metapl and torch.optim side by side; compare params and state after every step."""
+def compare_with_torch(
+    kind, hyper, lr, torch_lr, schedule=None, clip=None, n_steps=10, metapl_hyper=None
+):
+    """Run metapl (with ``metapl_hyper``, default ``hyper``) and torch.optim (with ``hyper``)
+    side by side; compare params and state after every step."""
     params = make_params()
-    opt = getattr(optim, kind)(lr, **hyper)
+    opt = getattr(optim, kind)(lr, **(hyper if metapl_hyper is None else metapl_hyper))
     opt = optim.clip_grad_norm(opt, clip) if clip else opt
     state = opt.init(params)
     leaves = {k: v.clone() for k, v in params.items()}
-    ref = TORCH[kind](leaves.values(), lr=torch_lr, **hyper)
+    torch_hyper = {k: v for k, v in hyper.items() if k not in METAPL_ONLY}
+    ref = TORCH[kind](leaves.values(), lr=torch_lr, **torch_hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(ref, schedule) if schedule else None
     for i, grads in enumerate(make_grads(n_steps)):
         params, state = opt.step(params, grads, state)
@@ -148,7 +190,7 @@ def test_inputs_never_mutated(kind, hyper):
 
 
 def state_slots(state):
-    return [k for k in ("momentum", "exp_avg", "exp_avg_sq") if k in state]
+    return [k for k in TORCH_SLOTS if k in state]
 
 
 @pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
@@ -243,22 +285,24 @@ def test_decay_mask_matches_torch_parameter_groups(kind):
 
 
 def as_tensors(hyper):
-    """Every numeric hyperparameter as a 0-d float64 tensor (nesterov and eps stay Python)."""
+    """Every numeric hyperparameter as a 0-d float64 tensor (the flags stay bools)."""
     out = {}
     for k, v in hyper.items():
         if k == "betas":
             out[k] = tuple(torch.tensor(b, dtype=F64) for b in v)
-        elif k in ("momentum", "weight_decay"):
-            out[k] = torch.tensor(v, dtype=F64)
-        else:
+        elif isinstance(v, bool):
             out[k] = v
+        else:
+            out[k] = torch.tensor(v, dtype=F64)
     return out
 
 
 @pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
 def test_tensor_hyperparameters_match_torch_optim_step_for_step(kind, hyper):
-    """lr, momentum, weight_decay and betas as 0-d tensors: still torch.optim, step for step."""
-    compare_with_torch(kind, as_tensors(hyper), torch.tensor(LR[kind], dtype=F64), LR[kind])
+    """Every hyperparameter as a 0-d tensor: still torch.optim, step for step."""
+    tensors = as_tensors(hyper)
+    compare_with_torch(kind, hyper, torch.tensor(LR[kind], dtype=F64), LR[kind],
+                       metapl_hyper=tensors)  # fmt: skip
 
 
 def test_per_parameter_lr_matches_torch_parameter_groups():
@@ -276,39 +320,68 @@ def test_per_parameter_lr_matches_torch_parameter_groups():
         assert_close(params, leaves)
 
 
-@pytest.mark.parametrize(("kind", "hyper"), [
+GRADCHECK_HYPER = [
     ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
     ("sgd", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.1, "maximize": True}),
     ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "eps_root": 1e-4,
+              "amsgrad": True}),
     ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
-])  # fmt: skip
-def test_gradcheck_tensor_hyperparameters(kind, hyper):
-    """d (two steps) / d (lr, momentum | betas, weight_decay) against finite differences."""
+    ("rmsprop", {"alpha": 0.8, "eps": 1e-3}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-3, "weight_decay": 0.1, "momentum": 0.5,
+                 "centered": True, "maximize": True}),
+    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
+                 "eps": 1e-3}),
+]  # fmt: skip
+
+
+def per_parameter(value, seed=0):
+    """A per-parameter tree around ``value``: one value per entry of ``w`` (within [0.5, 1] x
+    value), one 0-d value for ``b``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "w": value * (0.5 + 0.5 * torch.rand(3, 4, generator=gen, dtype=F64)),
+        "b": torch.tensor(value * 0.7, dtype=F64),
+    }
+
+
+@pytest.mark.parametrize("form", ["0-d", "per-parameter"])
+@pytest.mark.parametrize(("kind", "hyper"), GRADCHECK_HYPER, ids=case_ids(GRADCHECK_HYPER))
+def test_gradcheck_tensor_hyperparameters(kind, hyper, form):
+    """d (two steps) / d (every numeric hyperparameter, lr included) against finite
+    differences, each hyperparameter a 0-d tensor or a per-parameter tree."""
     params, grads = make_params(), make_grads(2)
     grads[0] = {k: v.sign() * (v.abs() + 1) for k, v in grads[0].items()}  # smooth sqrt(v)
-    names = [k for k in ("momentum", "weight_decay") if k in hyper]
+    numbers = {"lr": LR[kind], **{k: v for k, v in hyper.items() if not isinstance(v, bool)}}
+    if "betas" in numbers:
+        numbers["beta1"], numbers["beta2"] = numbers.pop("betas")
+    flags = {k: v for k, v in hyper.items() if isinstance(v, bool)}
+    if form == "0-d":
+        inputs = {k: torch.tensor(v, dtype=F64) for k, v in numbers.items()}
+    else:
+        inputs = {k: per_parameter(v, seed=i) for i, (k, v) in enumerate(numbers.items())}
+    flat, spec = torch.utils._pytree.tree_flatten(inputs)
 
-    def two_steps(lr, *values):
-        h = {**hyper, **dict(zip(names, values[: len(names)], strict=True))}
-        if "betas" in hyper:
-            h["betas"] = tuple(values[len(names) :])
-        opt = getattr(optim, kind)(lr, **h)
+    def two_steps(*leaves):
+        h = torch.utils._pytree.tree_unflatten(list(leaves), spec)
+        if "beta1" in h:
+            h["betas"] = (h.pop("beta1"), h.pop("beta2"))
+        opt = getattr(optim, kind)(**h, **flags)
         p, st = params, opt.init(params)
         for g in grads:
             p, st = opt.step(p, g, st)
         return tuple(p.values())
 
-    inputs = [LR[kind], *(hyper[k] for k in names), *hyper.get("betas", ())]
-    inputs = [torch.tensor(v, dtype=F64, requires_grad=True) for v in inputs]
-    assert torch.autograd.gradcheck(two_steps, inputs)
+    assert torch.autograd.gradcheck(two_steps, [x.requires_grad_() for x in flat])
 
 
 def test_per_parameter_lr_errors_name_the_fix():
     params = make_params()
     with pytest.raises(ValueError, match=r"per-parameter lr must have the same keys.*\['b'\]"):
         optim.sgd({"w": torch.tensor(0.1)}).init(params)
-    for bad in (torch.ones(3), torch.ones(2, 3, 4)):
-        with pytest.raises(ValueError, match=r"lr\['w'\] has shape .*, which does not broadcast"):
+    for bad in (torch.ones(3), torch.ones(2, 3, 4), torch.ones(1), torch.ones(1, 4)):
+        with pytest.raises(ValueError, match=r"lr\['w'\] has shape .* but the parameter 'w' has"):
             optim.adam({"w": bad, "b": torch.ones(4)}).init(params)
     with pytest.raises(ValueError, match="a tensor momentum must be 0-d"):
         optim.sgd(0.1, momentum=torch.ones(2))
