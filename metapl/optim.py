@@ -305,7 +305,7 @@ def _adam(lr, betas, eps, weight_decay, decay_mask, decoupled, amsgrad, maximize
     use_eps_root = _is_on(eps_root)
 
     def update(p, g, s, h, t):
-        beta1, beta2 = h["beta1"], h["beta2"]
+        beta1, beta2 = h["betas[0]"], h["betas[1]"]
         m = beta1 * s["exp_avg"] + (1 - beta1) * g
         v = beta2 * s["exp_avg_sq"] + (1 - beta2) * g * g
         slots = {"exp_avg": m, "exp_avg_sq": v}
@@ -318,7 +318,7 @@ def _adam(lr, betas, eps, weight_decay, decay_mask, decoupled, amsgrad, maximize
         denom = _safe_sqrt(v) / torch.sqrt(bias2) + h["eps"]
         return p - (h["lr"] / bias1) * (m / denom), slots
 
-    hyper = {"beta1": betas[0], "beta2": betas[1], "eps": eps, "eps_root": eps_root,
+    hyper = {"betas[0]": betas[0], "betas[1]": betas[1], "eps": eps, "eps_root": eps_root,
              "weight_decay": weight_decay}  # fmt: skip
     slots = {"exp_avg": _zeros, "exp_avg_sq": _zeros}
     if amsgrad:
