@@ -12,7 +12,8 @@ come back in the parameters' structure. Nothing is mutated in place, so a step c
 differentiated with respect to the parameters, the gradients and the hyperparameters (this is
 what a meta-gradient flows through). With constant hyperparameters ``sgd``, ``adam``,
 ``adamw``, ``rmsprop`` and ``adagrad`` equal ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` /
-``RMSprop`` / ``Adagrad`` step for step, every option included (``maximize`` on all).
+``RMSprop`` / ``Adagrad`` step for step, every option included (``maximize=True`` on all
+five climbs the objective); ``adam`` / ``adamw`` add optax's ``eps_root``.
 
 Every hyperparameter (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``betas``, ``eps``,
 ``alpha``, ``lr_decay``, ...) is one of
