@@ -143,6 +143,17 @@ def check_same_structure(what: str, got: Tree, expected: Tree, fix: str = "") ->
     )
 
 
+def leaves_like(what: str, got: Tree, expected: Tree, fix: str = "") -> list:
+    """``got``'s leaves in ``expected``'s leaf order (dict keys in any order), after
+    ``check_same_structure``."""
+    found, spec = flatten(got)
+    want = structure(expected)
+    if spec == want:  # the common case, without the structure check's per-leaf work
+        return found
+    check_same_structure(what, got, expected, fix)
+    return want.flatten_up_to(got)
+
+
 def _matches(got: Tree, expected: Tree) -> bool:
     """Whether ``got`` has ``expected``'s structure (dict keys in any order)."""
     if structure(got) == structure(expected):

@@ -147,7 +147,75 @@ def ref_adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
     return ref_adam(lr, betas, eps, weight_decay, decoupled=True)
 
 
-REFERENCE = {"sgd": ref_sgd, "adam": ref_adam, "adamw": ref_adamw}
+def _at(value, k):
+    """A hyperparameter's value for parameter ``k``: per parameter (a dict) or shared."""
+    return value[k] if isinstance(value, Mapping) else value
+
+
+def ref_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False):
+    """torch.optim.RMSprop: ``v = alpha v + (1 - alpha) d^2`` (centered: minus the square of
+    the running mean ``m = alpha m + (1 - alpha) d``), step ``d / (sqrt(v) + eps)``, through a
+    buffer ``b = momentum b + step`` when there is momentum. Any hyperparameter may be a dict
+    keyed like the parameters."""
+
+    def init(p):
+        zeros = {k: torch.zeros_like(v) for k, v in p.items()}
+        state = {"step": 0, "square_avg": zeros}
+        if isinstance(momentum, Mapping) or momentum:
+            state["momentum"] = dict(zeros)
+        if centered:
+            state["grad_avg"] = dict(zeros)
+        return state
+
+    def step(p, g, state):
+        new_p, new_state = {}, {"step": state["step"] + 1}
+        new_state.update({slot: {} for slot in state if slot != "step"})
+        for k in p:
+            a = _at(alpha, k)
+            d = g[k] + _at(weight_decay, k) * p[k]
+            v = new_state["square_avg"][k] = a * state["square_avg"][k] + (1 - a) * d * d
+            if centered:
+                m = new_state["grad_avg"][k] = a * state["grad_avg"][k] + (1 - a) * d
+                v = v - m * m
+            d = d / (torch.sqrt(v) + _at(eps, k))
+            if "momentum" in state:
+                d = new_state["momentum"][k] = _at(momentum, k) * state["momentum"][k] + d
+            new_p[k] = p[k] - _at(lr, k) * d
+        return new_p, new_state
+
+    return RefOptimizer(init, step)
+
+
+def ref_adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                eps=1e-10):  # fmt: skip
+    """torch.optim.Adagrad: step t (from 1) ``p - lr / (1 + (t - 1) lr_decay) * d /
+    (sqrt(sum) + eps)``, ``sum`` accumulating ``d^2`` from ``initial_accumulator_value``. Any
+    hyperparameter may be a dict keyed like the parameters."""
+
+    def init(p):
+        return {"step": 0, "sum": {k: torch.zeros_like(v) + _at(initial_accumulator_value, k)
+                                   for k, v in p.items()}}  # fmt: skip
+
+    def step(p, g, state):
+        t = state["step"] + 1
+        new_p, sums = {}, {}
+        for k in p:
+            d = g[k] + _at(weight_decay, k) * p[k]
+            sums[k] = state["sum"][k] + d * d
+            rate = _at(lr, k) / (1 + (t - 1) * _at(lr_decay, k))
+            new_p[k] = p[k] - rate * d / (torch.sqrt(sums[k]) + _at(eps, k))
+        return new_p, {"step": t, "sum": sums}
+
+    return RefOptimizer(init, step)
+
+
+REFERENCE = {
+    "sgd": ref_sgd,
+    "adam": ref_adam,
+    "adamw": ref_adamw,
+    "rmsprop": ref_rmsprop,
+    "adagrad": ref_adagrad,
+}
 
 
 # --------------------------------------------------------------------------- the unroll

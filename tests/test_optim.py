@@ -9,11 +9,26 @@ from reference import (
     assert_close,
     one_thread,  # noqa: F401 (autouse fixture)
 )
+from torch.utils import _pytree as pytree
 
 from metapl import optim
 
-TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-TORCH_SLOTS = {"momentum": "momentum_buffer", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+TORCH = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+TORCH_SLOTS = {  # metapl's slot name: torch's
+    "momentum": "momentum_buffer",
+    "exp_avg": "exp_avg",
+    "exp_avg_sq": "exp_avg_sq",
+    "max_exp_avg_sq": "max_exp_avg_sq",
+    "square_avg": "square_avg",
+    "grad_avg": "grad_avg",
+    "sum": "sum",
+}
 CASES = [
     ("sgd", {}),
     ("sgd", {"momentum": 0.9}),
@@ -24,9 +39,33 @@ CASES = [
     ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
     ("adamw", {}),
     ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
-]
-IDS = [f"{kind}-{'-'.join(map(str, hyper.values())) or 'default'}" for kind, hyper in CASES]
-LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
+    ("sgd", {"momentum": 0.9, "dampening": 0.3}),
+    ("sgd", {"momentum": 0.7, "dampening": 0.5, "weight_decay": 0.1, "maximize": True}),
+    ("sgd", {"maximize": True}),
+    ("adam", {"amsgrad": True}),
+    ("adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    ("adamw", {"maximize": True, "eps_root": 0.0}),
+    ("adamw", {"amsgrad": True, "weight_decay": 0.3, "betas": (0.5, 0.9)}),
+    ("rmsprop", {}),
+    ("rmsprop", {"momentum": 0.9}),
+    ("rmsprop", {"centered": True}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-4, "weight_decay": 0.1, "momentum": 0.5,
+                 "centered": True, "maximize": True}),
+    ("adagrad", {}),
+    ("adagrad", {"lr_decay": 0.1}),
+    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5,
+                 "eps": 1e-6, "maximize": True}),
+]  # fmt: skip
+
+
+def case_ids(cases):
+    return [f"{kind}-{'-'.join(f'{k}={v}' for k, v in hyper.items()) or 'default'}"
+            for kind, hyper in cases]  # fmt: skip
+
+
+IDS = case_ids(CASES)
+LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01, "rmsprop": 0.01, "adagrad": 0.1}
+METAPL_ONLY = ("eps_root",)  # options torch.optim does not have
 
 
 def make_params(seed=0):
@@ -51,14 +90,18 @@ def make_grads(n_steps, seed=1):
     return grads
 
 
-def compare_with_torch(kind, hyper, lr, torch_lr, schedule=None, clip=None, n_steps=10):
-    """Run metapl and torch.optim side by side; compare params and state after every step."""
+def compare_with_torch(
+    kind, hyper, lr, torch_lr, schedule=None, clip=None, n_steps=10, metapl_hyper=None
+):
+    """Run metapl (with ``metapl_hyper``, default ``hyper``) and torch.optim (with ``hyper``)
+    side by side; compare params and state after every step."""
     params = make_params()
-    opt = getattr(optim, kind)(lr, **hyper)
+    opt = getattr(optim, kind)(lr, **(hyper if metapl_hyper is None else metapl_hyper))
     opt = optim.clip_grad_norm(opt, clip) if clip else opt
     state = opt.init(params)
     leaves = {k: v.clone() for k, v in params.items()}
-    ref = TORCH[kind](leaves.values(), lr=torch_lr, **hyper)
+    torch_hyper = {k: v for k, v in hyper.items() if k not in METAPL_ONLY}
+    ref = TORCH[kind](leaves.values(), lr=torch_lr, **torch_hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(ref, schedule) if schedule else None
     for i, grads in enumerate(make_grads(n_steps)):
         params, state = opt.step(params, grads, state)
@@ -118,20 +161,16 @@ def test_warmup_cosine_by_hand():
 
 
 def snapshot(tree):
-    if isinstance(tree, dict):
-        return {k: snapshot(v) for k, v in tree.items()}
-    return tree.clone()
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def assert_identical(tree, snap):
-    """Same keys, same values (``snap`` was taken with ``snapshot`` before the call)."""
-    assert isinstance(tree, dict) == isinstance(snap, dict)
-    if isinstance(tree, dict):
-        assert tree.keys() == snap.keys()
-        for k in tree:
-            assert_identical(tree[k], snap[k])
-    else:
-        assert torch.equal(tree, snap)
+    """Same structure, same values (``snap`` was taken with ``snapshot`` before the call)."""
+    leaves, spec = pytree.tree_flatten(tree)
+    snap_leaves, snap_spec = pytree.tree_flatten(snap)
+    assert spec == snap_spec
+    for leaf, before in zip(leaves, snap_leaves, strict=True):
+        assert torch.equal(leaf, before) if isinstance(leaf, torch.Tensor) else leaf == before
 
 
 @pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
@@ -148,7 +187,7 @@ def test_inputs_never_mutated(kind, hyper):
 
 
 def state_slots(state):
-    return [k for k in ("momentum", "exp_avg", "exp_avg_sq") if k in state]
+    return [k for k in TORCH_SLOTS if k in state]
 
 
 @pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
@@ -243,22 +282,24 @@ def test_decay_mask_matches_torch_parameter_groups(kind):
 
 
 def as_tensors(hyper):
-    """Every numeric hyperparameter as a 0-d float64 tensor (nesterov and eps stay Python)."""
+    """Every numeric hyperparameter as a 0-d float64 tensor (the flags stay bools)."""
     out = {}
     for k, v in hyper.items():
         if k == "betas":
             out[k] = tuple(torch.tensor(b, dtype=F64) for b in v)
-        elif k in ("momentum", "weight_decay"):
-            out[k] = torch.tensor(v, dtype=F64)
-        else:
+        elif isinstance(v, bool):
             out[k] = v
+        else:
+            out[k] = torch.tensor(v, dtype=F64)
     return out
 
 
 @pytest.mark.parametrize(("kind", "hyper"), CASES, ids=IDS)
 def test_tensor_hyperparameters_match_torch_optim_step_for_step(kind, hyper):
-    """lr, momentum, weight_decay and betas as 0-d tensors: still torch.optim, step for step."""
-    compare_with_torch(kind, as_tensors(hyper), torch.tensor(LR[kind], dtype=F64), LR[kind])
+    """Every hyperparameter as a 0-d tensor: still torch.optim, step for step."""
+    tensors = as_tensors(hyper)
+    compare_with_torch(kind, hyper, torch.tensor(LR[kind], dtype=F64), LR[kind],
+                       metapl_hyper=tensors)  # fmt: skip
 
 
 def test_per_parameter_lr_matches_torch_parameter_groups():
@@ -276,39 +317,68 @@ def test_per_parameter_lr_matches_torch_parameter_groups():
         assert_close(params, leaves)
 
 
-@pytest.mark.parametrize(("kind", "hyper"), [
+GRADCHECK_HYPER = [
     ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
     ("sgd", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.1, "maximize": True}),
     ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "eps_root": 1e-4,
+              "amsgrad": True}),
     ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
-])  # fmt: skip
-def test_gradcheck_tensor_hyperparameters(kind, hyper):
-    """d (two steps) / d (lr, momentum | betas, weight_decay) against finite differences."""
+    ("rmsprop", {"alpha": 0.8, "eps": 1e-3}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-3, "weight_decay": 0.1, "momentum": 0.5,
+                 "centered": True, "maximize": True}),
+    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
+                 "eps": 1e-3}),
+]  # fmt: skip
+
+
+def per_parameter(value, seed=0):
+    """A per-parameter tree around ``value``: one value per entry of ``w`` (within [0.5, 1] x
+    value), one 0-d value for ``b``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "w": value * (0.5 + 0.5 * torch.rand(3, 4, generator=gen, dtype=F64)),
+        "b": torch.tensor(value * 0.7, dtype=F64),
+    }
+
+
+@pytest.mark.parametrize("form", ["0-d", "per-parameter"])
+@pytest.mark.parametrize(("kind", "hyper"), GRADCHECK_HYPER, ids=case_ids(GRADCHECK_HYPER))
+def test_gradcheck_tensor_hyperparameters(kind, hyper, form):
+    """d (two steps) / d (every numeric hyperparameter, lr included) against finite
+    differences, each hyperparameter a 0-d tensor or a per-parameter tree."""
     params, grads = make_params(), make_grads(2)
     grads[0] = {k: v.sign() * (v.abs() + 1) for k, v in grads[0].items()}  # smooth sqrt(v)
-    names = [k for k in ("momentum", "weight_decay") if k in hyper]
+    numbers = {"lr": LR[kind], **{k: v for k, v in hyper.items() if not isinstance(v, bool)}}
+    if "betas" in numbers:
+        numbers["beta1"], numbers["beta2"] = numbers.pop("betas")
+    flags = {k: v for k, v in hyper.items() if isinstance(v, bool)}
+    if form == "0-d":
+        inputs = {k: torch.tensor(v, dtype=F64) for k, v in numbers.items()}
+    else:
+        inputs = {k: per_parameter(v, seed=i) for i, (k, v) in enumerate(numbers.items())}
+    flat, spec = pytree.tree_flatten(inputs)
 
-    def two_steps(lr, *values):
-        h = {**hyper, **dict(zip(names, values[: len(names)], strict=True))}
-        if "betas" in hyper:
-            h["betas"] = tuple(values[len(names) :])
-        opt = getattr(optim, kind)(lr, **h)
+    def two_steps(*leaves):
+        h = pytree.tree_unflatten(list(leaves), spec)
+        if "beta1" in h:
+            h["betas"] = (h.pop("beta1"), h.pop("beta2"))
+        opt = getattr(optim, kind)(**h, **flags)
         p, st = params, opt.init(params)
         for g in grads:
             p, st = opt.step(p, g, st)
         return tuple(p.values())
 
-    inputs = [LR[kind], *(hyper[k] for k in names), *hyper.get("betas", ())]
-    inputs = [torch.tensor(v, dtype=F64, requires_grad=True) for v in inputs]
-    assert torch.autograd.gradcheck(two_steps, inputs)
+    assert torch.autograd.gradcheck(two_steps, [x.requires_grad_() for x in flat])
 
 
 def test_per_parameter_lr_errors_name_the_fix():
     params = make_params()
     with pytest.raises(ValueError, match=r"per-parameter lr must have the same keys.*\['b'\]"):
         optim.sgd({"w": torch.tensor(0.1)}).init(params)
-    for bad in (torch.ones(3), torch.ones(2, 3, 4)):
-        with pytest.raises(ValueError, match=r"lr\['w'\] has shape .*, which does not broadcast"):
+    for bad in (torch.ones(3), torch.ones(2, 3, 4), torch.ones(1), torch.ones(1, 4)):
+        with pytest.raises(ValueError, match=r"lr\['w'\] has shape .* but the parameter 'w' has"):
             optim.adam({"w": bad, "b": torch.ones(4)}).init(params)
     with pytest.raises(ValueError, match="a tensor momentum must be 0-d"):
         optim.sgd(0.1, momentum=torch.ones(2))
@@ -322,3 +392,309 @@ def test_float64_schedule_keeps_float32_parameters_float32(kind):
     opt = getattr(optim, kind)(optim.warmup_cosine(0.1, total_steps=10, warmup_steps=2))
     new, _ = opt.step(params, {k: torch.ones_like(v) for k, v in params.items()}, opt.init(params))
     assert all(v.dtype == torch.float32 for v in new.values())
+
+
+# --------------------------------------------------------------------------- trees
+
+GROUP_CASES = [
+    ("sgd", {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.1}),
+    ("sgd", {"momentum": 0.8, "weight_decay": 0.1, "nesterov": True, "maximize": True}),
+    ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1, "amsgrad": True}),
+    ("adamw", {"betas": (0.5, 0.9), "weight_decay": 0.3}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-4, "momentum": 0.5, "weight_decay": 0.1,
+                 "centered": True}),
+    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
+                 "eps": 1e-6}),
+]  # fmt: skip
+
+
+def split_hyper(kind, hyper):
+    """``(numbers, flags)``: the numeric hyperparameters, lr included, and the bool flags."""
+    numbers = {"lr": LR[kind], **{k: v for k, v in hyper.items() if not isinstance(v, bool)}}
+    return numbers, {k: v for k, v in hyper.items() if isinstance(v, bool)}
+
+
+def per_parameter_trees(numbers):
+    """Each number as a per-parameter tree (``betas`` as a pair of trees)."""
+    trees = {}
+    for i, (k, v) in enumerate(numbers.items()):
+        if k == "betas":
+            trees[k] = tuple(per_parameter(b, seed=10 * i + j) for j, b in enumerate(v))
+        else:
+            trees[k] = per_parameter(v, seed=i)
+    return trees
+
+
+@pytest.mark.parametrize(("kind", "hyper"), GROUP_CASES, ids=case_ids(GROUP_CASES))
+def test_per_parameter_trees_match_torch_parameter_groups(kind, hyper):
+    """Every numeric hyperparameter a per-parameter tree (one value per entry of ``w``, one
+    0-d value for ``b``; a per-tensor weight_decay among them) = torch.optim with one
+    parameter group per scalar entry, each with its own values (the optimizers act entry by
+    entry), step for step."""
+    numbers, flags = split_hyper(kind, hyper)
+    trees = per_parameter_trees(numbers)
+    params = make_params()
+    opt = getattr(optim, kind)(**trees, **flags)
+    state = opt.init(params)
+
+    def entry(tree, k, j):
+        return tree[k].expand(params[k].shape).reshape(-1)[j].item()
+
+    leaves, groups = {}, []
+    for k, p in params.items():
+        leaves[k] = [x.clone() for x in p.reshape(-1)]
+        for j, leaf in enumerate(leaves[k]):
+            group = {n: entry(t, k, j) for n, t in trees.items() if n != "betas"}
+            if "betas" in trees:
+                group["betas"] = tuple(entry(t, k, j) for t in trees["betas"])
+            groups.append({"params": [leaf], **group})
+    ref = TORCH[kind](groups, **numbers, **flags)  # numbers: defaults that pass torch's checks
+    if kind == "adagrad":  # torch fills every sum from the constructor's value, not the group's
+        for group in groups:
+            ref.state[group["params"][0]]["sum"].fill_(group["initial_accumulator_value"])
+    for grads in make_grads(10):
+        params, state = opt.step(params, grads, state)
+        for k, entries in leaves.items():
+            for leaf, g in zip(entries, grads[k].reshape(-1), strict=True):
+                leaf.grad = g.clone()
+        ref.step()
+        assert_close(
+            params, {k: torch.stack(v).reshape(params[k].shape) for k, v in leaves.items()}
+        )
+
+
+def nest(flat):
+    """``{"w", "b"}`` -> ``{"net": [{"weight": w}, (b,)]}``: a dict, a list and a tuple."""
+    return {"net": [{"weight": flat["w"]}, (flat["b"],)]}
+
+
+def unnest(tree):
+    return {"w": tree["net"][0]["weight"], "b": tree["net"][1][0]}
+
+
+def nest_hyper(trees):
+    return {k: tuple(map(nest, v)) if k == "betas" else nest(v) for k, v in trees.items()}
+
+
+@pytest.mark.parametrize(("kind", "hyper"), GROUP_CASES, ids=case_ids(GROUP_CASES))
+def test_nested_trees_give_the_flat_dict_numbers(kind, hyper):
+    """Params, grads, state and per-parameter hyperparameters as nested dict / list / tuple
+    trees: the same numbers as the flat dict, state slots in the params' structure, and
+    ``decay_mask`` sees each leaf's dotted path (a flat dict's key). A flat dict's key order
+    does not matter."""
+    numbers, flags = split_hyper(kind, hyper)
+    trees = per_parameter_trees(numbers)
+    seen = {"flat": [], "nested": []}
+
+    def mask(which):
+        return lambda name, p: seen[which].append(name) or name in ("w", "net.0.weight")
+
+    flat_opt = getattr(optim, kind)(**trees, **flags, decay_mask=mask("flat"))
+    nested_opt = getattr(optim, kind)(**nest_hyper(trees), **flags, decay_mask=mask("nested"))
+    flat, nested = make_params(), nest(make_params())
+    flat_state, nested_state = flat_opt.init(flat), nested_opt.init(nested)
+    for grads in make_grads(4):
+        flat, flat_state = flat_opt.step(flat, dict(reversed(grads.items())), flat_state)
+        nested, nested_state = nested_opt.step(nested, nest(grads), nested_state)
+        assert pytree.tree_structure(nested) == pytree.tree_structure(nest(make_params()))
+        assert_identical(unnest(nested), flat)
+        assert nested_state.keys() == flat_state.keys()
+        for slot in state_slots(flat_state):
+            assert_identical(nested_state[slot], nest(flat_state[slot]))
+        assert_identical(nested_state["step"], flat_state["step"])
+    assert seen["flat"][:2] == ["w", "b"]
+    assert seen["nested"][:2] == ["net.0.weight", "net.1.0"]
+    # The mask made a difference: b is not decayed.
+    unmasked = getattr(optim, kind)(**trees, **flags)
+    start, grads = make_params(), make_grads(1)[0]
+    plain, _ = unmasked.step(start, grads, unmasked.init(start))
+    masked, _ = flat_opt.step(start, grads, flat_opt.init(start))
+    assert torch.equal(plain["w"], masked["w"]) and not torch.equal(plain["b"], masked["b"])
+
+
+def test_nested_inputs_never_mutated():
+    trees = nest_hyper(per_parameter_trees({"lr": 0.01, "alpha": 0.9, "momentum": 0.5}))
+    opt = optim.rmsprop(**trees, centered=True, weight_decay=0.1)
+    params, (g1, g2) = nest(make_params()), [nest(g) for g in make_grads(2)]
+    _, state = opt.step(params, g1, opt.init(params))
+    inputs = {"params": params, "grads": g2, "state": state, "hyper": trees}
+    before = snapshot(inputs)
+    opt.step(params, g2, state)
+    assert_identical(inputs, before)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(("kind", "name", "base"), [
+    ("sgd", "momentum", {}),
+    ("sgd", "dampening", {"momentum": 0.9}),
+    ("sgd", "weight_decay", {}),
+    ("adam", "eps_root", {}),
+    ("rmsprop", "momentum", {}),
+    ("adagrad", "lr_decay", {}),
+])  # fmt: skip
+def test_a_tensor_zero_runs_the_feature_code_with_the_same_numbers(kind, name, base):
+    """Type decides, not value: a 0-d tensor of 0 runs the feature (its slot exists, gradients
+    reach it) with the numbers of the feature off."""
+    value = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    off, on = (
+        getattr(optim, kind)(LR[kind], **base),
+        getattr(optim, kind)(LR[kind], **base, **{name: value}),
+    )
+    p_off = p_on = make_params()
+    st_off, st_on = off.init(p_off), on.init(p_on)
+    for grads in make_grads(3):
+        p_off, st_off = off.step(p_off, grads, st_off)
+        p_on, st_on = on.step(p_on, grads, st_on)
+    assert_close(p_on, p_off, rtol=1e-14, atol=1e-15)
+    if name == "momentum":
+        assert "momentum" in st_on and "momentum" not in st_off
+    (d_value,) = torch.autograd.grad(p_on["w"].sum(), value)
+    assert d_value != 0
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_eps_root_keeps_second_derivatives_at_a_zero_gradient(kind, amsgrad):
+    """A zero gradient entry at the first step has v = 0. With eps = 0 its update is 0 / 0:
+    NaN (as torch.optim's with eps=0), and so is its derivative. eps_root > 0, added inside the
+    square root, keeps the update and its first and second derivatives finite and correct
+    (gradgradcheck), also with eps = 0. (With eps > 0 and eps_root = 0 the derivatives at
+    v = 0 are finite too, through the zero-safe square root.)"""
+    p = torch.tensor([0.3, -0.2, 0.1], dtype=F64, requires_grad=True)
+    g = torch.tensor([0.5, 0.0, -0.7], dtype=F64, requires_grad=True)
+
+    def one_step(eps, eps_root):
+        opt = getattr(optim, kind)(0.01, eps=eps, eps_root=eps_root, amsgrad=amsgrad)
+        return lambda p, g: opt.step({"p": p}, {"p": g}, opt.init({"p": p}))[0]["p"]
+
+    bare = one_step(0.0, 0.0)(p, g)
+    assert bare[1].isnan() and bare[[0, 2]].isfinite().all()
+    leaf = p.detach().clone()
+    leaf.grad = g.detach().clone()
+    TORCH[kind]([leaf], lr=0.01, eps=0.0, amsgrad=amsgrad).step()
+    assert leaf[1].isnan()
+    (d_bare,) = torch.autograd.grad(bare[1], g)
+    assert not d_bare[1].isfinite()
+    for eps in (0.0, 1e-8):
+        step = one_step(eps, 1e-4)
+        new = step(p, g)
+        assert new.isfinite().all()
+        (d_g,) = torch.autograd.grad(new[1], g, create_graph=True)
+        (dd_g,) = torch.autograd.grad(d_g[1], g)
+        assert d_g.isfinite().all() and dd_g.isfinite().all()
+        assert torch.autograd.gradgradcheck(step, (p, g))
+
+
+def test_hyperparameter_errors_name_the_fix():
+    params, grads = make_params(), make_grads(1)[0]
+    makers = {
+        "lr": lambda h: optim.sgd(h),
+        "momentum": lambda h: optim.sgd(0.1, momentum=h),
+        "dampening": lambda h: optim.sgd(0.1, momentum=0.9, dampening=h),
+        "weight_decay": lambda h: optim.adamw(0.1, weight_decay=h),
+        "betas[0]": lambda h: optim.adam(0.1, betas=(h, 0.999)),
+        "betas[1]": lambda h: optim.adam(0.1, betas=(0.9, h)),
+        "eps": lambda h: optim.rmsprop(0.1, eps=h),
+        "eps_root": lambda h: optim.adam(0.1, eps_root=h),
+        "alpha": lambda h: optim.rmsprop(0.1, alpha=h),
+        "lr_decay": lambda h: optim.adagrad(0.1, lr_decay=h),
+        "initial_accumulator_value": lambda h: optim.adagrad(initial_accumulator_value=h),
+    }
+    for name, make in makers.items():
+        esc = name.replace("[", r"\[").replace("]", r"\]")
+        # a leaf that would broadcast ([1] for a [3, 4] weight) is refused, naming the leaf
+        for bad in (torch.ones(1), torch.ones(4)):
+            with pytest.raises(ValueError, match=rf"{esc}\['w'\] has shape \({bad.numel()},\) "
+                               r"but the parameter 'w' has shape \(3, 4\)"):  # fmt: skip
+                make({"w": bad, "b": torch.tensor(0.1)}).init(params)
+        with pytest.raises(ValueError, match=rf"a tensor {esc} must be 0-d, got shape \(2,\)"):
+            make(torch.ones(2))
+        with pytest.raises(TypeError, match=rf"per-parameter {esc} must be a tree of tensors"):
+            make({"w": 0.1, "b": 0.1})
+        with pytest.raises(ValueError, match=rf"per-parameter {esc} must have the same keys as "
+                           r"the parameters; missing \['b'\]"):  # fmt: skip
+            make({"w": torch.tensor(0.1)}).init(params)
+        with pytest.raises(ValueError, match=rf"^{esc} must be (>=|in)"):
+            make(-0.5)
+        with pytest.raises(TypeError, match=rf"{esc} must be a float, a 0-d tensor"):
+            make("0.1")
+    # also at step: the engine may pass a state it did not get from this optimizer's init
+    opt = optim.sgd({"w": torch.ones(1), "b": torch.tensor(0.1)})
+    with pytest.raises(ValueError, match=r"lr\['w'\] has shape \(1,\)"):
+        opt.step(params, grads, optim.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match=r"lr\['net.0.weight'\] has shape \(1,\) but the "
+                       r"parameter 'net.0.weight' has shape \(3, 4\)"):  # fmt: skip
+        optim.rmsprop(nest({"w": torch.ones(1), "b": torch.tensor(0.1)})).init(nest(params))
+    with pytest.raises(ValueError, match=r"a tensor lr \(from the schedule\) must be 0-d"):
+        optim.sgd(lambda step: torch.ones(3)).step(params, grads, optim.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0.1 \(for gradient ascent "
+                       "pass maximize=True\\)"):  # fmt: skip
+        optim.adam(-0.1)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        optim.rmsprop(alpha=1.5)
+    with pytest.raises(ValueError, match=r"betas\[0\] must be in \[0, 1\), got 1.0"):
+        optim.adamw(0.1, betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        optim.adam(0.1, betas=0.9)
+    for dampening in (0.1, torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="nesterov=True needs momentum > 0 and dampening=0"):
+            optim.sgd(0.1, momentum=0.9, nesterov=True, dampening=dampening)
+    with pytest.raises(ValueError, match=r"state has no slot \['momentum'\]"):
+        optim.sgd(0.1, momentum=0.9).step(params, grads, optim.sgd(0.1).init(params))
+    opt = optim.adagrad()
+    with pytest.raises(ValueError, match=r"state\['sum'\] must have the same keys as the "
+                       r"parameters; missing \['b'\]"):  # fmt: skip
+        opt.step(params, grads, {**opt.init(params), "sum": {"w": params["w"]}})
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_step_compiles_fullgraph_with_trees_schedules_and_masks():
+    """A nested tree, a schedule, a per-parameter tree, a tensor hyperparameter and a decay
+    mask inside torch.compile(fullgraph=True): the eager numbers."""
+    opt = optim.rmsprop(
+        optim.warmup_cosine(0.01, total_steps=10, warmup_steps=2),
+        alpha=nest(per_parameter(0.9)),
+        momentum=torch.tensor(0.5, dtype=F64),
+        weight_decay=0.1,
+        centered=True,
+        decay_mask=optim.matrices_only,
+    )
+    params, grads = nest(make_params()), [nest(g) for g in make_grads(3)]
+    compiled = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    eager_p, eager_st = compiled_p, compiled_st = params, opt.init(params)
+    for g in grads:
+        eager_p, eager_st = opt.step(eager_p, g, eager_st)
+        compiled_p, compiled_st = compiled(compiled_p, g, compiled_st)
+    assert_close(compiled_p, eager_p, rtol=1e-14, atol=1e-15)
+    assert_close(compiled_st, eager_st, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "adagrad"])
+def test_vmap_over_hyperparameters_equals_a_loop(kind):
+    """torch.func.vmap over a batch of learning rates and per-parameter eps trees, and
+    torch.func.grad through two steps in them, equal a Python loop with autograd."""
+    params, grads = make_params(), make_grads(2)
+    lrs = torch.tensor([0.01, 0.03, 0.1], dtype=F64)
+    eps = {"w": torch.rand(3, 3, 4, dtype=F64) * 1e-3, "b": torch.rand(3, dtype=F64) * 1e-3}
+
+    def loss(lr, eps_tree):
+        opt = getattr(optim, kind)(lr, eps=eps_tree)
+        p, st = params, opt.init(params)
+        for g in grads:
+            p, st = opt.step(p, g, st)
+        return sum((v * v).sum() for v in p.values())
+
+    batched = torch.func.vmap(torch.func.grad_and_value(loss, argnums=(0, 1)))(lrs, eps)
+    for i in range(3):
+        lr = lrs[i].clone().requires_grad_()
+        eps_i = {k: v[i].clone().requires_grad_() for k, v in eps.items()}
+        value = loss(lr, eps_i)
+        d_lr, d_w, d_b = torch.autograd.grad(value, [lr, eps_i["w"], eps_i["b"]])
+        (b_lr, b_eps), b_value = batched
+        assert_close(b_value[i], value, rtol=1e-14, atol=0)
+        assert_close([b_lr[i], b_eps["w"][i], b_eps["b"][i]], [d_lr, d_w, d_b], rtol=1e-12,
+                     atol=0)  # fmt: skip
