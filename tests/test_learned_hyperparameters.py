@@ -119,16 +119,10 @@ def test_exact_through_learned_hyperparameters_matches_reference(kind, steps, en
     assert res.opt_state["step"].item() == steps
 
 
-INIT_IS_CONSTANT = (
-    "meta_grad starts from optimizer.init(s_0) without a graph to the meta parameters, so a "
-    "learned initial_accumulator_value gets a zero gradient"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=INIT_IS_CONSTANT)
-def test_learned_initial_accumulator_value():
-    """The one hyperparameter that acts through ``init`` rather than ``step``
-    (``optim.adagrad(...).init`` itself is differentiable in it: tests/test_optim.py)."""
+@pytest.mark.parametrize("engine", ["autograd", "reverse"])
+def test_learned_initial_accumulator_value(engine):
+    """The one hyperparameter that acts through ``init`` rather than ``step``: meta_grad
+    differentiates the optimizer's initial state too."""
     meta, start, inner, outer, _, _ = everywhere_problem("adagrad", seed=3)
     meta["iav"] = torch.tensor(0.1, dtype=F64)
 
@@ -138,7 +132,8 @@ def test_learned_initial_accumulator_value():
     def ref_opt(m):
         return REFERENCE["adagrad"](m["log_lr"].exp(), initial_accumulator_value=m["iav"])
 
-    res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=3)
+    kw = {"reduce": lambda tree: tree} if engine == "reverse" else {}
+    res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=3, **kw)
     grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
     assert grads["iav"].abs() > 1e-2
     assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)

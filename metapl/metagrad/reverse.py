@@ -13,7 +13,7 @@ hypergradients; Maclaurin et al. 2015, Alg. 2; Franceschi et al. 2017, Sec. 3):
                                   (g_k evaluated with the state c_k step k saw going forward)
         (H_ss a_g, H_ms a_g)    = the curvature's products at step k
         a_s = a_s' + H_ss a_g;  a_m += a_m' + H_ms a_g
-    a_m += VJP of start(m) with a_s            (only when T = K)
+    a_m += VJP of (start(m), optimizer(m).init(start(m))) with (a_s, a_st)   (only when T = K)
 
 T = ``truncate`` (default K).
 """
@@ -47,18 +47,22 @@ def reverse(
     if compiled:
         advance, pullback = _compiled_step(method)
     first = steps - truncate  # the earliest step the reverse pass reaches
-    reaches_start = first == 0 and problem.learns_start
+    learns_init = opt_state is None and problem.learns_optimizer  # e.g. adagrad's accumulator
+    reaches_start = first == 0 and (problem.learns_start or learns_init)
 
     def need_s(k: int) -> bool:  # is the adjoint of s_k needed?
         return k > first or reaches_start
 
+    def initial(m_):
+        s_ = problem.start(m_)
+        return s_, problem.optimizer(m_).init(s_) if opt_state is None else opt_state
+
     if reaches_start:
-        s, start_pull = vjp(problem.start, m)
+        (s, st), start_pull = vjp(initial, m)
     else:
-        s = problem.start(m)
+        s, st = initial(m)
     if compiled:  # a start aliasing the meta parameters (MAML) would need a graph of its own
         s = tree.clone(s)
-    st = problem.optimizer(m).init(s) if opt_state is None else opt_state
 
     trajectory, first_aux, c = [], None, state
     for k in range(steps):
@@ -85,7 +89,7 @@ def reverse(
             a_m = tree.add(a_m, a_m_k)
         a_s = a_s_k
     if reaches_start:
-        a_m = tree.add(a_m, start_pull(a_s)[0])
+        a_m = tree.add(a_m, start_pull((a_s, a_st))[0])
     return a_m, s, st, c, loss, first_aux, outer_grads
 
 

@@ -54,9 +54,11 @@ def unrolled(problem: Problem, schedule: Schedule, meta, opt_state, state, trunc
     with torch.enable_grad():
         m = tree.map(lambda x: x.detach().requires_grad_(), meta)
         opt_const = problem.optimizer(const)
-        s_start = problem.start(m)  # with a graph to m when the start is learned
-        s = tree.detach(s_start)
-        st = tree.detach(opt_const.init(s) if opt_state is None else opt_state)
+        # the start, with a graph to m where it depends on m (a learned start; an optimizer
+        # state initialised from learned hyperparameters, e.g. adagrad's accumulator)
+        s_start = problem.start(m)
+        st_start = problem.optimizer(m).init(s_start) if opt_state is None else opt_state
+        s, st = tree.detach(s_start), tree.detach(st_start)
         c, first_aux, saved = state, None, []
         for k in range(starts[-1]):  # no graph up to the last segment
             if k in starts:
@@ -70,8 +72,8 @@ def unrolled(problem: Problem, schedule: Schedule, meta, opt_state, state, trunc
             """Steps ``start..end-1`` with their graph: ``(inputs, s_end, st_end, c_end)``;
             the inputs (``s_b``, ``st_b`` as leaves requiring grad) are what the adjoints
             flow back to (none at the first segment: nothing earlier needs them)."""
-            if start == 0 and problem.learns_start:
-                s_in, st_in = s_start, st_b
+            if start == 0:
+                s_in, st_in = s_start, st_start
             elif start == first:
                 s_in, st_in = s_b, st_b
             else:
