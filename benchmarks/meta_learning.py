@@ -464,8 +464,8 @@ def metapl_bn_maml(model: nn.Module, **kwargs) -> Callable:
 
 
 def higher_bn_maml(model: nn.Module) -> Callable:
-    """higher updates the module's own running statistics in place: each call works on a
-    fresh copy of the starting buffers."""
+    """higher's functional module updates the running statistics in place: every call starts
+    from the same statistics."""
     opt = torch.optim.SGD(model.parameters(), lr=MAML_LR)
     start = {k: v.clone() for k, v in model.named_buffers()}
 

@@ -164,3 +164,34 @@ def test_learned_learning_rate_matches_higher_override():
                            lambda m: optim.sgd(m["lr"], momentum=0.9), steps=3)  # fmt: skip
     assert expected.abs() > 1e-3
     assert res.teacher_grads["lr"].item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("checkpoint", [None, True])
+def test_batchnorm_maml_through_more_steps_than_checkpoint_keeps(checkpoint):
+    """MAML on a BatchNorm network, K=7: higher's functional module updates its copy of the
+    running statistics in place at every step; metapl carries them as state= (and recomputes
+    steps with checkpoint=True)."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
+                              torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(F64).train()  # fmt: skip
+    x_s, x_q = torch.randn(12, 4, dtype=F64), torch.randn(12, 4, dtype=F64)
+    y_s, y_q = torch.randint(0, 3, (12,)), torch.randint(0, 3, (12,))
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
+
+    res = metapl.meta_grad(
+        lambda s, m, st: (F.cross_entropy(functional_call(net, {**s, **st}, (x_s,)), y_s), st),
+        lambda s, st: F.cross_entropy(functional_call(net, {**s, **st}, (x_q,)), y_q),
+        lambda m: m, theta, optim.sgd(0.3, momentum=0.5), steps=7, state=buffers,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
+    with higher.innerloop_ctx(net, opt, copy_initial_weights=False) as (fnet, diffopt):
+        for _ in range(7):
+            diffopt.step(F.cross_entropy(fnet(x_s), y_s))
+        statistics = {k: v.detach().clone() for k, v in fnet.named_buffers()}
+        query = F.cross_entropy(fnet(x_q), y_q)
+        grads = torch.autograd.grad(query, list(net.parameters()))
+    assert_close(res.teacher_grads, dict(zip(theta, grads, strict=True)), rtol=1e-10, atol=1e-13)
+    assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
+    assert int(statistics["1.num_batches_tracked"]) == 7
