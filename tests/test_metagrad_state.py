@@ -60,9 +60,9 @@ def everywhere(net, seed=0):
 
 
 def metapl_run(net, meta, data, steps=STEPS, method="exact", eval_outer=True, opt="sgd",
-               **kwargs):  # fmt: skip
+               evaluation=None, **kwargs):  # fmt: skip
     x_s, y_s, x_q, y_q = data
-    evaluation = copy.deepcopy(net).eval()
+    evaluation = copy.deepcopy(net).eval() if evaluation is None else evaluation
 
     def inner(s, m, state):
         out = functional_call(net, {**s, **state}, (x_s,))
@@ -251,8 +251,10 @@ def test_torch_compile_of_a_stateful_call_equals_eager():
     torch._dynamo.reset()
     net = bn_net(6)
     meta, data = everywhere(net, 6), task(6)
-    eager = metapl_run(net, meta, data)
-    compiled = torch.compile(lambda m: metapl_run(net, m, data), fullgraph=True)(meta)
+    evaluation = copy.deepcopy(net).eval()  # outside: dynamo cannot deepcopy a module
+    eager = metapl_run(net, meta, data, evaluation=evaluation)
+    compiled = torch.compile(lambda m: metapl_run(net, m, data, evaluation=evaluation),
+                             fullgraph=True)(meta)  # fmt: skip
     assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
     assert_close(compiled.state, eager.state, rtol=1e-12, atol=1e-14)
 
