@@ -16,27 +16,51 @@ from torch.utils import _pytree as pytree
 Tree = Any  # a tensor, or nested dicts / lists / tuples of tensors
 TreeSpec = pytree.TreeSpec
 _NODES = (dict, list, tuple, Tensor)  # a tuple: torch.compile cannot trace `dict | list`
+_LEAF = pytree.treespec_leaf()
 
+# The common tree is a flat dict of tensors (``dict(model.named_parameters())``); eager calls
+# take it without torch.utils._pytree's per-node registry lookups (a few microseconds each,
+# many per inner step). Under torch.compile the general path runs (dynamo traces pytree).
+
+
+def _flat_dict(tree: Tree) -> bool:
+    return (
+        type(tree) is dict
+        and not torch.compiler.is_compiling()
+        and all(isinstance(v, Tensor) for v in tree.values())
+    )
+
+
+def _flat_dict_spec(spec: TreeSpec) -> bool:
+    return spec.type is dict and spec.num_leaves == spec.num_children == spec.num_nodes - 1
 
 
 def flatten(tree: Tree) -> tuple[list, TreeSpec]:
+    if _flat_dict(tree):
+        return list(tree.values()), TreeSpec(dict, list(tree), [_LEAF] * len(tree))
     return pytree.tree_flatten(tree)
 
 
 def unflatten(leaves: list, spec: TreeSpec) -> Tree:
+    if not torch.compiler.is_compiling() and _flat_dict_spec(spec):
+        return dict(zip(spec.context, leaves, strict=True))
     return pytree.tree_unflatten(leaves, spec)
 
 
 def leaves(tree: Tree) -> list:
+    if _flat_dict(tree):
+        return list(tree.values())
     return pytree.tree_leaves(tree)
 
 
 def structure(tree: Tree) -> TreeSpec:
-    return pytree.tree_structure(tree)
+    return flatten(tree)[1]
 
 
 def map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 (the pytree name)
     """``fn`` applied leafwise; ``rest`` must have ``tree``'s structure."""
+    if _flat_dict(tree) and all(type(r) is dict and r.keys() == tree.keys() for r in rest):
+        return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
     return pytree.tree_map(fn, tree, *rest)
 
 
@@ -143,11 +167,12 @@ def check_same_structure(what: str, got: Tree, expected: Tree, fix: str = "") ->
     )
 
 
-def leaves_like(what: str, got: Tree, expected: Tree, fix: str = "") -> list:
+def leaves_like(what: str, got: Tree, expected: Tree, fix: str = "",
+                want: TreeSpec | None = None) -> list:  # fmt: skip
     """``got``'s leaves in ``expected``'s leaf order (dict keys in any order), after
-    ``check_same_structure``."""
+    ``check_same_structure``; ``want``: ``expected``'s structure, when the caller has it."""
     found, spec = flatten(got)
-    want = structure(expected)
+    want = structure(expected) if want is None else want
     if spec == want:  # the common case, without the structure check's per-leaf work
         return found
     check_same_structure(what, got, expected, fix)

@@ -222,12 +222,14 @@ def _optimizer(
 
     def step(params: Tree, grads: Tree, state: State) -> tuple[Tree, State]:
         leaves, spec = _tree.flatten(params)
-        grads = _tree.leaves_like("grads", grads, params, "Take the gradients of these params.")
+        grads = _tree.leaves_like("grads", grads, params, "Take the gradients of these params.",
+                                  spec)  # fmt: skip
         missing = [slot for slot in slots if slot not in state]
         if missing:
             raise ValueError(f"state has no slot {missing}: pass optimizer.init(params) of this "
                              "optimizer")  # fmt: skip
-        old = {slot: _tree.leaves_like(f"state[{slot!r}]", state[slot], params) for slot in slots}
+        old = {slot: _tree.leaves_like(f"state[{slot!r}]", state[slot], params, want=spec)
+               for slot in slots}  # fmt: skip
         lr_now = _lr_at(lr, state["step"])
         if _is_schedule(lr):
             _check_hyper("lr (from the schedule)", lr_now)
