@@ -331,7 +331,7 @@ def long_rows(args, steps: int) -> list[tuple]:
     rows = [(f"K={steps}: higher", ref, "ref")]
     exact = []
     for name, kwargs in (("metapl exact (default: keeps K/2 steps' graphs)", {}),
-                         ("metapl exact, checkpoint=True (least memory)", {"checkpoint": True}),
+                         ("metapl exact, checkpoint=True (one-step segments)", {"checkpoint": True}),
                          ("metapl exact, checkpoint=False (no recomputation)",
                           {"checkpoint": False}),
                          ("metapl exact, vmap/compile engine (reverse pass)",
