@@ -54,8 +54,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"machine: {platform.platform()} | {device.type}: {name} | {os.cpu_count()} CPUs")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__} | python {platform.python_version()} | "
-          f"CPU threads {torch.get_num_threads()} | load average {load}")  # fmt: skip
+    print(
+        f"torch {torch.__version__} | python {platform.python_version()} | "
+        f"CPU threads {torch.get_num_threads()} | load average {load}"
+    )
     print(f"batch: uint8 [{args.batch}, 3, 32, 32] | median of {args.repeats} repeats\n")
 
     x = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=device)

@@ -46,8 +46,9 @@ def problem(dtype: torch.dtype, batch: int, seed: int = 0):
 def meta_grad(dtype, batch, method, autocast, **kwargs):
     inner, outer, s, z = problem(dtype, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        res = metapl.meta_grad(inner, outer, s, z, optim.sgd(0.05, momentum=0.9),
-                               method=method, **kwargs)  # fmt: skip
+        res = metapl.meta_grad(
+            inner, outer, s, z, optim.sgd(0.05, momentum=0.9), method=method, **kwargs
+        )
     return res.teacher_grads["z"].double()
 
 
@@ -62,8 +63,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     reference = meta_grad(torch.float64, args.batch, "exact", autocast=False)
     exact32 = meta_grad(torch.float32, args.batch, "exact", autocast)
-    print(f"WRN-28-2, batch {args.batch} + {args.batch}, train-mode BatchNorm, autocast "
-          f"{args.autocast}; reference: exact in float64\n")  # fmt: skip
+    print(
+        f"WRN-28-2, batch {args.batch} + {args.batch}, train-mode BatchNorm, autocast "
+        f"{args.autocast}; reference: exact in float64\n"
+    )
     print("| method | fd_radius | relative error |\n|---|---|---|")
     err = (exact32 - reference).norm() / reference.norm()
     print(f"| exact, float32 | | {err:.2e} |")

@@ -58,8 +58,9 @@ HYPER_SIZES, N_TRAIN, N_VAL, MOMENTUM = (64, 256, 256, 10), 1200, 300, 0.9
 
 def maml_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                         nn.Linear(40, 1))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
 
 
 def sinusoid_tasks(n: int) -> tuple[torch.Tensor, ...]:
@@ -81,8 +82,9 @@ def metapl_maml(model: nn.Module, checkpoint: bool | int | None = None) -> Calla
         def outer(s):
             return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
 
-        return metapl.meta_grad(inner, outer, lambda m: m, theta, opt, steps=MAML_STEPS,
-                                checkpoint=checkpoint).teacher_grads  # fmt: skip
+        return metapl.meta_grad(
+            inner, outer, lambda m: m, theta, opt, steps=MAML_STEPS, checkpoint=checkpoint
+        ).teacher_grads
 
     return task_grad
 
@@ -134,23 +136,35 @@ def maml_rows(args) -> list[tuple]:
         ("1 task: metapl eager", lambda: ours(theta, *one), "ref1"),
         ("1 task: metapl eager, checkpoint=True", lambda: kept(theta, *one), "ref1"),
         ("1 task: metapl compiled", lambda: compiled_one(theta, *one), "ref1"),
-        (f"{TASKS} tasks: higher loop",
-         lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)], "ref25"),
-        (f"{TASKS} tasks: torch.func unroll, vmap (floor)",
-         lambda: floor_batched(theta, *tasks), "ref25"),
+        (
+            f"{TASKS} tasks: higher loop",
+            lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)],
+            "ref25",
+        ),
+        (
+            f"{TASKS} tasks: torch.func unroll, vmap (floor)",
+            lambda: floor_batched(theta, *tasks),
+            "ref25",
+        ),
         (f"{TASKS} tasks: metapl vmap", lambda: batched(theta, *tasks), "ref25"),
-        (f"{TASKS} tasks: metapl vmap, checkpoint=True", lambda: kept_batched(theta, *tasks),
-         "ref25"),
+        (
+            f"{TASKS} tasks: metapl vmap, checkpoint=True",
+            lambda: kept_batched(theta, *tasks),
+            "ref25",
+        ),
         (f"{TASKS} tasks: metapl vmap compiled", lambda: compiled_batched(theta, *tasks), "ref25"),
-    ]  # fmt: skip
+    ]
     table = _time_rows(rows, args, memory=False)
     expected = ref(*one)
     for name, fn in (("eager", ours), ("checkpoint=True", kept), ("compiled", compiled_one)):
         _check(name, fn(theta, *one), expected)
     loop = [ref(*(t[i] for t in tasks)) for i in range(TASKS)]
     per_task = [torch.stack([g[j] for g in loop]) for j in range(len(loop[0]))]
-    for name, fn in (("vmap", batched), ("vmap, checkpoint=True", kept_batched),
-                     ("vmap compiled", compiled_batched)):  # fmt: skip
+    for name, fn in (
+        ("vmap", batched),
+        ("vmap, checkpoint=True", kept_batched),
+        ("vmap compiled", compiled_batched),
+    ):
         _check(name, fn(theta, *tasks), per_task)
     return table
 
@@ -169,8 +183,18 @@ def hyper_problem():
     return model, x, y, x_v, y_v
 
 
-def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
-                 whole=False, checkpoint: bool | int | None = None) -> Callable:  # fmt: skip
+def metapl_hyper(
+    model,
+    x,
+    y,
+    x_v,
+    y_v,
+    steps,
+    method="exact",
+    compile=False,
+    whole=False,
+    checkpoint: bool | int | None = None,
+) -> Callable:
     s0 = {k: v.detach() for k, v in model.named_parameters()}
     meta = {"log_lr": torch.tensor(-3.0)}
 
@@ -184,8 +208,17 @@ def metapl_hyper(model, x, y, x_v, y_v, steps, method="exact", compile=False,
         return optim.sgd(m["log_lr"].exp(), momentum=MOMENTUM)
 
     def run():
-        return metapl.meta_grad(inner, outer, s0, meta, optimizer, steps=steps, method=method,
-                                compile=compile, checkpoint=checkpoint).teacher_grads["log_lr"]
+        return metapl.meta_grad(
+            inner,
+            outer,
+            s0,
+            meta,
+            optimizer,
+            steps=steps,
+            method=method,
+            compile=compile,
+            checkpoint=checkpoint,
+        ).teacher_grads["log_lr"]
 
     return torch.compile(run, fullgraph=True) if whole else run
 
@@ -232,10 +265,12 @@ def hyper_rows(args, steps: int) -> list[tuple]:
     problem = hyper_problem()
     ref = higher_hyper(*problem, steps)
     rows, exact = [(f"K={steps}: higher", ref, "ref")], []
-    for name, kwargs in (("metapl exact", {}),
-                         ("metapl exact, checkpoint=True", {"checkpoint": True}),
-                         ("metapl exact, compile=True", {"compile": True}),
-                         ("metapl first_order", {"method": "first_order"})):  # fmt: skip
+    for name, kwargs in (
+        ("metapl exact", {}),
+        ("metapl exact, checkpoint=True", {"checkpoint": True}),
+        ("metapl exact, compile=True", {"compile": True}),
+        ("metapl first_order", {"method": "first_order"}),
+    ):
         fn = metapl_hyper(*problem, steps, **kwargs)
         rows.append((f"K={steps}: {name}", fn, "ref"))
         exact += [(name, fn)] if "first_order" not in name else []
@@ -261,8 +296,10 @@ def long_problem(steps: int):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
     gen = torch.Generator().manual_seed(1)
-    xs, ys = torch.randn(steps, 128, 64, generator=gen), torch.randint(0, 10, (steps, 128),
-                                                                       generator=gen)  # fmt: skip
+    xs, ys = (
+        torch.randn(steps, 128, 64, generator=gen),
+        torch.randint(0, 10, (steps, 128), generator=gen),
+    )
     x_v, y_v = torch.randn(300, 64, generator=gen), torch.randint(0, 10, (300,), generator=gen)
     return model, xs, ys, x_v, y_v
 
@@ -280,9 +317,16 @@ def metapl_long(model, xs, ys, x_v, y_v, **kwargs) -> Callable:
         return optim.sgd(m["log_lr"].exp(), momentum=MOMENTUM)
 
     def run():
-        return metapl.meta_grad(inner, outer, s0, {"log_lr": torch.tensor(-3.0)}, optimizer,
-                                steps=len(xs), inner_batches=(xs, ys),
-                                **kwargs).teacher_grads["log_lr"]  # fmt: skip
+        return metapl.meta_grad(
+            inner,
+            outer,
+            s0,
+            {"log_lr": torch.tensor(-3.0)},
+            optimizer,
+            steps=len(xs),
+            inner_batches=(xs, ys),
+            **kwargs,
+        ).teacher_grads["log_lr"]
 
     return run
 
@@ -330,13 +374,13 @@ def long_rows(args, steps: int) -> list[tuple]:
     ref = higher_long(*problem)
     rows = [(f"K={steps}: higher", ref, "ref")]
     exact = []
-    for name, kwargs in (("metapl exact (default: keeps K/2 steps' graphs)", {}),
-                         ("metapl exact, checkpoint=True (one-step segments)", {"checkpoint": True}),
-                         ("metapl exact, checkpoint=False (no recomputation)",
-                          {"checkpoint": False}),
-                         ("metapl exact, vmap/compile engine (reverse pass)",
-                          {"reduce": lambda tree: tree}),
-                         ("metapl first_order", {"method": "first_order"})):  # fmt: skip
+    for name, kwargs in (
+        ("metapl exact (default: keeps K/2 steps' graphs)", {}),
+        ("metapl exact, checkpoint=True (one-step segments)", {"checkpoint": True}),
+        ("metapl exact, checkpoint=False (no recomputation)", {"checkpoint": False}),
+        ("metapl exact, vmap/compile engine (reverse pass)", {"reduce": lambda tree: tree}),
+        ("metapl first_order", {"method": "first_order"}),
+    ):
         fn = metapl_long(*problem, **kwargs)
         rows.append((f"K={steps}: {name}", fn, "ref"))
         exact += [(name, fn)] if "first_order" not in name else []
@@ -386,8 +430,9 @@ def metapl_ridge(meta, inner, solve, outer) -> Callable:
 
     def run():
         w = solve(meta["theta"], meta["log_lam"])
-        res = metapl.implicit_grad(lambda s, m: inner(s, m["theta"], m["log_lam"]), outer, w,
-                                   meta, solver=solver)  # fmt: skip
+        res = metapl.implicit_grad(
+            lambda s, m: inner(s, m["theta"], m["log_lam"]), outer, w, meta, solver=solver
+        )
         return res.teacher_grads["theta"], res.teacher_grads["log_lam"]
 
     return run
@@ -403,9 +448,10 @@ def torchopt_ridge(meta, inner, solve, outer) -> Callable | str:
         return torch.func.grad(inner)(w, theta, log_lam)
 
     @torchopt.diff.implicit.custom_root(
-        optimality, argnums=(1, 2),
+        optimality,
+        argnums=(1, 2),
         solve=torchopt.linear_solve.solve_cg(maxiter=RIDGE_ITERATIONS, rtol=RIDGE_TOL),
-    )  # fmt: skip
+    )
     def solver(w0, theta, log_lam):
         return solve(theta, log_lam)
 
@@ -424,9 +470,15 @@ def ridge_rows(args) -> list[tuple] | str:
         return f"torchopt: {other}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchopt calls functorch.vjp
-        table = _time_rows([("torchopt (custom_root, CG)", other, "ref"),
-                            ("metapl implicit_grad (CG)", ours, "ref")], args, memory=False,
-                           reference="torchopt")  # fmt: skip
+        table = _time_rows(
+            [
+                ("torchopt (custom_root, CG)", other, "ref"),
+                ("metapl implicit_grad (CG)", ours, "ref"),
+            ],
+            args,
+            memory=False,
+            reference="torchopt",
+        )
         _check("metapl implicit_grad", ours(), other(), rtol=1e-4)
     return table
 
@@ -441,8 +493,14 @@ def bn_maml_model() -> nn.Module:
     of an affine function of a scalar input does not depend on that layer, whose gradients
     are then rounding noise; the layer before a BatchNorm has no bias (its gradient is 0)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40, bias=False),
-                         nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 1))  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(1, 40),
+        nn.ReLU(),
+        nn.Linear(40, 40, bias=False),
+        nn.BatchNorm1d(40),
+        nn.ReLU(),
+        nn.Linear(40, 1),
+    )
 
 
 def metapl_bn_maml(model: nn.Module, **kwargs) -> Callable:
@@ -456,8 +514,9 @@ def metapl_bn_maml(model: nn.Module, **kwargs) -> Callable:
         def outer(s, state):
             return F.mse_loss(functional_call(model, {**s, **state}, (x_q,)), y_q)
 
-        res = metapl.meta_grad(inner, outer, lambda m: m, theta, opt, steps=BN_STEPS,
-                               state=buffers, **kwargs)  # fmt: skip
+        res = metapl.meta_grad(
+            inner, outer, lambda m: m, theta, opt, steps=BN_STEPS, state=buffers, **kwargs
+        )
         return res.teacher_grads
 
     return task_grad
@@ -497,11 +556,17 @@ def bn_maml_rows(args) -> list[tuple]:
         ("1 task: metapl exact", lambda: ours(theta, buffers, *one), "ref1"),
         ("1 task: metapl exact, checkpoint=True", lambda: kept(theta, buffers, *one), "ref1"),
         ("1 task: metapl first_order", lambda: first(theta, buffers, *one), "ref1"),
-        (f"{TASKS} tasks: higher loop",
-         lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)], "ref25"),
-        (f"{TASKS} tasks: metapl vmap (one state per task)",
-         lambda: batched(theta, per_task, *tasks), "ref25"),
-    ]  # fmt: skip
+        (
+            f"{TASKS} tasks: higher loop",
+            lambda: [ref(*(t[i] for t in tasks)) for i in range(TASKS)],
+            "ref25",
+        ),
+        (
+            f"{TASKS} tasks: metapl vmap (one state per task)",
+            lambda: batched(theta, per_task, *tasks),
+            "ref25",
+        ),
+    ]
     table = _time_rows(rows, args, memory=False)
     _check_bn_maml_in_float64()
     return table
@@ -549,20 +614,26 @@ def import_times(args) -> str:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", statement], check=True)
             times[name].append(time.perf_counter() - start)
-    probe = ("import sys, torch; before = set(sys.modules); import metapl; "
-             "new = set(sys.modules) - before; "
-             "print(len(new), 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
-                         text=True).stdout.split()  # fmt: skip
+    probe = (
+        "import sys, torch; before = set(sys.modules); import metapl; "
+        "new = set(sys.modules) - before; "
+        "print(len(new), 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split()
     torch_s, metapl_s = (statistics.median(times[n]) for n in code)
-    return "\n".join([
-        "| interpreter runs | median s | ratio to `import torch` |", "|---|---|---|",
-        f"| python -c 'import torch' | {torch_s:.2f} | 1.00x |",
-        f"| python -c 'import metapl' | {metapl_s:.2f} | {metapl_s / torch_s:.2f}x |",
-        "",
-        f"`import metapl` after `import torch` loads {out[0]} more modules; torch._dynamo "
-        f"imported: {out[1]}; sympy imported: {out[2]}.",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "| interpreter runs | median s | ratio to `import torch` |",
+            "|---|---|---|",
+            f"| python -c 'import torch' | {torch_s:.2f} | 1.00x |",
+            f"| python -c 'import metapl' | {metapl_s:.2f} | {metapl_s / torch_s:.2f}x |",
+            "",
+            f"`import metapl` after `import torch` loads {out[0]} more modules; torch._dynamo "
+            f"imported: {out[1]}; sympy imported: {out[2]}.",
+        ]
+    )
 
 
 def compile_times(args) -> str:
@@ -590,8 +661,9 @@ def compile_times(args) -> str:
 def _check(name: str, got, expected, rtol: float = 1e-4) -> None:
     got = list(got.values()) if isinstance(got, dict) else list(got)
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-6,
-                                   msg=f"{name} differs from the reference")  # fmt: skip
+        torch.testing.assert_close(
+            g, e, rtol=rtol, atol=1e-6, msg=f"{name} differs from the reference"
+        )
 
 
 def _time_rows(rows, args, memory: bool, reference: str = "higher") -> list[tuple]:
@@ -643,20 +715,28 @@ def main(argv: list[str] | None = None) -> None:
         default=[5, 20],
         help="K for the compile-time rows of torch.compile(whole call)",
     )
-    parser.add_argument("--import-repeats", type=int, default=10,
-                        help="interpreter starts per import-time row")  # fmt: skip
-    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
-                        help="which tables to print (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--import-repeats", type=int, default=10, help="interpreter starts per import-time row"
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="*",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which tables to print (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 5
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.import_repeats < 1:
         parser.error("--repeats, --import-repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
-    print(f"- machine: {platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch "
-          f"thread(s); python {platform.python_version()}, torch {torch.__version__}, higher "
-          f"{importlib.metadata.version('higher')}, torchopt {_version('torchopt')}, metapl "
-          f"{metapl.__version__} ({_git_commit()})")  # fmt: skip
+    print(
+        f"- machine: {platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch "
+        f"thread(s); python {platform.python_version()}, torch {torch.__version__}, higher "
+        f"{importlib.metadata.version('higher')}, torchopt {_version('torchopt')}, metapl "
+        f"{metapl.__version__} ({_git_commit()})"
+    )
     print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin")
     for section in args.sections:
         SECTIONS[section](args)
@@ -680,8 +760,10 @@ def _print_maml(args) -> None:
 
 
 def _print_bn_maml(args) -> None:
-    print(f"\nMAML with BatchNorm, sinusoid, MLP 1-40-40(BN)-1, K={BN_STEPS} (the running "
-          "statistics carried as state=):\n")  # fmt: skip
+    print(
+        f"\nMAML with BatchNorm, sinusoid, MLP 1-40-40(BN)-1, K={BN_STEPS} (the running "
+        "statistics carried as state=):\n"
+    )
     print(_table(bn_maml_rows(args)))
 
 
@@ -698,8 +780,10 @@ def _print_long(args) -> None:
 
 
 def _print_ridge(args) -> None:
-    print(f"\niMAML ridge regression, n={RIDGE_N}, d={RIDGE_D}: implicit hypergradient at the "
-          "closed-form solution:\n")  # fmt: skip
+    print(
+        f"\niMAML ridge regression, n={RIDGE_N}, d={RIDGE_D}: implicit hypergradient at the "
+        "closed-form solution:\n"
+    )
     table = ridge_rows(args)
     print(table if isinstance(table, str) else _table(table, reference="torchopt"))
 
@@ -709,9 +793,15 @@ def _print_imports(args) -> None:
     print(import_times(args))
 
 
-SECTIONS = {"compile": _print_compile, "maml": _print_maml, "bn_maml": _print_bn_maml,
-            "hyper": _print_hyper, "long": _print_long, "ridge": _print_ridge,
-            "imports": _print_imports}  # fmt: skip
+SECTIONS = {
+    "compile": _print_compile,
+    "maml": _print_maml,
+    "bn_maml": _print_bn_maml,
+    "hyper": _print_hyper,
+    "long": _print_long,
+    "ridge": _print_ridge,
+    "imports": _print_imports,
+}
 
 
 if __name__ == "__main__":

@@ -151,8 +151,14 @@ def mpl_step_fn(teacher: nn.Module, student: nn.Module, method: str) -> tuple[Ca
                 return soft_cross_entropy(functional_call(student, s_, (x_u,)), pseudo)
 
         res = metapl.meta_grad(
-            inner_loss, outer_loss, s, t, s_opt, s_state,
-            method="score_function" if method == "first_order" else method, log_prob=log_prob
+            inner_loss,
+            outer_loss,
+            s,
+            t,
+            s_opt,
+            s_state,
+            method="score_function" if method == "first_order" else method,
+            log_prob=log_prob,
         )
 
         def supervised(t_):
@@ -220,10 +226,14 @@ def mpl_class_step(teacher, student, batch, method: str, compiled: bool):
     meta-gradient taken with respect to the teacher's logits, then one teacher backward."""
     hard = method == "first_order"
     mpl = metapl.MPL(
-        copy.deepcopy(teacher), copy.deepcopy(student), optim.sgd(LR_TEACHER, momentum=MOMENTUM),
-        optim.sgd(LR_STUDENT, momentum=MOMENTUM), meta_grad=method,
-        pseudo_labels="hard" if hard else "soft", compile=compiled,
-    )  # fmt: skip
+        copy.deepcopy(teacher),
+        copy.deepcopy(student),
+        optim.sgd(LR_TEACHER, momentum=MOMENTUM),
+        optim.sgd(LR_STUDENT, momentum=MOMENTUM),
+        meta_grad=method,
+        pseudo_labels="hard" if hard else "soft",
+        compile=compiled,
+    )
     x_l, y_l, x_u, _ = batch
 
     def step():
@@ -312,8 +322,13 @@ def check_same_teacher_gradient(rows: dict, t0: dict[str, Tensor]) -> str:
     teacher gradient (read off the teacher's first update, ``g = (t0 - t1) / lr``, since the
     momentum starts at zero) and the same new student."""
     results = {}
-    for name in ("higher (exact)", "exact eager", "exact compiled", "MPL exact eager",
-                 "MPL exact compiled"):  # fmt: skip
+    for name in (
+        "higher (exact)",
+        "exact eager",
+        "exact compiled",
+        "MPL exact eager",
+        "MPL exact compiled",
+    ):
         if name not in rows:
             continue
         _, teacher, student = rows[name]

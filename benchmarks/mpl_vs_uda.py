@@ -46,9 +46,19 @@ def overrides_text(overrides: dict[str, object]) -> list[str]:
 
 
 def train(row: str, overrides: dict[str, object], seed: int, args) -> float:
-    argv = ["--rows", row, "--seeds", str(seed), "--json", "--wandb-mode", "disabled",
-            "--labeled-per-class", str(args.labeled_per_class),
-            "--output-dir", str(args.output_dir / "wandb")]  # fmt: skip
+    argv = [
+        "--rows",
+        row,
+        "--seeds",
+        str(seed),
+        "--json",
+        "--wandb-mode",
+        "disabled",
+        "--labeled-per-class",
+        str(args.labeled_per_class),
+        "--output-dir",
+        str(args.output_dir / "wandb"),
+    ]
     if overrides:
         argv += ["--set", *overrides_text(overrides)]
     return digits_mpl.main(argv)[row]["seeds"][0]
@@ -84,18 +94,24 @@ def main(argv: list[str] | None = None) -> dict:
         uda = [accuracy("uda", baseline, s) for s in args.seeds]
         diffs = [round(100 * (a - b), 2) for a, b in zip(mpl, uda, strict=True)]
         table[name] = {
-            "mpl": mpl, "uda": uda, "diff": diffs, "mean_diff": round(statistics.mean(diffs), 2),
-            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-        }  # fmt: skip
+            "mpl": mpl,
+            "uda": uda,
+            "diff": diffs,
+            "mean_diff": round(statistics.mean(diffs), 2),
+            "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs),
+        }
     (args.output_dir / "summary.json").write_text(json.dumps(table, indent=1))
     print(f"\ndigits, {10 * args.labeled_per_class} labels, seeds {args.seeds}: test accuracy (%)")
     print("| setting | MPL+UDA mean | UDA mean | MPL+UDA - UDA per seed (points) | mean | W/L |")
     print("|---|---|---|---|---|---|")
     for name, t in table.items():
         per_seed = " ".join(f"{d:+.2f}" for d in t["diff"])
-        print(f"| {name} | {100 * statistics.mean(t['mpl']):.2f} | "
-              f"{100 * statistics.mean(t['uda']):.2f} | {per_seed} | {t['mean_diff']:+.2f} | "
-              f"{t['wins']}/{t['losses']} |")  # fmt: skip
+        print(
+            f"| {name} | {100 * statistics.mean(t['mpl']):.2f} | "
+            f"{100 * statistics.mean(t['uda']):.2f} | {per_seed} | {t['mean_diff']:+.2f} | "
+            f"{t['wins']}/{t['losses']} |"
+        )
     return table
 
 

@@ -116,8 +116,10 @@ def main(argv=None):
             f"{300_000 * seconds / 3600:.1f} |"
         )
     if device.type != "cuda":
-        print(f"\npeak GiB: CUDA only (torch keeps no allocator statistics on the CPU); peak "
-              f"resident memory of this process, all rows: {_peak_rss_gib():.2f} GiB")  # fmt: skip
+        print(
+            f"\npeak GiB: CUDA only (torch keeps no allocator statistics on the CPU); peak "
+            f"resident memory of this process, all rows: {_peak_rss_gib():.2f} GiB"
+        )
 
 
 def _peak_rss_gib() -> float:

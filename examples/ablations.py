@@ -34,8 +34,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--preset", default="cifar10-4k")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--meta-grads", nargs="+", default=["none", "first_order", "exact"],
-                   choices=["none", "first_order", "exact", "finite_difference"])  # fmt: skip
+    p.add_argument(
+        "--meta-grads",
+        nargs="+",
+        default=["none", "first_order", "exact"],
+        choices=["none", "first_order", "exact", "finite_difference"],
+    )
     p.add_argument("--uda", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--wandb-project")
@@ -73,9 +77,21 @@ def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda
     accuracies = []
     for seed in args.seeds:
         out = args.output_dir / f"{meta_grad}-uda-{uda}" / f"seed{seed}"
-        run_argv = ["--preset", args.preset, "--data-dir", args.data_dir, "--output-dir",
-                    str(out), "--meta-grad", meta_grad, "--seed", str(seed), "--wandb-group",
-                    group, *passthrough]  # fmt: skip
+        run_argv = [
+            "--preset",
+            args.preset,
+            "--data-dir",
+            args.data_dir,
+            "--output-dir",
+            str(out),
+            "--meta-grad",
+            meta_grad,
+            "--seed",
+            str(seed),
+            "--wandb-group",
+            group,
+            *passthrough,
+        ]
         if uda == "off":
             run_argv.append("--no-uda")
         if args.wandb_project:

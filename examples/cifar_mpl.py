@@ -80,19 +80,26 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, usage=USAGE,
-                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cifar10-4k",
-                   help="(default: cifar10-4k)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, usage=USAGE, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cifar10-4k", help="(default: cifar10-4k)"
+    )
     models = ", ".join(f"{k} {v[2]}" for k, v in PRESETS.items())
-    p.add_argument("--model", choices=MODELS,
-                   help=f"(default: the preset's: {models}; mlp: smoke tests)")  # fmt: skip
+    p.add_argument(
+        "--model", choices=MODELS, help=f"(default: the preset's: {models}; mlp: smoke tests)"
+    )
     p.add_argument("--labels-per-class", type=int, help="(default: the preset's)")
-    p.add_argument("--num-labeled", type=int,
-                   help="labels in all (the port's): --labels-per-class x classes")  # fmt: skip
+    p.add_argument(
+        "--num-labeled", type=int, help="labels in all (the port's): --labels-per-class x classes"
+    )
     p.add_argument("--val-per-class", type=int, help="held-out validation images per class")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="horizontal flips (default: the preset's)")  # fmt: skip
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="horizontal flips (default: the preset's)",
+    )
     p.add_argument(
         "--svhn-extra",
         action=argparse.BooleanOptionalAction,
@@ -115,8 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def data_spec(args) -> DataSpec:
     spec = PRESETS[args.preset][0]
-    changes = {"labels_per_class": args.labels_per_class, "val_per_class": args.val_per_class,
-               "flip": args.flip, "extra": args.svhn_extra}  # fmt: skip
+    changes = {
+        "labels_per_class": args.labels_per_class,
+        "val_per_class": args.val_per_class,
+        "flip": args.flip,
+        "extra": args.svhn_extra,
+    }
     return replace(spec, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -127,14 +138,16 @@ def _arrays(spec: DataSpec, args, extra: bool):
         (x, y), test = (load_svhn(args.data_dir, s, args.download) for s in ("train", "test"))
         x_extra = load_svhn(args.data_dir, "extra", args.download)[0] if extra else None
     else:
-        (x, y), test = (load_cifar(args.data_dir, spec.dataset, t, args.download)
-                        for t in (True, False))  # fmt: skip
+        (x, y), test = (
+            load_cifar(args.data_dir, spec.dataset, t, args.download) for t in (True, False)
+        )
         x_extra = None
     return (x, y), test, x_extra, int(max(y.max(), test[1].max())) + 1
 
 
-def load_data(spec: DataSpec, recipe: Recipe, args, device: torch.device,
-              split_from=None) -> tuple[SSLData, int]:  # fmt: skip
+def load_data(
+    spec: DataSpec, recipe: Recipe, args, device: torch.device, split_from=None
+) -> tuple[SSLData, int]:
     """The data and its number of classes. ``split_from``: a split.json to reuse when the
     output folder has none (--finetune-only: the trained run's)."""
     (x, y), (x_test, y_test), x_extra, num_classes = _arrays(spec, args, spec.extra)
@@ -155,13 +168,15 @@ def load_data(spec: DataSpec, recipe: Recipe, args, device: torch.device,
 
     x_u = x[unlabeled].to(device)
     (x_l, y_l), (x_v, y_v) = ((x[i].to(device), y[i].to(device)) for i in (labeled, val))
-    data = SSLData(x_l, y_l, x_u, x_v, y_v, x_test.to(device), y_test.to(device), weak, strong,
-                   prepare)  # fmt: skip
+    data = SSLData(
+        x_l, y_l, x_u, x_v, y_v, x_test.to(device), y_test.to(device), weak, strong, prepare
+    )
     return data, num_classes
 
 
-def _split(y: torch.Tensor, num_classes: int, spec: DataSpec, args,
-           split_from=None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def _split(
+    y: torch.Tensor, num_classes: int, spec: DataSpec, args, split_from=None
+) -> tuple[torch.Tensor, ...]:
     """Labeled, unlabeled and validation indices into the training split, from
     output-dir/split.json (or ``split_from``) when it exists.
 
@@ -179,8 +194,10 @@ def _split(y: torch.Tensor, num_classes: int, spec: DataSpec, args,
         if args.num_labeled is not None:
             per_class, rest = divmod(args.num_labeled, num_classes)
             if rest or not per_class:
-                raise RunError(f"--num-labeled {args.num_labeled} is not a positive multiple of "
-                               f"the {num_classes} classes")  # fmt: skip
+                raise RunError(
+                    f"--num-labeled {args.num_labeled} is not a positive multiple of "
+                    f"the {num_classes} classes"
+                )
         counts = np.bincount(y.numpy(), minlength=num_classes)
         need = per_class + spec.val_per_class
         if counts.min() < need:
@@ -190,17 +207,23 @@ def _split(y: torch.Tensor, num_classes: int, spec: DataSpec, args,
                 f"{need} training images of every class, but class {c} has {counts[c]}: lower "
                 "--labels-per-class or --val-per-class"
             )
-        split = labeled_unlabeled_split(y, per_class, args.seed, num_classes,
-                                        unlabeled_includes_labeled=False)  # fmt: skip
+        split = labeled_unlabeled_split(
+            y, per_class, args.seed, num_classes, unlabeled_includes_labeled=False
+        )
         rng = np.random.default_rng(args.seed + 1)
         targets = y.numpy()[split.unlabeled]
-        val = np.sort(np.concatenate([
-            rng.choice(split.unlabeled[targets == c], spec.val_per_class, replace=False)
-            for c in range(num_classes)
-        ]))  # fmt: skip
+        val = np.sort(
+            np.concatenate(
+                [
+                    rng.choice(split.unlabeled[targets == c], spec.val_per_class, replace=False)
+                    for c in range(num_classes)
+                ]
+            )
+        )
         if distributed.rank() == 0:
-            save_manifest(split, path, {"preset": args.preset, "seed": args.seed,
-                                        "val": val.tolist()})  # fmt: skip
+            save_manifest(
+                split, path, {"preset": args.preset, "seed": args.seed, "val": val.tolist()}
+            )
     unlabeled = np.setdiff1d(np.arange(len(y)), val)
     return tuple(torch.from_numpy(a) for a in (split.labeled, unlabeled, val))
 
@@ -214,10 +237,13 @@ def main(argv=None) -> dict[str, float]:
         with distributed.process_group() as device:
             _, (x, y), _, num_classes = _arrays(spec, args, extra=False)
             results = evaluate_saved(
-                args.evaluate, lambda: build_network(args.model, num_classes, 0.0, x.shape[-1]),
-                x.to(device), y.to(device), lambda im: normalize(im, spec.dataset),
+                args.evaluate,
+                lambda: build_network(args.model, num_classes, 0.0, x.shape[-1]),
+                x.to(device),
+                y.to(device),
+                lambda im: normalize(im, spec.dataset),
                 bf16=not args.no_bf16,
-            )  # fmt: skip
+            )
             print_results(results, args.json)
             return results
     config = {"args": args, "data": spec, "recipe": recipe}

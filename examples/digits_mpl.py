@@ -99,21 +99,43 @@ class Config:
     log_every: int = 25
 
     def __post_init__(self):
-        check_bounds(self, {
-            "test_size": "in (0, 1)", "labeled_per_class": ">= 1", "channels": ">= 1",
-            "dropout": "in [0, 1)", "steps": ">= 1", "batch_u": ">= 1", "lr_teacher": "> 0",
-            "lr_student": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
-            "max_grad_norm": ">= 0", "temperature": "> 0", "uda_weight": ">= 0",
-            "uda_temperature": "> 0", "uda_threshold": "in [0, 1]", "ema_decay": "in [0, 1)",
-            "rotate_degrees": ">= 0", "noise_std": ">= 0", "cutout": ">= 0", "log_every": ">= 1",
-        })  # fmt: skip
+        check_bounds(
+            self,
+            {
+                "test_size": "in (0, 1)",
+                "labeled_per_class": ">= 1",
+                "channels": ">= 1",
+                "dropout": "in [0, 1)",
+                "steps": ">= 1",
+                "batch_u": ">= 1",
+                "lr_teacher": "> 0",
+                "lr_student": "> 0",
+                "weight_decay": ">= 0",
+                "warmup_steps": ">= 0",
+                "max_grad_norm": ">= 0",
+                "temperature": "> 0",
+                "uda_weight": ">= 0",
+                "uda_temperature": "> 0",
+                "uda_threshold": "in [0, 1]",
+                "ema_decay": "in [0, 1)",
+                "rotate_degrees": ">= 0",
+                "noise_std": ">= 0",
+                "cutout": ">= 0",
+                "log_every": ">= 1",
+            },
+        )
 
 
 BUDGETS = {"default": {}, "small": {"steps": 300}}
 ROWS = (
-    "supervised", "pseudo_label", "uda", "mpl", "mpl_first_order", "mpl_uda",
+    "supervised",
+    "pseudo_label",
+    "uda",
+    "mpl",
+    "mpl_first_order",
+    "mpl_uda",
     "mpl_uda_first_order",
-)  # fmt: skip
+)
 
 # ----------------------------------------------------------------------------- data
 
@@ -179,12 +201,18 @@ def cnn(cfg: Config, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     c = cfg.channels
     return nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(1, c, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
         nn.MaxPool2d(2),  # 4x4
-        nn.Conv2d(c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, padding=1, bias=False),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(),
         nn.MaxPool2d(2),  # 2x2
-        nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(8 * c, 10),
-    )  # fmt: skip
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(8 * c, 10),
+    )
 
 
 @torch.no_grad()
@@ -211,15 +239,21 @@ def train_supervised(cfg: Config, data: Data, seed: int, log) -> nn.Module:
     only (torch.optim.SGD equals metapl.optim.sgd step for step), evaluated as its EMA."""
     model = cnn(cfg, seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), cfg.lr_teacher, momentum=0.9, nesterov=True,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(
+        model.parameters(),
+        cfg.lr_teacher,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=cfg.weight_decay,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: float(schedule(cfg, 1.0)(torch.tensor(s)))
     )
     ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+        model,
+        multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
         use_buffers=True,
-    )  # fmt: skip
+    )
     model.train()
     for step in range(cfg.steps):
         loss = F.cross_entropy(model(weak(data.x_l, gen)), data.y_l)
@@ -240,13 +274,18 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
         method = "first_order"
     uda = metapl.UDA(cfg.uda_weight, cfg.uda_temperature, cfg.uda_threshold) if use_uda else None
     mpl = metapl.MPL(
-        cnn(cfg, seed), cnn(cfg, seed + 1),
-        sgd(cfg, cfg.lr_teacher), sgd(cfg, cfg.lr_student),
-        meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
-        uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
+        cnn(cfg, seed),
+        cnn(cfg, seed + 1),
+        sgd(cfg, cfg.lr_teacher),
+        sgd(cfg, cfg.lr_student),
+        meta_grad=method,
+        pseudo_labels="hard" if method == "first_order" else "soft",
+        uda=uda,
+        temperature=cfg.temperature,
+        ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
         **mpl_options(cfg, method),
-    )  # fmt: skip
+    )
     own = held = torch.arange(len(data.y_l))
     if method and cfg.mpl_labels == "held_out":
         own, held = split_labels(data.y_l)
@@ -258,8 +297,9 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log) -> nn.Module:
         mpl_batch = None
         if method and cfg.mpl_labels != "same":
             mpl_batch = (weak(data.x_l[held], gen), data.y_l[held])
-        metrics = mpl.step(x_l, data.y_l[own], weak(x_u, gen), strong(x_u, cfg, gen),
-                           mpl_batch=mpl_batch)  # fmt: skip
+        metrics = mpl.step(
+            x_l, data.y_l[own], weak(x_u, gen), strong(x_u, cfg, gen), mpl_batch=mpl_batch
+        )
         log(step, metrics, mpl.ema_student)
     return mpl.ema_student
 
@@ -282,10 +322,15 @@ def run(cfg: Config, data: Data, seed: int, row: str, args, bar: tqdm) -> float:
 
     config = {**asdict(cfg), "row": row, "seed": seed}
     wb = wandb.init(
-        project=args.wandb_project, group=row, name=f"{row}-seed{seed}", mode=args.wandb_mode,
-        dir=args.output_dir, config=config,
-        settings=wandb.Settings(silent=True, console="off"), reinit="create_new",
-    )  # fmt: skip
+        project=args.wandb_project,
+        group=row,
+        name=f"{row}-seed{seed}",
+        mode=args.wandb_mode,
+        dir=args.output_dir,
+        config=config,
+        settings=wandb.Settings(silent=True, console="off"),
+        reinit="create_new",
+    )
     folder = args.output_dir / f"seed{seed}" / row
     (folder / "metrics.jsonl").unlink(missing_ok=True)
     jsonl = Tracker(folder, config=config)
@@ -340,8 +385,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         help="default: $WANDB_MODE, else online with WANDB_API_KEY, else offline",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override any Config field, e.g. --set lr_student=0.1")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any Config field, e.g. --set lr_student=0.1",
+    )
     args = parser.parse_args(argv)
     try:
         check_flags(args)

@@ -80,9 +80,10 @@ class Config:
 
 PRESETS = {
     "fast": Config(),
-    "smoke": Config(steps=3, hidden=16, meta_iters=3, inits_per_iter=2, real_batch=32,
-                    eval_runs=2, full_steps=5),
-}  # fmt: skip
+    "smoke": Config(
+        steps=3, hidden=16, meta_iters=3, inits_per_iter=2, real_batch=32, eval_runs=2, full_steps=5
+    ),
+}
 REAL_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the real-image baseline's grid
 FULL_BATCH, FULL_LR, FULL_MOMENTUM = 64, 0.1, 0.9
 
@@ -229,8 +230,9 @@ def train_full(data: Data, start: Params, gen: torch.Generator, steps: int) -> P
     loss_grad = grad(lambda p, x, y: F.cross_entropy(forward(p, x), y))
     for _ in range(steps):
         idx = torch.randint(len(data.y_train), (FULL_BATCH,), generator=gen)
-        params, state = opt.step(params, loss_grad(params, data.x_train[idx], data.y_train[idx]),
-                                 state)  # fmt: skip
+        params, state = opt.step(
+            params, loss_grad(params, data.x_train[idx], data.y_train[idx]), state
+        )
     return params
 
 
@@ -272,10 +274,13 @@ def evaluate(cfg: Config, data: Data, seed: int, meta: Params, bar: tqdm) -> dic
     best_lr = max(REAL_LRS, key=lambda r: float(np.mean(real_val[r])))
     accs["real"] = real_test[best_lr]
     summary = {
-        row: {"mean": float(np.mean(a)), "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
-              "runs": a}
+        row: {
+            "mean": float(np.mean(a)),
+            "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
+            "runs": a,
+        }
         for row, a in accs.items()
-    }  # fmt: skip
+    }
     summary["real"]["lr"] = best_lr
     summary["synthetic"]["lr"] = summary["real_learned"]["lr"] = lr
     summary["full"]["lr"] = FULL_LR
@@ -294,10 +299,12 @@ def plot(meta: Params, data: Data, per_class: int, lr: float, path: Path) -> Non
     import matplotlib.pyplot as plt
 
     images = meta["images"].detach().reshape(per_class, 10, 8, 8).numpy()
-    means = np.stack([data.x_train[data.y_train == c].mean(0).reshape(8, 8).numpy()
-                      for c in range(10)])  # fmt: skip
-    fig, axes = plt.subplots(per_class + 1, 10, figsize=(10, 1.15 * (per_class + 1) + 0.4),
-                             squeeze=False)  # fmt: skip
+    means = np.stack(
+        [data.x_train[data.y_train == c].mean(0).reshape(8, 8).numpy() for c in range(10)]
+    )
+    fig, axes = plt.subplots(
+        per_class + 1, 10, figsize=(10, 1.15 * (per_class + 1) + 0.4), squeeze=False
+    )
     for row in range(per_class + 1):
         for c in range(10):
             ax = axes[row, c]
@@ -323,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         epilog="Every Config option defaults to the chosen --preset; fast is the default.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                        help="base settings (default: fast)")  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="fast", help="base settings (default: fast)"
+    )
     for f in fields(Config):
         defaults = "; ".join(f"{p}: {getattr(c, f.name)}" for p, c in PRESETS.items())
         parser.add_argument(
@@ -343,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where results.json and the figure go (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument("--docs-figure", action="store_true",
-                        help="also copy the figure to docs/img/distill.png")  # fmt: skip
+    parser.add_argument(
+        "--docs-figure", action="store_true", help="also copy the figure to docs/img/distill.png"
+    )
     return parser
 
 
@@ -416,8 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("| row | trained on | lr | test accuracy (%) |")
         print("|---|---|---|---|")
         for row, r in rows.items():
-            print(f"| {row} | {what[row]} | {r['lr']:.3g} "
-                  f"| {100 * r['mean']:.1f} ± {100 * r['std']:.1f} |")  # fmt: skip
+            print(
+                f"| {row} | {what[row]} | {r['lr']:.3g} "
+                f"| {100 * r['mean']:.1f} ± {100 * r['std']:.1f} |"
+            )
         print(f"\nfigure: {figure}; results: {args.output_dir / 'results.json'}")
     return summary
 

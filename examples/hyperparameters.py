@@ -75,9 +75,11 @@ class Config:
     )
     init: str = field(
         default="fresh",
-        metadata={"help": "each meta-iteration's inner init: fresh (new draw) or same (one)",
-                  "choices": ("fresh", "same")},
-    )  # fmt: skip
+        metadata={
+            "help": "each meta-iteration's inner init: fresh (new draw) or same (one)",
+            "choices": ("fresh", "same"),
+        },
+    )
     eval_runs: int = field(default=5, metadata={"help": "runs scoring each hyperparameter"})
     grid_lr: int = field(default=7, metadata={"help": "learning rates in the grid (log-spaced)"})
     optimizers: tuple[str, ...] = field(
@@ -89,9 +91,17 @@ class Config:
 
 PRESETS = {
     "fast": Config(),
-    "smoke": Config(steps=4, batch_size=16, hidden=16, meta_iters=2, eval_runs=1, grid_lr=2,
-                    long_steps=6, truncate=2),
-}  # fmt: skip
+    "smoke": Config(
+        steps=4,
+        batch_size=16,
+        hidden=16,
+        meta_iters=2,
+        eval_runs=1,
+        grid_lr=2,
+        long_steps=6,
+        truncate=2,
+    ),
+}
 
 # ----------------------------------------------------------------------------- hyperparameters
 
@@ -118,28 +128,42 @@ _LOGIT = {"to_value": torch.sigmoid, "to_meta": _logit}
 
 def _space(keys, names, transforms, initial, grid, make) -> Space:
     return Space(
-        keys, names, tuple(t["to_value"] for t in transforms),
-        tuple(t["to_meta"] for t in transforms), initial, grid, make,
-    )  # fmt: skip
+        keys,
+        names,
+        tuple(t["to_value"] for t in transforms),
+        tuple(t["to_meta"] for t in transforms),
+        initial,
+        grid,
+        make,
+    )
 
 
 SPACES = {
     "sgd": _space(
-        keys=("log_lr", "logit_momentum"), names=("lr", "momentum"), transforms=(_LOG, _LOGIT),
-        initial=(0.01, 0.5), grid=((3e-3, 3.0), (0.0, 0.5, 0.9, 0.95)),
+        keys=("log_lr", "logit_momentum"),
+        names=("lr", "momentum"),
+        transforms=(_LOG, _LOGIT),
+        initial=(0.01, 0.5),
+        grid=((3e-3, 3.0), (0.0, 0.5, 0.9, 0.95)),
         make=lambda lr, momentum: optim.sgd(lr, momentum=momentum),
     ),
     "adam": _space(
-        keys=("log_lr", "logit_beta1"), names=("lr", "beta1"), transforms=(_LOG, _LOGIT),
-        initial=(3e-4, 0.5), grid=((1e-4, 1e-1), (0.0, 0.5, 0.9, 0.95)),
+        keys=("log_lr", "logit_beta1"),
+        names=("lr", "beta1"),
+        transforms=(_LOG, _LOGIT),
+        initial=(3e-4, 0.5),
+        grid=((1e-4, 1e-1), (0.0, 0.5, 0.9, 0.95)),
         make=lambda lr, beta1: optim.adam(lr, betas=(beta1, 0.999)),
     ),
     "adamw": _space(
-        keys=("log_lr", "log_weight_decay"), names=("lr", "weight_decay"),
-        transforms=(_LOG, _LOG), initial=(1e-3, 1e-2), grid=((1e-4, 1e-1), (1e-2, 0.1, 1.0, 10.0)),
+        keys=("log_lr", "log_weight_decay"),
+        names=("lr", "weight_decay"),
+        transforms=(_LOG, _LOG),
+        initial=(1e-3, 1e-2),
+        grid=((1e-4, 1e-1), (1e-2, 0.1, 1.0, 10.0)),
         make=lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay),
     ),
-}  # fmt: skip
+}
 
 
 def optimizer_of(name: str) -> Callable[[Params], optim.Optimizer]:
@@ -241,9 +265,15 @@ def hypergradient(
 
     steps = len(inner_batches[1])
     return metapl.meta_grad(
-        inner_loss, outer_loss, start, meta, optimizer_of(name), steps=steps,
-        inner_batches=inner_batches, truncate=truncate,
-    )  # fmt: skip
+        inner_loss,
+        outer_loss,
+        start,
+        meta,
+        optimizer_of(name),
+        steps=steps,
+        inner_batches=inner_batches,
+        truncate=truncate,
+    )
 
 
 def learn(
@@ -335,9 +365,15 @@ def rows_of(cfg: Config) -> list[tuple[str, str, int, int | None]]:
 
 
 def run_row(
-    name: str, cfg: Config, data: Data, seed: int, steps: int, truncate: int | None,
-    grid: dict | None, bar: tqdm,
-) -> dict:  # fmt: skip
+    name: str,
+    cfg: Config,
+    data: Data,
+    seed: int,
+    steps: int,
+    truncate: int | None,
+    grid: dict | None,
+    bar: tqdm,
+) -> dict:
     learned = learn(name, cfg, data, seed, steps, truncate, bar)
     if grid is None:
         grid = grid_search(name, cfg, data, seed, steps, bar)
@@ -439,8 +475,10 @@ def print_table(cfg: Config, results: dict[str, dict], seconds: float, seed: int
         f"meta-iterations ({cfg.init} init), seed {seed}, {seconds:.0f} s. Val loss and test "
         f"accuracy: mean of {cfg.eval_runs} held-out runs.\n"
     )
-    print("| row | K | initial | learned | grid best | val loss init / learned / grid "
-          "| test acc init / learned / grid | s / hypergrad | grid s |")  # fmt: skip
+    print(
+        "| row | K | initial | learned | grid best | val loss init / learned / grid "
+        "| test acc init / learned / grid | s / hypergrad | grid s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
         k = f"{r['steps']}" + (f", truncate {r['truncate']}" if r["truncate"] else "")
@@ -461,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         epilog="Every Config option defaults to the chosen --preset; fast is the default.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast",
-                        help="base settings (default: fast)")  # fmt: skip
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="fast", help="base settings (default: fast)"
+    )
     for f in fields(Config):
         defaults = "; ".join(f"{p}: {_show(getattr(c, f.name))}" for p, c in PRESETS.items())
         kwargs: dict = {"default": None, "help": f"{f.metadata['help']} (default {defaults})"}
@@ -474,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="data split, inits and batch orders (default: 0)")  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data split, inits and batch orders (default: 0)"
+    )
     parser.add_argument(
         "--output-dir",
         type=Path,
@@ -506,8 +546,9 @@ def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> C
     if cfg.meta_iters < 0 or cfg.long_steps < 0:
         parser.error("--meta-iters and --long-steps must be >= 0")
     if min(cfg.meta_lr, cfg.meta_lr_end) <= 0:
-        parser.error(f"--meta-lr and --meta-lr-end must be > 0, got {cfg.meta_lr}, "
-                     f"{cfg.meta_lr_end}")  # fmt: skip
+        parser.error(
+            f"--meta-lr and --meta-lr-end must be > 0, got {cfg.meta_lr}, {cfg.meta_lr_end}"
+        )
     if cfg.long_steps and cfg.truncate >= cfg.long_steps:
         parser.error(f"--truncate ({cfg.truncate}) must be < --long-steps ({cfg.long_steps})")
     if len(set(cfg.optimizers)) != len(cfg.optimizers):
@@ -531,8 +572,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(total=total, file=sys.stderr, disable=None) as bar:
         for row, name, steps, truncate in rows:
             bar.set_description(row)
-            res = run_row(name, cfg, data, args.seed, steps, truncate, grids.get((name, steps)),
-                          bar)  # fmt: skip
+            res = run_row(
+                name, cfg, data, args.seed, steps, truncate, grids.get((name, steps)), bar
+            )
             grids[(name, steps)] = res.pop("_grid")
             results[row] = res
         timing = None

@@ -54,19 +54,37 @@ from metapl.rundir import open_run
 from metapl.train import SSLData
 
 RECIPE = Recipe(
-    steps=300_000, labeled_batch=128, unlabeled_ratio=7, teacher_lr=0.1, student_lr=0.1,
-    weight_decay=1e-4, warmup_steps=5000, student_wait_steps=3000, teacher_dropout=0.1,
-    student_dropout=0.1, ema_decay=0.999, label_smoothing=0.1, uda_weight=8.0,
-    uda_temperature=0.7, uda_threshold=0.6, uda_steps=5000, randaugment_magnitude=17.0,
-    finetune_steps=5000, finetune_batch=256, finetune_lr=3e-5, finetune_label_smoothing=0.1,
-)  # fmt: skip
+    steps=300_000,
+    labeled_batch=128,
+    unlabeled_ratio=7,
+    teacher_lr=0.1,
+    student_lr=0.1,
+    weight_decay=1e-4,
+    warmup_steps=5000,
+    student_wait_steps=3000,
+    teacher_dropout=0.1,
+    student_dropout=0.1,
+    ema_decay=0.999,
+    label_smoothing=0.1,
+    uda_weight=8.0,
+    uda_temperature=0.7,
+    uda_threshold=0.6,
+    uda_steps=5000,
+    randaugment_magnitude=17.0,
+    finetune_steps=5000,
+    finetune_batch=256,
+    finetune_lr=3e-5,
+    finetune_label_smoothing=0.1,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, usage=USAGE,
-                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    p.add_argument("--model", default="resnet50", choices=MODELS,
-                   help="(default: resnet50; mlp: smoke tests)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, usage=USAGE, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="resnet50", choices=MODELS, help="(default: resnet50; mlp: smoke tests)"
+    )
     p.add_argument("--label-fraction", type=float, default=0.1, help="(default: 0.1)")
     p.add_argument("--val-per-class", type=int, default=10, help="(default: 10)")
     p.add_argument("--image-size", type=int, default=224, help="(default: 224)")
@@ -85,13 +103,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _folders(args) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """train/ and val/ (val/ labelled with train/'s class indices)."""
     train_set = ImageFolderDataset(args.data_dir / "train", size=args.image_size)
-    test_set = ImageFolderDataset(args.data_dir / "val", size=args.image_size,
-                                  classes=train_set.classes)  # fmt: skip
+    test_set = ImageFolderDataset(
+        args.data_dir / "val", size=args.image_size, classes=train_set.classes
+    )
     return train_set, test_set
 
 
-def load_data(args, device: torch.device, recipe: Recipe = RECIPE,
-              split_from=None) -> tuple[SSLData, int]:  # fmt: skip
+def load_data(
+    args, device: torch.device, recipe: Recipe = RECIPE, split_from=None
+) -> tuple[SSLData, int]:
     """The data and the number of classes (train/'s class folders). ``split_from``: a
     split.json to reuse when the output folder has none (--finetune-only)."""
     train_set, test_set = _folders(args)
@@ -127,18 +147,30 @@ def _split(targets: np.ndarray, args, split_from=None) -> tuple[np.ndarray, ...]
         if source != path and distributed.rank() == 0:
             save_manifest(split, path, meta)
     else:
-        split = labeled_fraction_split(targets, args.label_fraction, args.seed,
-                                       unlabeled_includes_labeled=False)  # fmt: skip
+        split = labeled_fraction_split(
+            targets, args.label_fraction, args.seed, unlabeled_includes_labeled=False
+        )
         rng = np.random.default_rng(args.seed + 1)
         rest = targets[split.unlabeled]
-        val = np.sort(np.concatenate([
-            rng.choice(split.unlabeled[rest == c], min(args.val_per_class, (rest == c).sum()),
-                       replace=False)
-            for c in np.unique(rest)
-        ]))  # fmt: skip
+        val = np.sort(
+            np.concatenate(
+                [
+                    rng.choice(
+                        split.unlabeled[rest == c],
+                        min(args.val_per_class, (rest == c).sum()),
+                        replace=False,
+                    )
+                    for c in np.unique(rest)
+                ]
+            )
+        )
         if distributed.rank() == 0:
-            meta = {"dataset": "imagenet", "label_fraction": args.label_fraction,
-                    "seed": args.seed, "val": val.tolist()}  # fmt: skip
+            meta = {
+                "dataset": "imagenet",
+                "label_fraction": args.label_fraction,
+                "seed": args.seed,
+                "val": val.tolist(),
+            }
             save_manifest(split, path, meta)
     unlabeled = np.setdiff1d(np.arange(len(targets)), val)
     return split.labeled, unlabeled, val
@@ -155,9 +187,13 @@ def main(argv=None) -> dict[str, float]:
             x = DecodedImages(test_set, np.arange(len(test_set)), args.decode_threads)
             y = torch.as_tensor(test_set.targets).to(device)
             results = evaluate_saved(
-                args.evaluate, lambda: build_network(args.model, n, 0.0, size), x, y,
-                lambda im: normalize(im, "imagenet"), bf16=not args.no_bf16,
-            )  # fmt: skip
+                args.evaluate,
+                lambda: build_network(args.model, n, 0.0, size),
+                x,
+                y,
+                lambda im: normalize(im, "imagenet"),
+                bf16=not args.no_bf16,
+            )
             print_results(results, args.json)
             return results
     config = {"args": args, "recipe": recipe}

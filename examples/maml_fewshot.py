@@ -84,8 +84,12 @@ def conv4(filters: int, ways: int) -> nn.Module:
     2x2 max-pool, then a linear layer: 28x28 images to ``ways`` logits."""
     blocks, channels = [], 1
     for _ in range(4):
-        blocks += [nn.Conv2d(channels, filters, 3, padding=1), nn.BatchNorm2d(filters,
-                   momentum=None), nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+        blocks += [
+            nn.Conv2d(channels, filters, 3, padding=1),
+            nn.BatchNorm2d(filters, momentum=None),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         channels = filters
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(filters, ways))
 
@@ -127,8 +131,10 @@ class Learner:
 
     def init(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The meta parameters and the statistics every task starts from."""
-        return ({k: v.detach() for k, v in self.train.named_parameters()},
-                {k: v.detach().clone() for k, v in self.train.named_buffers()})  # fmt: skip
+        return (
+            {k: v.detach() for k, v in self.train.named_parameters()},
+            {k: v.detach().clone() for k, v in self.train.named_buffers()},
+        )
 
     def support_loss(self, x: Tensor, y: Tensor):
         def loss(s, m, stats):  # BatchNorm updates the copy of the statistics it is given
@@ -145,9 +151,12 @@ class Learner:
         return metapl.meta_grad(
             self.support_loss(x_s, y_s),
             lambda s, stats_: F.cross_entropy(self.logits(s, stats_, x_q), y_q),
-            lambda m: m, meta, optim.sgd(self.cfg.inner_lr), steps=self.cfg.inner_steps,
+            lambda m: m,
+            meta,
+            optim.sgd(self.cfg.inner_lr),
+            steps=self.cfg.inner_steps,
             state=stats,
-        )  # fmt: skip
+        )
 
     def accuracy_after_adaptation(self, meta, stats, task) -> float:
         """Query accuracy after ``test_steps`` SGD steps on the support set."""
@@ -168,8 +177,10 @@ def train(learner: Learner, pool: list[Tensor], bar: tqdm | None = None):
     opt_state = meta_opt.init(meta)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.iterations):
-        results = [learner.meta_grad(meta, stats, sample_task(pool, cfg, gen))
-                   for _ in range(cfg.meta_batch)]  # fmt: skip
+        results = [
+            learner.meta_grad(meta, stats, sample_task(pool, cfg, gen))
+            for _ in range(cfg.meta_batch)
+        ]
         grads = {k: torch.stack([r.meta_grads[k] for r in results]).mean(0) for k in meta}
         meta, opt_state = meta_opt.step(meta, grads, opt_state)
         if bar is not None:
@@ -183,23 +194,33 @@ def evaluate(learner: Learner, meta, stats, pool: list[Tensor]) -> tuple[float, 
     """Mean query accuracy (%) over held-out tasks and the half-width of its 95% interval."""
     cfg = learner.cfg
     gen = torch.Generator().manual_seed(cfg.seed + 10_000)
-    acc = torch.tensor([learner.accuracy_after_adaptation(meta, stats,
-                                                          sample_task(pool, cfg, gen))
-                        for _ in range(cfg.test_tasks)])  # fmt: skip
+    acc = torch.tensor(
+        [
+            learner.accuracy_after_adaptation(meta, stats, sample_task(pool, cfg, gen))
+            for _ in range(cfg.test_tasks)
+        ]
+    )
     return 100 * acc.mean().item(), 100 * 1.96 * acc.std().item() / math.sqrt(len(acc))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                            default=f.default, help=f.metadata["help"])  # fmt: skip
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f.metadata["help"],
+        )
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--data-dir", type=Path, default=Path("data/mnist"),
-                        help="MNIST's IDX files (make mnist)")  # fmt: skip
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/maml_fewshot"),
-                        help="results.json goes here")  # fmt: skip
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("data/mnist"), help="MNIST's IDX files (make mnist)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs/maml_fewshot"), help="results.json goes here"
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON results")
     return parser
 
@@ -221,16 +242,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             learner = Learner(cfg, row)
             meta, stats = train(learner, train_pool, bar)
             mean, half = evaluate(learner, meta, stats, test_pool)
-            results["rows"][row] = {"accuracy": mean, "ci95": half,
-                                    "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+            results["rows"][row] = {
+                "accuracy": mean,
+                "ci95": half,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=1))
     if args.json:
         print(json.dumps(results))
     else:
-        print(f"\n{cfg.ways}-way {cfg.shots}-shot MNIST (train digits 0-4, test digits 5-9), "
-              f"{cfg.iterations} meta-iterations, seed {cfg.seed}; query accuracy after "
-              f"{cfg.test_steps} steps on {cfg.test_tasks} test tasks\n")  # fmt: skip
+        print(
+            f"\n{cfg.ways}-way {cfg.shots}-shot MNIST (train digits 0-4, test digits 5-9), "
+            f"{cfg.iterations} meta-iterations, seed {cfg.seed}; query accuracy after "
+            f"{cfg.test_steps} steps on {cfg.test_tasks} test tasks\n"
+        )
         print("| row | accuracy (%) | time |\n|---|---|---|")
         for row, r in results["rows"].items():
             print(f"| {row} | {r['accuracy']:.1f} ± {r['ci95']:.1f} | {r['seconds']:.0f} s |")

@@ -172,16 +172,22 @@ def mlp_bn(p: Params, x: Tensor, stats: Params, training: bool) -> tuple[Tensor,
 
 def bn_stats(hidden: int, dtype=torch.float32) -> Params:
     """A task's running statistics before its first step."""
-    return {"mean": torch.zeros(hidden, dtype=dtype), "var": torch.ones(hidden, dtype=dtype),
-            "count": torch.zeros((), dtype=dtype)}  # fmt: skip
+    return {
+        "mean": torch.zeros(hidden, dtype=dtype),
+        "var": torch.ones(hidden, dtype=dtype),
+        "count": torch.zeros((), dtype=dtype),
+    }
 
 
 def init_meta(row: str, cfg: Config, dtype=torch.float32) -> Params:
     theta = init_mlp(torch.Generator().manual_seed(cfg.seed), cfg.hidden, dtype)
     if row == "maml_bn":  # the BatchNorm's affine parameters replace the second layer's bias
         del theta["b1"]
-        return {**theta, "bn_weight": torch.ones(cfg.hidden, dtype=dtype),
-                "bn_bias": torch.zeros(cfg.hidden, dtype=dtype)}  # fmt: skip
+        return {
+            **theta,
+            "bn_weight": torch.ones(cfg.hidden, dtype=dtype),
+            "bn_bias": torch.zeros(cfg.hidden, dtype=dtype),
+        }
     if row == "meta_sgd":
         return {
             **theta,
@@ -244,8 +250,15 @@ def inner_problem(row: str, cfg: Config, x: Tensor, y: Tensor) -> Inner:
             return mlp_bn(s, x_, stats, training=False)[0]
 
         state = bn_stats(cfg.hidden, x.dtype)
-        return Inner(_identity, bn_loss, optim.sgd(cfg.inner_lr), cfg.bn_steps, "exact",
-                     state=state, predict=predict)  # fmt: skip
+        return Inner(
+            _identity,
+            bn_loss,
+            optim.sgd(cfg.inner_lr),
+            cfg.bn_steps,
+            "exact",
+            state=state,
+            predict=predict,
+        )
     method = "first_order" if row == "fomaml" else "exact"
     return Inner(_identity, task_loss, optim.sgd(cfg.inner_lr), 1, method)
 

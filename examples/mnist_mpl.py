@@ -163,12 +163,19 @@ def cnn(cfg: Config, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     c = cfg.channels
     return nn.Sequential(
-        nn.Conv2d(1, c, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(c), nn.ReLU(),  # 14
-        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
+        nn.Conv2d(1, c, 5, stride=2, padding=2, bias=False),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),  # 14
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(2 * c),
         nn.ReLU(),  # 7x7
-        nn.Conv2d(2 * c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
-        nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * c * 49, 10),
-    )  # fmt: skip
+        nn.Conv2d(2 * c, 2 * c, 3, padding=1, bias=False),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(2 * c * 49, 10),
+    )
 
 
 @torch.no_grad()
@@ -225,14 +232,20 @@ def train_supervised(cfg: Config, data: Data, seed: int, log: Selector) -> None:
     only, evaluated as its EMA."""
     model = cnn(cfg, seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), cfg.lr_teacher, momentum=0.9, nesterov=True,
-                          weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = torch.optim.SGD(
+        model.parameters(),
+        cfg.lr_teacher,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=cfg.weight_decay,
+    )
     lr = schedule(cfg, 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr(torch.tensor(s))))
     ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+        model,
+        multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
         use_buffers=True,
-    )  # fmt: skip
+    )
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(len(data.x_l), (cfg.batch_l,), generator=gen)
@@ -257,17 +270,23 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         method = "first_order"
     uda = None
     if "uda" in row:
-        uda = metapl.UDA(cfg.uda_weight, cfg.uda_temperature, cfg.uda_threshold,
-                         cfg.uda_ramp_steps)  # fmt: skip
+        uda = metapl.UDA(cfg.uda_weight, cfg.uda_temperature, cfg.uda_threshold, cfg.uda_ramp_steps)
     vat = vat_term(cfg) if uda else None
     mpl = metapl.MPL(
-        cnn(cfg, seed), cnn(cfg, seed + 1),
-        sgd(cfg, cfg.lr_teacher), sgd(cfg, cfg.lr_student),
-        meta_grad=method, pseudo_labels="hard" if method == "first_order" else "soft",
-        uda=uda, temperature=cfg.temperature, ema_decay=cfg.ema_decay,
+        cnn(cfg, seed),
+        cnn(cfg, seed + 1),
+        sgd(cfg, cfg.lr_teacher),
+        sgd(cfg, cfg.lr_student),
+        meta_grad=method,
+        pseudo_labels="hard" if method == "first_order" else "soft",
+        uda=uda,
+        temperature=cfg.temperature,
+        ema_decay=cfg.ema_decay,
         h_baseline_decay=0.9 if method == "first_order" else None,
-        vat=vat, student_view=cfg.student_view, **mpl_options(cfg, method),
-    )  # fmt: skip
+        vat=vat,
+        student_view=cfg.student_view,
+        **mpl_options(cfg, method),
+    )
     own = held = torch.arange(len(data.y_l))
     if method and cfg.mpl_labels == "held_out":
         own, held = split_labels(data.y_l)
@@ -280,8 +299,9 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, log: Selector) -> No
         if method and cfg.mpl_labels != "same":
             i_m = held[torch.randint(len(held), (cfg.batch_l,), generator=gen)]
             mpl_batch = (weak(data.x_l[i_m], gen), data.y_l[i_m])
-        metrics = mpl.step(x_l, data.y_l[i_l], weak(x_u, gen), strong(x_u, cfg, gen),
-                           mpl_batch=mpl_batch)  # fmt: skip
+        metrics = mpl.step(
+            x_l, data.y_l[i_l], weak(x_u, gen), strong(x_u, cfg, gen), mpl_batch=mpl_batch
+        )
         log(step, metrics, {"student": mpl.ema_student, "teacher": mpl.teacher})
 
 
@@ -307,9 +327,12 @@ def run(cfg: Config, data: Data, preset: str, seed: int, row: str, args, bar: tq
     out = args.output_dir / preset / f"seed{seed}" / row
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a repeated run replaces its records
     tracker = Tracker(
-        out, project=args.wandb_project, group=f"{preset}/{row}", name=f"{row}-seed{seed}",
+        out,
+        project=args.wandb_project,
+        group=f"{preset}/{row}",
+        name=f"{row}-seed{seed}",
         config={**asdict(cfg), "preset": preset, "row": row, "seed": seed},
-    )  # fmt: skip
+    )
     bar.set_description(f"{preset} seed {seed} {row}")
     selector = Selector(cfg, data, tracker, bar)
     start = time.perf_counter()
@@ -444,16 +467,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/mnist_mpl"))
     parser.add_argument("--wandb-project", default="metapl-mnist")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, in worker processes (2 on a 2-core CPU)")  # fmt: skip
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, in worker processes (2 on a 2-core CPU)",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override any Config field, e.g. --set steps=300")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any Config field, e.g. --set steps=300",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = set_fields(PRESETS[args.preset], args.set)
-        check_mpl_options(cfg, cfg.labels_per_class, vat=vat_term(cfg),
-                          student_view=cfg.student_view)  # fmt: skip
+        check_mpl_options(
+            cfg, cfg.labels_per_class, vat=vat_term(cfg), student_view=cfg.student_view
+        )
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
@@ -482,8 +515,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[row].append(outcome)
     summary = summarize(results)
     plot_curves(results, args.seeds, args.output_dir / args.preset / "curves.png")
-    record = {"preset": args.preset, "config": asdict(cfg), "seconds": round(seconds, 1),
-              "summary": summary}  # fmt: skip
+    record = {
+        "preset": args.preset,
+        "config": asdict(cfg),
+        "seconds": round(seconds, 1),
+        "summary": summary,
+    }
     (args.output_dir / args.preset / "summary.json").write_text(json.dumps(record, indent=1))
     if args.json:
         print(json.dumps(summary))

@@ -71,12 +71,25 @@ class Config:
     uda_threshold: float = 0.0  # 0: consistency on every point
 
     def __post_init__(self):
-        check_bounds(self, {
-            "n_per_class": ">= 2", "noise": ">= 0", "labeled_per_class": ">= 1", "n_test": ">= 1",
-            "hidden": ">= 1", "steps": ">= 1", "batch_u": ">= 1", "lr_teacher": "> 0",
-            "lr_student": "> 0", "temperature": "> 0", "strong_noise": ">= 0",
-            "uda_weight": ">= 0", "uda_temperature": "> 0", "uda_threshold": "in [0, 1]",
-        })  # fmt: skip
+        check_bounds(
+            self,
+            {
+                "n_per_class": ">= 2",
+                "noise": ">= 0",
+                "labeled_per_class": ">= 1",
+                "n_test": ">= 1",
+                "hidden": ">= 1",
+                "steps": ">= 1",
+                "batch_u": ">= 1",
+                "lr_teacher": "> 0",
+                "lr_student": "> 0",
+                "temperature": "> 0",
+                "strong_noise": ">= 0",
+                "uda_weight": ">= 0",
+                "uda_temperature": "> 0",
+                "uda_threshold": "in [0, 1]",
+            },
+        )
         if self.labeled_per_class >= self.n_per_class:
             raise ValueError(
                 f"labeled_per_class ({self.labeled_per_class}) must be below n_per_class "
@@ -116,9 +129,13 @@ def load_data(cfg: Config, seed: int) -> Data:
     unlabeled = np.setdiff1d(np.arange(len(y)), labeled)
     f32, i64 = (lambda a: torch.tensor(a, dtype=torch.float32)), (lambda a: torch.tensor(a))
     return Data(
-        f32(x[labeled]), i64(y[labeled]), f32(x[unlabeled]), i64(y[unlabeled]),
-        f32(x_test), i64(y_test),
-    )  # fmt: skip
+        f32(x[labeled]),
+        i64(y[labeled]),
+        f32(x[unlabeled]),
+        i64(y[unlabeled]),
+        f32(x_test),
+        i64(y_test),
+    )
 
 
 # ----------------------------------------------------------------------------- models
@@ -127,10 +144,12 @@ def load_data(cfg: Config, seed: int) -> Data:
 def mlp(cfg: Config, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(2, cfg.hidden), nn.ReLU(),
-        nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU(),
+        nn.Linear(2, cfg.hidden),
+        nn.ReLU(),
+        nn.Linear(cfg.hidden, cfg.hidden),
+        nn.ReLU(),
         nn.Linear(cfg.hidden, 2),
-    )  # fmt: skip
+    )
 
 
 @torch.no_grad()
@@ -162,11 +181,15 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, bar: tqdm) -> nn.Mod
     if use_uda:
         uda = metapl.UDA(cfg.uda_weight, cfg.uda_temperature, cfg.uda_threshold)
     mpl = metapl.MPL(
-        mlp(cfg, seed), mlp(cfg, seed + 1),
-        optim.adam(cfg.lr_teacher), optim.sgd(cfg.lr_student, momentum=0.9),
-        meta_grad=cfg.meta_grad if use_mpl else None, uda=uda, temperature=cfg.temperature,
+        mlp(cfg, seed),
+        mlp(cfg, seed + 1),
+        optim.adam(cfg.lr_teacher),
+        optim.sgd(cfg.lr_student, momentum=0.9),
+        meta_grad=cfg.meta_grad if use_mpl else None,
+        uda=uda,
+        temperature=cfg.temperature,
         pseudo_labels="hard" if use_mpl and cfg.meta_grad == "first_order" else "soft",
-    )  # fmt: skip
+    )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(cfg.steps):
         idx = torch.randint(len(data.x_u), (cfg.batch_u,), generator=gen)
@@ -208,23 +231,44 @@ def plot(models: dict[str, nn.Module], accs: dict[str, float], data: Data, path:
         shading = ax.contourf(xs, ys, p1, levels=np.linspace(0, 1, 11), cmap="RdBu", alpha=0.6)
         ax.contour(xs, ys, p1, levels=[0.5], colors="k", linewidths=1)
         ax.scatter(*data.x_u.T, c=colors[data.y_u], s=2, alpha=0.25)
-        ax.scatter(*data.x_l.T, c=colors[data.y_l], s=160, marker="*", edgecolors="k",
-                   linewidths=1.0, zorder=3)  # fmt: skip
+        ax.scatter(
+            *data.x_l.T,
+            c=colors[data.y_l],
+            s=160,
+            marker="*",
+            edgecolors="k",
+            linewidths=1.0,
+            zorder=3,
+        )
         ax.set_title(f"{row}: {100 * accs[row]:.1f}%", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     star = {"marker": "*", "markersize": 12, "markeredgecolor": "k", "linestyle": ""}
     dot = {"marker": "o", "markersize": 4, "alpha": 0.6, "linestyle": ""}
     handles = [
-        Line2D([], [], color="tab:red", **star), Line2D([], [], color="tab:blue", **star),
-        Line2D([], [], color="tab:red", **dot), Line2D([], [], color="tab:blue", **dot),
+        Line2D([], [], color="tab:red", **star),
+        Line2D([], [], color="tab:blue", **star),
+        Line2D([], [], color="tab:red", **dot),
+        Line2D([], [], color="tab:blue", **dot),
         Line2D([], [], color="k", linewidth=1),
-    ]  # fmt: skip
-    labels = ["labeled, moon 0", "labeled, moon 1", "unlabeled (hidden truth: moon 0)",
-              "unlabeled (hidden truth: moon 1)", "decision boundary"]  # fmt: skip
+    ]
+    labels = [
+        "labeled, moon 0",
+        "labeled, moon 1",
+        "unlabeled (hidden truth: moon 0)",
+        "unlabeled (hidden truth: moon 1)",
+        "decision boundary",
+    ]
     fig.tight_layout(rect=(0, 0.12, 0.93, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False,
-               bbox_to_anchor=(0.47, 0.02))  # fmt: skip
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=5,
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.47, 0.02),
+    )
     bar = fig.colorbar(shading, cax=fig.add_axes((0.94, 0.3, 0.012, 0.55)))
     bar.set_label("P(moon 1): student\n(supervised: the MLP)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
@@ -251,8 +295,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--output-dir", type=Path, default=Path("runs/two_moons"))
     parser.add_argument("--json", action="store_true", help="print only the JSON accuracies")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override any Config field, e.g. --set temperature=0.5")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any Config field, e.g. --set temperature=0.5",
+    )
     args = parser.parse_args(argv)
     try:
         check_flags(args)
@@ -277,8 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.json:
         print(json.dumps(accs))
     else:
-        print(f"\ntwo moons, {2 * cfg.labeled_per_class} labels, seed {args.seed}, "
-              f"{cfg.steps} steps, {seconds:.0f} s; test accuracy\n")  # fmt: skip
+        print(
+            f"\ntwo moons, {2 * cfg.labeled_per_class} labels, seed {args.seed}, "
+            f"{cfg.steps} steps, {seconds:.0f} s; test accuracy\n"
+        )
         print("| row          | test accuracy |")
         print("|--------------|---------------|")
         for row, acc in accs.items():

@@ -7,7 +7,16 @@ from metapl.mpl import MPL, UDA
 from metapl.vat import VAT
 
 __all__ = [
-    "CG", "METHODS", "MPL", "UDA", "VAT", "MetaGradResult", "Neumann", "finetune", "implicit_grad",
-    "meta_grad", "optim",
-]  # fmt: skip
+    "CG",
+    "METHODS",
+    "MPL",
+    "UDA",
+    "VAT",
+    "MetaGradResult",
+    "Neumann",
+    "finetune",
+    "implicit_grad",
+    "meta_grad",
+    "optim",
+]
 __version__ = "0.1.0"

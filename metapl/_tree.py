@@ -167,8 +167,9 @@ def check_same_structure(what: str, got: Tree, expected: Tree, fix: str = "") ->
     )
 
 
-def leaves_like(what: str, got: Tree, expected: Tree, fix: str = "",
-                want: TreeSpec | None = None) -> list:  # fmt: skip
+def leaves_like(
+    what: str, got: Tree, expected: Tree, fix: str = "", want: TreeSpec | None = None
+) -> list:
     """``got``'s leaves in ``expected``'s leaf order (dict keys in any order), after
     ``check_same_structure``; ``want``: ``expected``'s structure, when the caller has it."""
     found, spec = flatten(got)

@@ -12,8 +12,13 @@ from torch.func import functional_call
 Params = dict[str, Tensor]
 
 __all__ = [
-    "buffers_of", "forward", "forward_batch_stats", "params_of", "soft_cross_entropy", "write_back",
-]  # fmt: skip
+    "buffers_of",
+    "forward",
+    "forward_batch_stats",
+    "params_of",
+    "soft_cross_entropy",
+    "write_back",
+]
 
 
 def params_of(module: nn.Module) -> Params:

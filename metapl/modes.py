@@ -73,8 +73,9 @@ def finetune_saved(
     _load(student, nets[key], path, key)
     tracker = tracker_for(args, recipe, name)
     config = train_config(recipe, args, len(data.labeled_y))
-    results = finetune_only(student, data, config, args.output_dir, tracker,
-                            networks={key: student})  # fmt: skip
+    results = finetune_only(
+        student, data, config, args.output_dir, tracker, networks={key: student}
+    )
     tracker.finish()
     print_results(results, args.json)
     return results

@@ -65,8 +65,11 @@ __all__ = ["MPL", "UDA"]
 # MPL's options, in the paper's words, and the metapl.meta_grad method each one runs. The
 # paper's "first order" is the score-function estimator for sampled labels (not first-order
 # MAML, which would drop the whole MPL signal: it is second order).
-_METHODS = {"exact": "exact", "finite_difference": "finite_difference",
-            "first_order": "score_function"}  # fmt: skip
+_METHODS = {
+    "exact": "exact",
+    "finite_difference": "finite_difference",
+    "first_order": "score_function",
+}
 
 
 @dataclass(frozen=True)
@@ -188,10 +191,21 @@ class MPL:
         student_view: str = "strong",
     ):
         _check_config(
-            teacher, student, teacher_optimizer, student_optimizer, meta_grad, pseudo_labels,
-            uda, vat, student_view, label_smoothing, temperature, ema_decay, h_baseline_decay,
+            teacher,
+            student,
+            teacher_optimizer,
+            student_optimizer,
+            meta_grad,
+            pseudo_labels,
+            uda,
+            vat,
+            student_view,
+            label_smoothing,
+            temperature,
+            ema_decay,
+            h_baseline_decay,
             compile,
-        )  # fmt: skip
+        )
         if (
             isinstance(lookahead_steps, bool)
             or not isinstance(lookahead_steps, int)
@@ -267,9 +281,15 @@ class MPL:
             )
 
     def step(
-        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, x_u_strong: Tensor | None = None,
-        *, mpl_batch: tuple[Tensor, Tensor] | None = None, sync: bool = True,
-    ) -> dict[str, float] | dict[str, Tensor]:  # fmt: skip
+        self,
+        x_l: Tensor,
+        y_l: Tensor,
+        x_u: Tensor,
+        x_u_strong: Tensor | None = None,
+        *,
+        mpl_batch: tuple[Tensor, Tensor] | None = None,
+        sync: bool = True,
+    ) -> dict[str, float] | dict[str, Tensor]:
         """One MPL step on a labeled batch ``(x_l [B_l, ...], y_l [B_l])`` and an unlabeled
         batch ``x_u [B_u, ...]`` (with its strongly augmented view ``x_u_strong``).
 
@@ -296,11 +316,21 @@ class MPL:
         if self.ema_student is not None:
             ema = (params_of(self.ema_student), buffers_of(self.ema_student))
         out = self._step_fn(
-            params_of(self.teacher), buffers_of(self.teacher),
-            params_of(self.student), buffers_of(self.student),
-            self.teacher_state, self.student_state, self.counters, ema,
-            x_l, y_l, x_u, x_u_strong, x_m, y_m,
-        )  # fmt: skip
+            params_of(self.teacher),
+            buffers_of(self.teacher),
+            params_of(self.student),
+            buffers_of(self.student),
+            self.teacher_state,
+            self.student_state,
+            self.counters,
+            ema,
+            x_l,
+            y_l,
+            x_u,
+            x_u_strong,
+            x_m,
+            y_m,
+        )
         (t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema, metrics) = out
         write_back(self.teacher, t_params, t_bufs)
         write_back(self.student, s_params, s_bufs)
@@ -309,8 +339,23 @@ class MPL:
         self.teacher_state, self.student_state, self.counters = t_state, s_state, counters
         return {k: float(v) for k, v in metrics.items()} if sync else metrics
 
-    def _pure_step(self, t_params, t_bufs, s_params, s_bufs, t_state, s_state, counters, ema,
-                   x_l, y_l, x_u, x_us, x_m, y_m):  # fmt: skip
+    def _pure_step(
+        self,
+        t_params,
+        t_bufs,
+        s_params,
+        s_bufs,
+        t_state,
+        s_state,
+        counters,
+        ema,
+        x_l,
+        y_l,
+        x_u,
+        x_us,
+        x_m,
+        y_m,
+    ):
         """The whole step as a pure function (this is what ``compile=True`` compiles)."""
         step = counters["step"]
         reduce = all_reduce_mean if is_distributed() else None
@@ -334,8 +379,13 @@ class MPL:
                 loss_uda, mask = self.uda.loss(logits_u, logits_strong)
                 weight = self.uda.weight_at(step.to(loss_uda.dtype))
                 loss = loss + weight * loss_uda
-                metrics.update({"teacher/loss_uda": loss_uda.detach(), "teacher/uda_mask": mask,
-                                "teacher/uda_weight": weight})  # fmt: skip
+                metrics.update(
+                    {
+                        "teacher/loss_uda": loss_uda.detach(),
+                        "teacher/uda_mask": mask,
+                        "teacher/uda_weight": weight,
+                    }
+                )
             if self.vat is not None:
 
                 def logits_fn(x):
@@ -391,8 +441,9 @@ class MPL:
         s_lr = self.student_optimizer.lr_at(s_state)
         if self.meta_grad is None:
             for k in range(self.lookahead_steps):  # running statistics advance at every step
-                (s_grads, s_bufs), loss_k = _grad_aux_and_value(inner_loss, s_params, {"z": z},
-                                                                s_bufs)  # fmt: skip
+                (s_grads, s_bufs), loss_k = _grad_aux_and_value(
+                    inner_loss, s_params, {"z": z}, s_bufs
+                )
                 if k == 0:
                     loss_u = loss_k
                 s_grads = reduce(s_grads) if reduce else s_grads
@@ -407,13 +458,24 @@ class MPL:
                 "score_function": {"baseline": baseline, "log_prob": log_prob},
             }.get(method, {})
             res = compute_meta_grad(
-                inner_loss, outer_loss, s_params, {"z": z}, self.student_optimizer, s_state,
-                steps=self.lookahead_steps, method=method, state=s_bufs, reduce=reduce,
+                inner_loss,
+                outer_loss,
+                s_params,
+                {"z": z},
+                self.student_optimizer,
+                s_state,
+                steps=self.lookahead_steps,
+                method=method,
+                state=s_bufs,
+                reduce=reduce,
                 **options,
-            )  # fmt: skip
+            )
             s_params, s_state, s_bufs, dz = (
-                res.student_params, res.opt_state, res.state, res.teacher_grads["z"]
-            )  # fmt: skip
+                res.student_params,
+                res.opt_state,
+                res.state,
+                res.teacher_grads["z"],
+            )
             metrics["student/loss_l"] = res.outer_loss
             # Squared here; the whole batch's norm is taken after the mean across processes.
             metrics["mpl/grad_norm_logits"] = dz.square().sum()
@@ -467,8 +529,11 @@ class MPL:
             return x_l, y_l
         if self.meta_grad is None:
             raise ValueError("mpl_batch needs a meta_grad: there is no MPL term without one")
-        if not (isinstance(mpl_batch, (tuple, list)) and len(mpl_batch) == 2
-                and all(isinstance(t, Tensor) for t in mpl_batch)):  # fmt: skip
+        if not (
+            isinstance(mpl_batch, (tuple, list))
+            and len(mpl_batch) == 2
+            and all(isinstance(t, Tensor) for t in mpl_batch)
+        ):
             raise TypeError("mpl_batch must be a pair of tensors (x, y)")
         x_m, y_m = mpl_batch
         _check_label_shape(y_m, x_m, "mpl_batch's labels", "its x")
@@ -507,8 +572,13 @@ class MPL:
         self.student_state = _to(sd["student_state"], device)
         self.counters = _to(sd["counters"], device)
 
-    def finetune(self, batches: Iterable[tuple[Tensor, Tensor]], optimizer: Optimizer,
-                 label_smoothing: float = 0.0, dropout: bool = False) -> list[float]:  # fmt: skip
+    def finetune(
+        self,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        optimizer: Optimizer,
+        label_smoothing: float = 0.0,
+        dropout: bool = False,
+    ) -> list[float]:
         """Finetune the student on labeled batches after MPL (the paper's last phase; dropout
         off by default, as its code does): the EMA student when there is one (the model MPL
         reports), else the student. Both students then hold the finetuned model. Returns each
@@ -562,8 +632,14 @@ def _to(tree, device):
 
 
 def _has_dropout(module: nn.Module) -> bool:
-    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                nn.FeatureAlphaDropout)  # fmt: skip
+    dropouts = (
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.FeatureAlphaDropout,
+    )
     return any(isinstance(m, dropouts) and m.p > 0 for m in module.modules())
 
 
@@ -576,9 +652,22 @@ def _check_label_shape(y: Tensor, x: Tensor, y_name: str, x_name: str) -> None:
         )
 
 
-def _check_config(teacher, student, teacher_opt, student_opt, method, pseudo_labels, uda,
-                  vat, student_view, label_smoothing, temperature, ema_decay, h_baseline_decay,
-                  compile) -> None:  # fmt: skip
+def _check_config(
+    teacher,
+    student,
+    teacher_opt,
+    student_opt,
+    method,
+    pseudo_labels,
+    uda,
+    vat,
+    student_view,
+    label_smoothing,
+    temperature,
+    ema_decay,
+    h_baseline_decay,
+    compile,
+) -> None:
     if not (isinstance(teacher, nn.Module) and isinstance(student, nn.Module)):
         raise TypeError("teacher and student must be torch.nn.Module instances")
     if not (isinstance(teacher_opt, Optimizer) and isinstance(student_opt, Optimizer)):

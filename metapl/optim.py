@@ -145,8 +145,11 @@ def _check_hyper(
     elif isinstance(value, (int, float)):
         inside = low <= value <= high if closed else low <= value < high
         if not inside:
-            bounds = f">= {low:g}" if high == math.inf else (
-                f"in [{low:g}, {high:g}{']' if closed else ')'}")  # fmt: skip
+            bounds = (
+                f">= {low:g}"
+                if high == math.inf
+                else (f"in [{low:g}, {high:g}{']' if closed else ')'}")
+            )
             raise ValueError(f"{name} must be {bounds}, got {value}{hint}")
     else:
         raise TypeError(
@@ -222,14 +225,18 @@ def _optimizer(
 
     def step(params: Tree, grads: Tree, state: State) -> tuple[Tree, State]:
         leaves, spec = _tree.flatten(params)
-        grads = _tree.leaves_like("grads", grads, params, "Take the gradients of these params.",
-                                  spec)  # fmt: skip
+        grads = _tree.leaves_like(
+            "grads", grads, params, "Take the gradients of these params.", spec
+        )
         missing = [slot for slot in slots if slot not in state]
         if missing:
-            raise ValueError(f"state has no slot {missing}: pass optimizer.init(params) of this "
-                             "optimizer")  # fmt: skip
-        old = {slot: _tree.leaves_like(f"state[{slot!r}]", state[slot], params, want=spec)
-               for slot in slots}  # fmt: skip
+            raise ValueError(
+                f"state has no slot {missing}: pass optimizer.init(params) of this optimizer"
+            )
+        old = {
+            slot: _tree.leaves_like(f"state[{slot!r}]", state[slot], params, want=spec)
+            for slot in slots
+        }
         lr_now = _lr_at(lr, state["step"])
         if _is_schedule(lr):
             _check_hyper("lr (from the schedule)", lr_now)
@@ -321,8 +328,13 @@ def _adam(lr, betas, eps, weight_decay, decay_mask, decoupled, amsgrad, maximize
         denom = _safe_sqrt(v) / torch.sqrt(bias2) + h["eps"]
         return p - (h["lr"] / bias1) * (m / denom), slots
 
-    hyper = {"betas[0]": betas[0], "betas[1]": betas[1], "eps": eps, "eps_root": eps_root,
-             "weight_decay": weight_decay}  # fmt: skip
+    hyper = {
+        "betas[0]": betas[0],
+        "betas[1]": betas[1],
+        "eps": eps,
+        "eps_root": eps_root,
+        "weight_decay": weight_decay,
+    }
     slots = {"exp_avg": _zeros, "exp_avg_sq": _zeros}
     if amsgrad:
         slots["max_exp_avg_sq"] = _zeros
@@ -434,8 +446,12 @@ def adagrad(
     def initial_sum(p: Tensor, h: dict) -> Tensor:
         return torch.zeros_like(p) + h["initial_accumulator_value"]
 
-    hyper = {"lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps,
-             "initial_accumulator_value": initial_accumulator_value}  # fmt: skip
+    hyper = {
+        "lr_decay": lr_decay,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "initial_accumulator_value": initial_accumulator_value,
+    }
     return _optimizer(lr, hyper, {"sum": initial_sum}, update, decay_mask, maximize)
 
 

@@ -53,12 +53,18 @@ def _is_loss(key: str) -> bool:
 # (title, file name, does a metric belong here?) in drawing order; a loss panel per loss term.
 GROUPS: list[tuple[str, str, Callable[[str], bool]]] = [
     ("accuracy", "accuracy", lambda k: k.startswith(("val/", "test/"))),
-    ("h (MPL: change of the student's labeled loss)", "h", lambda k: k in ("mpl/h",
-                                                                           "mpl/h_baseline")),
-    ("meta-gradient norm (teacher logits)", "meta_grad_norm",
-     lambda k: k == "mpl/grad_norm_logits"),
+    (
+        "h (MPL: change of the student's labeled loss)",
+        "h",
+        lambda k: k in ("mpl/h", "mpl/h_baseline"),
+    ),
+    (
+        "meta-gradient norm (teacher logits)",
+        "meta_grad_norm",
+        lambda k: k == "mpl/grad_norm_logits",
+    ),
     ("learning rate", "lr", lambda k: k.split("/")[-1] == "lr"),
-]  # fmt: skip
+]
 
 
 def load_runs(paths: Sequence[str | os.PathLike]) -> dict[str, list[dict[str, float]]]:
@@ -97,8 +103,9 @@ def panels(runs: dict[str, list[dict[str, float]]]) -> list[Panel]:
         panel = Panel(title, name)
         for run, records in runs.items():
             for key in members:
-                points = [(r["step"], r[key]) for r in records
-                          if key in r and math.isfinite(r[key])]  # fmt: skip
+                points = [
+                    (r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])
+                ]
                 if points:
                     label = run if len(members) == 1 else f"{run}: {key}"
                     steps, values = (list(v) for v in zip(*points, strict=True))
@@ -129,7 +136,7 @@ def figure(panel_list: Sequence[Panel]):
     colors = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
     for ax, panel in zip(axes.flat, panel_list, strict=False):
         _draw(ax, panel, colors)
-    for ax in list(axes.flat)[len(panel_list):]:
+    for ax in list(axes.flat)[len(panel_list) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
@@ -141,8 +148,15 @@ def _draw(ax, panel: Panel, colors: dict) -> None:
     for s in panel.series:
         run, _, metric = s.label.partition(": ")
         single = len(s.steps) == 1  # e.g. the final test accuracy
-        ax.plot(s.steps, s.values, styles[metrics.index(metric) % 4], color=colors[run],
-                marker="o" if single else None, markersize=4, label=s.label)  # fmt: skip
+        ax.plot(
+            s.steps,
+            s.values,
+            styles[metrics.index(metric) % 4],
+            color=colors[run],
+            marker="o" if single else None,
+            markersize=4,
+            label=s.label,
+        )
     ax.set_title(panel.title, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(which="both", labelsize=7)
@@ -174,23 +188,37 @@ def main(argv: list[str] | None = None) -> list[Path]:
         prog="python -m metapl.plot",
         description="Learning curves of one or more runs from their metrics.jsonl.",
     )
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run folders holding metrics.jsonl (or the files themselves)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="a .png file (one figure), or a folder (one PNG per panel); "
-                             "default: curves.png in the run folder or the runs' common parent")
-    parser.add_argument("--panels", nargs="+", metavar="NAME",
-                        help="only these panels, by file name: accuracy, teacher_loss, h, "
-                             "meta_grad_norm, lr, ... (default: all)")
-    args = parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run folders holding metrics.jsonl (or the files themselves)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="a .png file (one figure), or a folder (one PNG per panel); "
+        "default: curves.png in the run folder or the runs' common parent",
+    )
+    parser.add_argument(
+        "--panels",
+        nargs="+",
+        metavar="NAME",
+        help="only these panels, by file name: accuracy, teacher_loss, h, "
+        "meta_grad_norm, lr, ... (default: all)",
+    )
+    args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     panel_list = panels(runs)
     if args.panels:
         names = [p.name for p in panel_list]
         unknown = [n for n in args.panels if n not in names]
         if unknown:
-            raise ValueError(f"no panel {', '.join(unknown)} in these runs; they have "
-                             f"{', '.join(names)}")  # fmt: skip
+            raise ValueError(
+                f"no panel {', '.join(unknown)} in these runs; they have {', '.join(names)}"
+            )
         panel_list = [p for name in args.panels for p in panel_list if p.name == name]
     output = args.output
     if output is None:

@@ -26,15 +26,23 @@ class Progress:
     end. ``interval``: seconds between two plain lines when the output is not a terminal.
     """
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "", disable: bool = False,
-                 interval: float = 60.0, file: TextIO | None = None):  # fmt: skip
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        desc: str = "",
+        disable: bool = False,
+        interval: float = 60.0,
+        file: TextIO | None = None,
+    ):
         self.file = file or sys.stderr
         self.total, self.n, self.desc, self.disable = total, initial, desc, disable
         self.interval, self._postfix = interval, ""
         self._bar = None
         if not disable and self.file.isatty():
-            self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.file,
-                             dynamic_ncols=True)  # fmt: skip
+            self._bar = tqdm(
+                total=total, initial=initial, desc=desc, file=self.file, dynamic_ncols=True
+            )
         self._start = self._last = time.monotonic()
         self._start_n = initial
 
@@ -42,8 +50,9 @@ class Progress:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif not self.disable and (time.monotonic() - self._last >= self.interval
-                                   or self.n == self.total):  # fmt: skip
+        elif not self.disable and (
+            time.monotonic() - self._last >= self.interval or self.n == self.total
+        ):
             self._print_line()
 
     def postfix(self, **values: str) -> None:

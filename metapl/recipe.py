@@ -99,8 +99,9 @@ class Recipe:
     def __post_init__(self):
         for name, options in CHOICES.items():
             if getattr(self, name) not in options:
-                raise ValueError(f"{_flag(name)} must be one of {options}, got "
-                                 f"{getattr(self, name)!r}")  # fmt: skip
+                raise ValueError(
+                    f"{_flag(name)} must be one of {options}, got {getattr(self, name)!r}"
+                )
         for name in ("steps", "labeled_batch", "unlabeled_ratio", "finetune_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -177,19 +178,35 @@ HELP = {
     "finetune_augment": "augmentation of the finetuning batches",
 }
 PORT_NAMES = {
-    "steps": "--total-steps", "labeled_batch": "--batch-size", "unlabeled_ratio": "--mu",
-    "teacher_lr": "--teacher_lr", "student_lr": "--student_lr", "ema_decay": "--ema",
-    "uda_weight": "--lambda-u", "uda_threshold": "--threshold",
-    "uda_temperature": "--temperature", "finetune_batch": "--finetune-batch-size",
-}  # fmt: skip
+    "steps": "--total-steps",
+    "labeled_batch": "--batch-size",
+    "unlabeled_ratio": "--mu",
+    "teacher_lr": "--teacher_lr",
+    "student_lr": "--student_lr",
+    "ema_decay": "--ema",
+    "uda_weight": "--lambda-u",
+    "uda_threshold": "--threshold",
+    "uda_temperature": "--temperature",
+    "finetune_batch": "--finetune-batch-size",
+}
 
 # Command-line fields a resumed run may change (the rest must equal the saved config.json):
 # where things are read and written, how often the run logs, evaluates and saves, and what
 # it prints. None of them changes the trained weights.
-MAY_CHANGE_ON_RESUME = frozenset(f"args.{name}" for name in (
-    "resume", "data_dir", "output_dir", "eval_every", "log_every", "checkpoint_every", "json",
-    "download", "decode_threads",
-))  # fmt: skip
+MAY_CHANGE_ON_RESUME = frozenset(
+    f"args.{name}"
+    for name in (
+        "resume",
+        "data_dir",
+        "output_dir",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+        "json",
+        "download",
+        "decode_threads",
+    )
+)
 
 
 def _flag(name: str) -> str:
@@ -214,16 +231,32 @@ def add_common_args(p: argparse.ArgumentParser, presets: Mapping[str, Recipe]) -
     (with the PyTorch port's spelling as an alias) with its default in ``--help``."""
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--output-dir", type=Path, help="the run's folder (not with --evaluate)")
-    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
-                   help="continue the run in --output-dir, or in RUN_DIR (a run folder or its "
-                   "checkpoint.pt)")  # fmt: skip
-    p.add_argument("--evaluate", type=Path, metavar="CHECKPOINT",
-                   help="test a saved model (final.pt or checkpoint.pt) and exit")  # fmt: skip
-    p.add_argument("--finetune-only", type=Path, metavar="CHECKPOINT",
-                   help="finetune the (EMA) student saved in CHECKPOINT on the labeled data, "
-                   "evaluate it and save it in --output-dir")  # fmt: skip
-    p.add_argument("--meta-grad", default="exact", choices=META_GRADS,
-                   help="how the teacher's MPL gradient is computed (default: exact)")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_DIR",
+        help="continue the run in --output-dir, or in RUN_DIR (a run folder or its checkpoint.pt)",
+    )
+    p.add_argument(
+        "--evaluate",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="test a saved model (final.pt or checkpoint.pt) and exit",
+    )
+    p.add_argument(
+        "--finetune-only",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="finetune the (EMA) student saved in CHECKPOINT on the labeled data, "
+        "evaluate it and save it in --output-dir",
+    )
+    p.add_argument(
+        "--meta-grad",
+        default="exact",
+        choices=META_GRADS,
+        help="how the teacher's MPL gradient is computed (default: exact)",
+    )
     p.add_argument("--no-uda", action="store_true", help="drop the teacher's UDA loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the MPL step")
     p.add_argument("--wandb-project", help="log to this wandb project (offline without a key)")
@@ -236,18 +269,34 @@ def add_common_args(p: argparse.ArgumentParser, presets: Mapping[str, Recipe]) -
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (default on CUDA)")
     p.add_argument("--json", action="store_true", help="print the final accuracies as JSON")
 
-    g = p.add_argument_group("recipe", "every field of metapl.recipe.Recipe; the PyTorch "
-                             "port's spelling is an alias (docs/reproducing.md)")  # fmt: skip
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set any recipe field (repeatable; named flags win)")  # fmt: skip
+    g = p.add_argument_group(
+        "recipe",
+        "every field of metapl.recipe.Recipe; the PyTorch "
+        "port's spelling is an alias (docs/reproducing.md)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set any recipe field (repeatable; named flags win)",
+    )
     g.add_argument("--lr", type=float, help="teacher and student learning rate")
-    g.add_argument("--randaug", nargs=2, type=int, metavar=("N", "M"),
-                   help="RandAugment N and M (the port's flag)")  # fmt: skip
+    g.add_argument(
+        "--randaug",
+        nargs=2,
+        type=int,
+        metavar=("N", "M"),
+        help="RandAugment N and M (the port's flag)",
+    )
     for f in dataclasses.fields(Recipe):
         names = [_flag(f.name)] + ([PORT_NAMES[f.name]] if f.name in PORT_NAMES else [])
         default = Recipe.__dataclass_fields__[f.name].default
-        kw: dict = {"dest": f.name, "default": None,
-                    "help": f"{HELP[f.name]} ({_default_text(f.name, presets)})"}  # fmt: skip
+        kw: dict = {
+            "dest": f.name,
+            "default": None,
+            "help": f"{HELP[f.name]} ({_default_text(f.name, presets)})",
+        }
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name in CHOICES:
@@ -269,8 +318,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         run_dir = run_dir.parent if run_dir.is_file() else run_dir
         if args.output_dir is not None and args.output_dir.resolve() != run_dir.resolve():
-            p.error(f"--resume {args.resume} and --output-dir {args.output_dir} name two runs: "
-                    "give one of them")  # fmt: skip
+            p.error(
+                f"--resume {args.resume} and --output-dir {args.output_dir} name two runs: "
+                "give one of them"
+            )
         args.output_dir = run_dir
     args.resume = args.resume is not None
     for mode in ("evaluate", "finetune_only"):
@@ -280,8 +331,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.evaluate is None and args.output_dir is None:
         p.error("--output-dir is required (the run's folder)")
     if args.resume and not any((args.output_dir / f).exists() for f in (CONFIG, CHECKPOINT)):
-        p.error(f"--resume: no run to resume in {args.output_dir} (no {CONFIG} or {CHECKPOINT}); "
-                "start without --resume")  # fmt: skip
+        p.error(
+            f"--resume: no run to resume in {args.output_dir} (no {CONFIG} or {CHECKPOINT}); "
+            "start without --resume"
+        )
     for name in ("eval_every", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             p.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
@@ -315,16 +368,23 @@ def train_config(recipe: Recipe, args, num_labeled: int) -> TrainConfig:
     if steps is None:
         steps = math.ceil(recipe.finetune_epochs * math.ceil(num_labeled / recipe.finetune_batch))
     return TrainConfig(
-        steps=recipe.steps, labeled_batch=recipe.labeled_batch,
-        unlabeled_ratio=recipe.unlabeled_ratio, eval_every=args.eval_every,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        bf16=not args.no_bf16, channels_last=args.channels_last, finetune_steps=steps,
-        finetune_batch=recipe.finetune_batch, finetune_lr=recipe.finetune_lr,
+        steps=recipe.steps,
+        labeled_batch=recipe.labeled_batch,
+        unlabeled_ratio=recipe.unlabeled_ratio,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        bf16=not args.no_bf16,
+        channels_last=args.channels_last,
+        finetune_steps=steps,
+        finetune_batch=recipe.finetune_batch,
+        finetune_lr=recipe.finetune_lr,
         finetune_momentum=recipe.finetune_momentum,
         finetune_weight_decay=recipe.finetune_weight_decay,
         finetune_label_smoothing=recipe.finetune_label_smoothing,
         finetune_augment=recipe.finetune_augment,
-    )  # fmt: skip
+    )
 
 
 def build_randaugment(recipe: Recipe, image_size: int, imagenet: bool = False) -> RandAugment:
@@ -348,17 +408,21 @@ def build_network(model: str, num_classes: int, dropout: float, image_size: int)
         net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
         return net
     if model == "mlp":
-        return build_model("mlp", num_classes, in_features=3 * image_size**2, hidden=(32,),
-                           dropout=dropout)  # fmt: skip
+        return build_model(
+            "mlp", num_classes, in_features=3 * image_size**2, hidden=(32,), dropout=dropout
+        )
     return build_model(model, num_classes, dropout=dropout)
 
 
-def build_networks(args, recipe: Recipe, num_classes: int, image_size: int,
-                   device: torch.device) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+def build_networks(
+    args, recipe: Recipe, num_classes: int, image_size: int, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
     """Teacher and student (``args.model``, each with its dropout), seeded by ``args.seed``."""
     torch.manual_seed(args.seed)
-    nets = [build_network(args.model, num_classes, p, image_size).to(device)
-            for p in (recipe.teacher_dropout, recipe.student_dropout)]  # fmt: skip
+    nets = [
+        build_network(args.model, num_classes, p, image_size).to(device)
+        for p in (recipe.teacher_dropout, recipe.student_dropout)
+    ]
     if args.channels_last:
         nets = [m.to(memory_format=torch.channels_last) for m in nets]
     return nets[0], nets[1]
@@ -372,35 +436,54 @@ def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, args) -> M
 
     def sgd(lr: float, wait_steps: int) -> optim.Optimizer:
         schedule = optim.warmup_cosine(lr, recipe.steps, recipe.warmup_steps, wait_steps)
-        return optim.sgd(schedule, recipe.momentum, nesterov=recipe.nesterov,
-                         weight_decay=recipe.weight_decay,
-                         decay_mask=optim.matrices_only)  # fmt: skip
+        return optim.sgd(
+            schedule,
+            recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+            decay_mask=optim.matrices_only,
+        )
 
     method = None if args.meta_grad == "none" else args.meta_grad
     uda = None
     if not args.no_uda:
-        uda = UDA(recipe.uda_weight, recipe.uda_temperature, recipe.uda_threshold,
-                  recipe.uda_steps, recipe.uda_mask_on)  # fmt: skip
+        uda = UDA(
+            recipe.uda_weight,
+            recipe.uda_temperature,
+            recipe.uda_threshold,
+            recipe.uda_steps,
+            recipe.uda_mask_on,
+        )
     first_order = method == "first_order"
     return MPL(
-        teacher, student, sgd(recipe.teacher_lr, 0),
-        sgd(recipe.student_lr, recipe.student_wait_steps), meta_grad=method,
-        pseudo_labels="hard" if first_order else "soft", uda=uda,
-        label_smoothing=recipe.label_smoothing, compile=args.compile,
-        temperature=recipe.pseudo_label_temperature, ema_decay=recipe.ema_decay or None,
+        teacher,
+        student,
+        sgd(recipe.teacher_lr, 0),
+        sgd(recipe.student_lr, recipe.student_wait_steps),
+        meta_grad=method,
+        pseudo_labels="hard" if first_order else "soft",
+        uda=uda,
+        label_smoothing=recipe.label_smoothing,
+        compile=args.compile,
+        temperature=recipe.pseudo_label_temperature,
+        ema_decay=recipe.ema_decay or None,
         h_baseline_decay=recipe.h_baseline_decay if first_order else None,
-        log_prob_reduction=recipe.log_prob_reduction, student_bn=recipe.student_bn,
-    )  # fmt: skip
+        log_prob_reduction=recipe.log_prob_reduction,
+        student_bn=recipe.student_bn,
+    )
 
 
 def tracker_for(args, recipe: Recipe, name: str) -> Tracker:
     """The run's tracker (metrics.jsonl, and wandb with --wandb-project) on the main process."""
     return Tracker(
-        args.output_dir, args.wandb_project, group=args.wandb_group or f"{name}-{args.meta_grad}",
+        args.output_dir,
+        args.wandb_project,
+        group=args.wandb_group or f"{name}-{args.meta_grad}",
         name=f"{name}-{args.meta_grad}-uda{int(not args.no_uda)}-seed{args.seed}",
         config={**asdict(recipe), **{k: str(v) for k, v in vars(args).items()}},
-        enabled=distributed.rank() == 0, resume=args.resume,
-    )  # fmt: skip
+        enabled=distributed.rank() == 0,
+        resume=args.resume,
+    )
 
 
 def run(mpl: MPL, data: SSLData, recipe: Recipe, args, name: str) -> dict[str, float]:
@@ -437,8 +520,11 @@ def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
 def mpl_options(config, method: str | None) -> dict:
     """The ablation knobs of ``MPL`` that an example's config dataclass carries
     (``mpl_weight`` only where there is an MPL term)."""
-    options = {"student_bn": config.student_bn, "lookahead_steps": config.lookahead_steps,
-               "log_prob_reduction": config.log_prob_reduction}  # fmt: skip
+    options = {
+        "student_bn": config.student_bn,
+        "lookahead_steps": config.lookahead_steps,
+        "log_prob_reduction": config.log_prob_reduction,
+    }
     return options | ({"mpl_weight": config.mpl_weight} if method else {})
 
 
@@ -446,8 +532,14 @@ def check_mpl_options(config, labels_per_class: int, **mpl_kwargs) -> None:
     """Raise MPL's own ValueError for a bad knob of ``config`` (or of the further ``MPL``
     keyword arguments ``mpl_kwargs``) before any run starts, and for a bad ``mpl_labels``, or
     "held_out" with fewer than 2 of the ``labels_per_class``."""
-    MPL(nn.Linear(1, 2), nn.Linear(1, 2), optim.sgd(0.1), optim.sgd(0.1),
-        **mpl_options(config, "exact"), **mpl_kwargs)  # fmt: skip
+    MPL(
+        nn.Linear(1, 2),
+        nn.Linear(1, 2),
+        optim.sgd(0.1),
+        optim.sgd(0.1),
+        **mpl_options(config, "exact"),
+        **mpl_kwargs,
+    )
     if config.mpl_labels not in ("same", "resampled", "held_out"):
         raise ValueError(
             f"mpl_labels must be 'same', 'resampled' or 'held_out', got {config.mpl_labels!r}"

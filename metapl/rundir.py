@@ -43,8 +43,16 @@ __all__ = [
 
 CONFIG, CHECKPOINT, PREVIOUS = "config.json", "checkpoint.pt", "checkpoint.prev.pt"
 FINAL, RESULTS = "final.pt", "results.json"
-RUN_FILES = (CONFIG, "split.json", CHECKPOINT, PREVIOUS, FINAL, RESULTS, "metrics.jsonl",
-             "wandb-run-id")  # fmt: skip
+RUN_FILES = (
+    CONFIG,
+    "split.json",
+    CHECKPOINT,
+    PREVIOUS,
+    FINAL,
+    RESULTS,
+    "metrics.jsonl",
+    "wandb-run-id",
+)
 
 
 class RunError(Exception):

@@ -244,8 +244,10 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 
 def _previous_hint(path: Path) -> str:
     if path.name == CHECKPOINT and (path.parent / PREVIOUS).exists():
-        return (f"; the checkpoint before it is {path.parent / PREVIOUS}: move that to {path} to "
-                "resume from it")  # fmt: skip
+        return (
+            f"; the checkpoint before it is {path.parent / PREVIOUS}: move that to {path} to "
+            "resume from it"
+        )
     return ""
 
 
@@ -361,15 +363,20 @@ def train(
         if save:
             _check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
             if is_main:
-                state = {"mpl": mpl.state_dict(), "step": done, "config": asdict(config),
-                         "best": best}  # fmt: skip
+                state = {
+                    "mpl": mpl.state_dict(),
+                    "step": done,
+                    "config": asdict(config),
+                    "best": best,
+                }
                 save_checkpoint(ckpt_path, state, keep_previous=True)
             saved_step = done
         bar.update()
     bar.close()
 
-    final, results = _finetune_final(eval_model, data, config, tracker, config.steps, ckpt_path,
-                                     saved_step)  # fmt: skip
+    final, results = _finetune_final(
+        eval_model, data, config, tracker, config.steps, ckpt_path, saved_step
+    )
     results.update(_evaluate_final(final, mpl.teacher, data, config))
     tracker.log(results, step=config.steps + config.finetune_steps)
     tracker.summary(results)
@@ -394,8 +401,7 @@ def finetune_only(
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.rank() == 0
     tracker = tracker or Tracker(output_dir, enabled=is_main)
-    final, results = _finetune_final(model, data, config, tracker, 0, output_dir / CHECKPOINT,
-                                     None)  # fmt: skip
+    final, results = _finetune_final(model, data, config, tracker, 0, output_dir / CHECKPOINT, None)
     results.update(_evaluate_final(final, None, data, config))
     tracker.log(results, step=config.finetune_steps)
     tracker.summary(results)
@@ -404,28 +410,38 @@ def finetune_only(
     return results
 
 
-def _finetune_final(model: nn.Module, data: SSLData, config: TrainConfig, tracker: Tracker,
-                    first_step: int, ckpt_path: Path, saved_step: int | None,
-                    ) -> tuple[nn.Module, dict]:  # fmt: skip
+def _finetune_final(
+    model: nn.Module,
+    data: SSLData,
+    config: TrainConfig,
+    tracker: Tracker,
+    first_step: int,
+    ckpt_path: Path,
+    saved_step: int | None,
+) -> tuple[nn.Module, dict]:
     """``model`` finetuned on the labeled data (a copy, dropout off) when
     ``config.finetune_steps > 0``, else ``model`` itself; and its validation accuracy before.
     Its losses are logged at steps ``first_step + 1, ...``."""
     if not config.finetune_steps:
         return model, {}
     device = data.labeled_y.device
-    results = {"val/student_before_finetune": evaluate(
-        model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
-    )}  # fmt: skip
+    results = {
+        "val/student_before_finetune": evaluate(
+            model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
+        )
+    }
     final = copy.deepcopy(model)
-    ft_bar = Progress(config.finetune_steps, desc="finetune",
-                      disable=distributed.rank() != 0)  # fmt: skip
+    ft_bar = Progress(config.finetune_steps, desc="finetune", disable=distributed.rank() != 0)
     batches = _counted(_finetune_batches(data, config, device), ft_bar)
-    optimizer = sgd(config.finetune_lr, momentum=config.finetune_momentum, nesterov=True,
-                    weight_decay=config.finetune_weight_decay)  # fmt: skip
+    optimizer = sgd(
+        config.finetune_lr,
+        momentum=config.finetune_momentum,
+        nesterov=True,
+        weight_decay=config.finetune_weight_decay,
+    )
     _seed_globals(config.seed, 0, phase=1)
     with _autocast(device, config.bf16):
-        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing,
-                          dropout=False)
+        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing, dropout=False)
     ft_bar.close()
     for k, loss in enumerate(losses, 1):
         if k % config.log_every == 0 or k == len(losses):
@@ -441,8 +457,9 @@ def _finetune_final(model: nn.Module, data: SSLData, config: TrainConfig, tracke
     return final, results
 
 
-def _evaluate_final(final: nn.Module, teacher: nn.Module | None, data: SSLData,
-                    config: TrainConfig) -> dict[str, float]:  # fmt: skip
+def _evaluate_final(
+    final: nn.Module, teacher: nn.Module | None, data: SSLData, config: TrainConfig
+) -> dict[str, float]:
     results = {}
     for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
         for name, model in (("student", final), ("teacher", teacher)):
@@ -458,19 +475,25 @@ def _networks(mpl: MPL) -> dict[str, nn.Module]:
     return {k: m for k, m in nets.items() if m is not None}
 
 
-def _save_final(output_dir: Path, networks: dict[str, nn.Module], final: nn.Module,
-                results: dict, config) -> None:  # fmt: skip
+def _save_final(
+    output_dir: Path, networks: dict[str, nn.Module], final: nn.Module, results: dict, config
+) -> None:
     """``final.pt``: the final student (``"final"``) and the networks it came from, with the
     accuracies; ``results.json``: the accuracies alone. Both written atomically."""
-    state = {"final": final.state_dict(), "results": results, "config": asdict(config),
-             **{name: m.state_dict() for name, m in networks.items()}}  # fmt: skip
+    state = {
+        "final": final.state_dict(),
+        "results": results,
+        "config": asdict(config),
+        **{name: m.state_dict() for name, m in networks.items()},
+    }
     save_checkpoint(output_dir / FINAL, state)
     text = json.dumps(results, indent=1, sort_keys=True) + "\n"
     write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
 
 
-def _resume(mpl: MPL, config: TrainConfig, path: Path,
-            device: torch.device) -> tuple[int, tuple[float, int] | None]:  # fmt: skip
+def _resume(
+    mpl: MPL, config: TrainConfig, path: Path, device: torch.device
+) -> tuple[int, tuple[float, int] | None]:
     """Load the checkpoint at ``path`` into ``mpl``; return its step and the best validation
     accuracy of the student so far with its step (None before the first one)."""
     state = load_checkpoint(path, device)
@@ -496,8 +519,10 @@ def _load_fitting(mpl: MPL, saved, path: Path) -> None:
             elif k not in ours:
                 problem = f"has {name}.{k}, which this model lacks"
             elif ours[k].shape != theirs[k].shape:
-                problem = (f"has {name}.{k} of shape {tuple(theirs[k].shape)}, this model "
-                           f"{tuple(ours[k].shape)}")  # fmt: skip
+                problem = (
+                    f"has {name}.{k} of shape {tuple(theirs[k].shape)}, this model "
+                    f"{tuple(ours[k].shape)}"
+                )
             else:
                 continue
             raise RunError(
@@ -527,8 +552,12 @@ class _FiniteGuard:
         if names != self.names:  # another set of metrics: settle the old one first
             self.failure = self.failure or self._read()
             self.names, self.first = names, None
-        values = torch.stack([torch.as_tensor(metrics[k], device=self.device).detach().float()
-                              .reshape(()) for k in names])  # fmt: skip
+        values = torch.stack(
+            [
+                torch.as_tensor(metrics[k], device=self.device).detach().float().reshape(())
+                for k in names
+            ]
+        )
         if self.first is None:
             self.first, self.value = torch.full_like(values, -1.0), torch.zeros_like(values)
         new = ~torch.isfinite(values) & (self.first < 0)
@@ -561,11 +590,16 @@ def _kept(ckpt_path: Path, saved_step: int | None) -> str:
     return f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
 
 
-def _check_parameters(nets: dict[str, nn.Module], when: str, ckpt_path: Path,
-                      saved_step: int | None) -> None:  # fmt: skip
+def _check_parameters(
+    nets: dict[str, nn.Module], when: str, ckpt_path: Path, saved_step: int | None
+) -> None:
     """DivergenceError naming the first parameter or buffer of ``nets`` that is not finite."""
-    tensors = [(f"{net}.{k}", t) for net, m in nets.items()
-               for k, t in m.state_dict().items() if t.is_floating_point()]  # fmt: skip
+    tensors = [
+        (f"{net}.{k}", t)
+        for net, m in nets.items()
+        for k, t in m.state_dict().items()
+        if t.is_floating_point()
+    ]
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
     if bool(finite.all()):
         return
@@ -598,8 +632,10 @@ def _eval_line(accs: dict[str, float], step: int, steps: int, best: tuple[float,
         parts.append(f"student {100 * accs['val/student_raw']:.2f}%")
     name = "EMA student" if ema else "student"
     parts.append(f"{name} {100 * accs['val/student']:.2f}%")
-    return (f"step {step}/{steps} | val top-1: {' '.join(parts)} | best {name} "
-            f"{100 * best[0]:.2f}% (step {best[1]})")  # fmt: skip
+    return (
+        f"step {step}/{steps} | val top-1: {' '.join(parts)} | best {name} "
+        f"{100 * best[0]:.2f}% (step {best[1]})"
+    )
 
 
 def _counted(batches: Iterator[tuple], bar: Progress) -> Iterator[tuple]:

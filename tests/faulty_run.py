@@ -64,21 +64,38 @@ def tiny_mpl(lr: float = 0.1, hidden: int = 8) -> metapl.MPL:
         for _ in range(2)
     )
     sgd = optim.sgd(lr, momentum=0.9, nesterov=True)
-    return metapl.MPL(teacher, student, sgd, sgd, meta_grad="first_order", pseudo_labels="hard",
-                      uda=metapl.UDA(1.0, 0.7, 0.6), ema_decay=0.9,
-                      h_baseline_decay=0.9)  # fmt: skip
+    return metapl.MPL(
+        teacher,
+        student,
+        sgd,
+        sgd,
+        meta_grad="first_order",
+        pseudo_labels="hard",
+        uda=metapl.UDA(1.0, 0.7, 0.6),
+        ema_decay=0.9,
+        h_baseline_decay=0.9,
+    )
 
 
 def tiny_config(steps: int = 12, **kw) -> TrainConfig:
-    kw = {"labeled_batch": 4, "unlabeled_ratio": 2, "eval_every": 4, "log_every": 2,
-          "checkpoint_every": 3, "finetune_steps": 2, "finetune_batch": 4, "finetune_lr": 0.05,
-          **kw}  # fmt: skip
+    kw = {
+        "labeled_batch": 4,
+        "unlabeled_ratio": 2,
+        "eval_every": 4,
+        "log_every": 2,
+        "checkpoint_every": 3,
+        "finetune_steps": 2,
+        "finetune_batch": 4,
+        "finetune_lr": 0.05,
+        **kw,
+    }
     return TrainConfig(steps=steps, **kw)
 
 
 def tiny_train(out, steps: int = 12, resume: bool = False, mpl=None, data=None, **kw):
-    return train.train(mpl or tiny_mpl(), data or tiny_data(), tiny_config(steps, **kw), out,
-                       resume=resume)  # fmt: skip
+    return train.train(
+        mpl or tiny_mpl(), data or tiny_data(), tiny_config(steps, **kw), out, resume=resume
+    )
 
 
 def _die() -> None:

@@ -186,15 +186,18 @@ def ref_rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, c
     return RefOptimizer(init, step)
 
 
-def ref_adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                eps=1e-10):  # fmt: skip
+def ref_adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
     """torch.optim.Adagrad: step t (from 1) ``p - lr / (1 + (t - 1) lr_decay) * d /
     (sqrt(sum) + eps)``, ``sum`` accumulating ``d^2`` from ``initial_accumulator_value``. Any
     hyperparameter may be a dict keyed like the parameters."""
 
     def init(p):
-        return {"step": 0, "sum": {k: torch.zeros_like(v) + _at(initial_accumulator_value, k)
-                                   for k, v in p.items()}}  # fmt: skip
+        return {
+            "step": 0,
+            "sum": {
+                k: torch.zeros_like(v) + _at(initial_accumulator_value, k) for k, v in p.items()
+            },
+        }
 
     def step(p, g, state):
         t = state["step"] + 1
@@ -306,9 +309,17 @@ def assert_close(got, expected, rtol=1e-10, atol=1e-12) -> None:
 
 
 def reference_general(
-    inner_loss, outer_loss, start, make_opt, meta, steps, *, batches=None, truncate=None,
+    inner_loss,
+    outer_loss,
+    start,
+    make_opt,
+    meta,
+    steps,
+    *,
+    batches=None,
+    truncate=None,
     first_order=False,
-):  # fmt: skip
+):
     """Plain autograd through ``steps`` reference updates, with the meta parameters in every
     place: ``s_0 = start(meta)``, ``opt = make_opt(meta)``, ``inner_loss(s, meta[, batch_k])``,
     ``outer_loss(s, meta)``. ``truncate=T`` cuts the graph before the last T steps;

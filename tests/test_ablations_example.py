@@ -20,15 +20,49 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     ablations = load_script(SCRIPT, "ablations")
     out = tmp_path / "grid"
     argv = [
-        "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--meta-grads", "none",
-        "first_order", "--uda", "off", "on", "--seeds", "0", "1", "--wandb-project", "test",
-        "--json", "--", "--model", "mlp", "--lr", "1e-3", "--steps", "2",
-        "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",
-        "--unlabeled-ratio", "2", "--finetune-steps", "0", "--log-every", "1",
-    ]  # fmt: skip
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(out),
+        "--meta-grads",
+        "none",
+        "first_order",
+        "--uda",
+        "off",
+        "on",
+        "--seeds",
+        "0",
+        "1",
+        "--wandb-project",
+        "test",
+        "--json",
+        "--",
+        "--model",
+        "mlp",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "2",
+        "--labels-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+        "--labeled-batch",
+        "4",
+        "--unlabeled-ratio",
+        "2",
+        "--finetune-steps",
+        "0",
+        "--log-every",
+        "1",
+    ]
     summary = ablations.main(argv)
-    assert set(summary) == {"none/uda-off", "none/uda-on", "first_order/uda-off",
-                            "first_order/uda-on"}  # fmt: skip
+    assert set(summary) == {
+        "none/uda-off",
+        "none/uda-on",
+        "first_order/uda-off",
+        "first_order/uda-on",
+    }
     for cell in summary.values():
         assert len(cell["seeds"]) == 2 and 0 <= cell["mean"] <= 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
@@ -38,10 +72,14 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
     grid = plot.panels(plot.load_runs(sorted(out.glob("*/seed*"))))  # the grid, overlaid
     (accuracy,) = [p for p in grid if p.title == "accuracy"]
     assert {s.label.split(": ")[0] for s in accuracy.series} == {
-        f"{m}-uda-{u}/seed{k}" for m in ("none", "first_order") for u in ("off", "on")
-        for k in (0, 1)}  # fmt: skip
+        f"{m}-uda-{u}/seed{k}"
+        for m in ("none", "first_order")
+        for u in ("off", "on")
+        for k in (0, 1)
+    }
     assert ablations.table({"a": {"mean": 0.5, "std": 0.0, "seeds": [0.5]}}).endswith(
-        "| a | 50.00 | 1 |")  # one seed: no spread  # fmt: skip
+        "| a | 50.00 | 1 |"
+    )  # one seed: no spread
 
     # The grid again: refused as it stands (its runs exist); with --resume, the same summary.
     with pytest.raises(RunError, match="already holds a run"):

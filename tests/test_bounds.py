@@ -10,11 +10,22 @@ from metapl.bounds import check_bounds, within
 
 @pytest.mark.parametrize(
     ("value", "bound", "inside"),
-    [(1, ">= 1", True), (0, ">= 1", False), (0.0, "> 0", False), (1e-9, "> 0", True),
-     (0.0, "in [0, 1)", True), (1.0, "in [0, 1)", False), (1.0, "in [0, 1]", True),
-     (0.0, "in (0, 1)", False), (0.5, "in (0, 1)", True), (2, "< 2", False), (2, "<= 2", True),
-     (math.nan, "> 0", False), (math.nan, "in [0, 1]", False)],
-)  # fmt: skip
+    [
+        (1, ">= 1", True),
+        (0, ">= 1", False),
+        (0.0, "> 0", False),
+        (1e-9, "> 0", True),
+        (0.0, "in [0, 1)", True),
+        (1.0, "in [0, 1)", False),
+        (1.0, "in [0, 1]", True),
+        (0.0, "in (0, 1)", False),
+        (0.5, "in (0, 1)", True),
+        (2, "< 2", False),
+        (2, "<= 2", True),
+        (math.nan, "> 0", False),
+        (math.nan, "in [0, 1]", False),
+    ],
+)
 def test_within(value, bound, inside):
     assert within(value, bound) is inside
 

@@ -17,15 +17,38 @@ from metapl.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar_mpl.py"
-TINY = ["--model", "mlp", "--lr", "1e-3", "--labels-per-class", "2", "--val-per-class", "2",
-        "--labeled-batch", "4", "--unlabeled-ratio", "2", "--eval-every", "5", "--log-every", "5",
-        "--finetune-steps", "2"]  # fmt: skip
+TINY = [
+    "--model",
+    "mlp",
+    "--lr",
+    "1e-3",
+    "--labels-per-class",
+    "2",
+    "--val-per-class",
+    "2",
+    "--labeled-batch",
+    "4",
+    "--unlabeled-ratio",
+    "2",
+    "--eval-every",
+    "5",
+    "--log-every",
+    "5",
+    "--finetune-steps",
+    "2",
+]
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, check=check, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=check,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +65,18 @@ def test_runs_and_resumes(tmp_path, cifar_dir, preset):
         data = tmp_path / "svhn"
         write_fake_svhn(data, n_train=100, n_test=20, n_extra=30)
     out = tmp_path / "run"
-    common = ["--preset", preset, "--data-dir", str(data), "--output-dir", str(out), *TINY,
-              "--json", "--checkpoint-every", "2"]  # fmt: skip
+    common = [
+        "--preset",
+        preset,
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--json",
+        "--checkpoint-every",
+        "2",
+    ]
     first = _run(*common, "--steps", "4")
     results = json.loads(first.stdout.strip().splitlines()[-1])
     assert {"val/student", "test/student", "test/teacher"} <= results.keys()
@@ -64,8 +97,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cifar_dir):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (killed / "checkpoint.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
@@ -94,29 +131,62 @@ def _assert_bitwise_equal(a, b, path="mpl"):
 
 
 def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
-    missing = _run("--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"),
-                   check=False)  # fmt: skip
+    missing = _run(
+        "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), check=False
+    )
     assert missing.returncode == 2 and "is not a folder" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_files = _run("--data-dir", str(empty), "--output-dir", str(tmp_path / "o"), *TINY,
-                    "--steps", "2", check=False)  # fmt: skip
+    no_files = _run(
+        "--data-dir",
+        str(empty),
+        "--output-dir",
+        str(tmp_path / "o"),
+        *TINY,
+        "--steps",
+        "2",
+        check=False,
+    )
     assert no_files.returncode == 1 and "cifar-10-batches-py" in no_files.stderr
     assert len(no_files.stderr.strip().splitlines()) == 1
     assert "Traceback" not in no_files.stderr and not list((tmp_path / "o").glob("*"))
-    no_ckpt = _run("--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o2"),
-                   "--resume", check=False)  # fmt: skip
+    no_ckpt = _run(
+        "--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o2"), "--resume", check=False
+    )
     assert no_ckpt.returncode != 0 and "no run to resume" in no_ckpt.stderr
-    bad_steps = _run("--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o3"),
-                     "--steps", "0", check=False)  # fmt: skip
+    bad_steps = _run(
+        "--data-dir",
+        str(cifar_dir),
+        "--output-dir",
+        str(tmp_path / "o3"),
+        "--steps",
+        "0",
+        check=False,
+    )
     assert bad_steps.returncode == 2 and "--steps must be >= 1" in bad_steps.stderr
 
 
 def test_default_wideresnet_runs(tmp_path, cifar_dir):
     out = tmp_path / "wrn"
-    args = ["--data-dir", str(cifar_dir), "--output-dir", str(out), "--labels-per-class", "2",
-            "--val-per-class", "2", "--labeled-batch", "4", "--unlabeled-ratio", "2", "--steps",
-            "2", "--finetune-steps", "0", "--json"]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(cifar_dir),
+        "--output-dir",
+        str(out),
+        "--labels-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+        "--labeled-batch",
+        "4",
+        "--unlabeled-ratio",
+        "2",
+        "--steps",
+        "2",
+        "--finetune-steps",
+        "0",
+        "--json",
+    ]
     results = json.loads(_run(*args).stdout.strip().splitlines()[-1])
     assert {"val/student", "val/teacher", "test/student", "test/teacher"} == results.keys()
     assert load_checkpoint(out / "checkpoint.pt")["config"]["steps"] == 2
@@ -125,9 +195,23 @@ def test_default_wideresnet_runs(tmp_path, cifar_dir):
 def test_torchrun_two_processes(tmp_path, cifar_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), "--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY,
-           "--steps", "3", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--data-dir",
+        str(cifar_dir),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--steps",
+        "3",
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
     results = json.loads(done.stdout.strip().splitlines()[-1])  # printed by rank 0 only
     assert {"val/student", "test/student"} <= results.keys()
@@ -162,20 +246,36 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     final = torch.load(out / "final.pt", weights_only=False)
     assert final["final"]["net.3.bias"].shape == (12,)  # classes from the data
 
-    code, printed, _ = _cli(["--data-dir", str(data), *TINY, "--evaluate", str(out / "final.pt"),
-                             "--json"], capsys)  # fmt: skip
+    code, printed, _ = _cli(
+        ["--data-dir", str(data), *TINY, "--evaluate", str(out / "final.pt"), "--json"], capsys
+    )
     evaluated = json.loads(printed.strip().splitlines()[-1])
-    assert code == 0 and set(evaluated) == {"test/final", "test/ema_student", "test/student",
-                                            "test/teacher"}  # fmt: skip
+    assert code == 0 and set(evaluated) == {
+        "test/final",
+        "test/ema_student",
+        "test/student",
+        "test/teacher",
+    }
     assert evaluated["test/final"] == results["test/student"]
     assert evaluated["test/teacher"] == results["test/teacher"]
-    code, printed, _ = _cli(["--data-dir", str(data), *TINY, "--evaluate",
-                             str(out / "checkpoint.pt")], capsys)  # fmt: skip
+    code, printed, _ = _cli(
+        ["--data-dir", str(data), *TINY, "--evaluate", str(out / "checkpoint.pt")], capsys
+    )
     assert code == 0 and "| test/ema_student |" in printed and "test/final" not in printed
 
     ft = tmp_path / "ft"
-    code, printed, _ = _cli([*base, "--finetune-only", str(out / "checkpoint.pt"),
-                             "--output-dir", str(ft), "--finetune-steps", "3"], capsys)  # fmt: skip
+    code, printed, _ = _cli(
+        [
+            *base,
+            "--finetune-only",
+            str(out / "checkpoint.pt"),
+            "--output-dir",
+            str(ft),
+            "--finetune-steps",
+            "3",
+        ],
+        capsys,
+    )
     assert code == 0
     assert json.loads((ft / "split.json").read_text()) == json.loads(
         (out / "split.json").read_text()
@@ -197,8 +297,18 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
 def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
     write_fake_svhn(tmp_path / "svhn", n_train=100, n_test=20, n_extra=30)
     example = _example()
-    argv = ["--preset", "svhn-1k", "--data-dir", str(tmp_path / "svhn"), "--output-dir",
-            str(tmp_path / "o"), "--labels-per-class", "2", "--val-per-class", "2"]  # fmt: skip
+    argv = [
+        "--preset",
+        "svhn-1k",
+        "--data-dir",
+        str(tmp_path / "svhn"),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--labels-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+    ]
     for extra, n_unlabeled in ((True, 80 + 30), (False, 80)):
         args = example.parse_args([*argv, "--svhn-extra" if extra else "--no-svhn-extra"])
         spec = example.data_spec(args)
@@ -210,19 +320,33 @@ def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
-    [(["--model", "vgg"], 2, "invalid choice: 'vgg'"),
-     (["--labels-per-class", "9"], 1, "error: --labels-per-class 9 and --val-per-class 2 need 11"),
-     (["--num-labeled", "25"], 1, "--num-labeled 25 is not a positive multiple of the 10"),
-     (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file"),
-     (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined"),
-     (["--svhn-extra"], 2, "--svhn-extra is for SVHN presets, not cifar10-4k")],
-)  # fmt: skip
+    [
+        (["--model", "vgg"], 2, "invalid choice: 'vgg'"),
+        (
+            ["--labels-per-class", "9"],
+            1,
+            "error: --labels-per-class 9 and --val-per-class 2 need 11",
+        ),
+        (["--num-labeled", "25"], 1, "--num-labeled 25 is not a positive multiple of the 10"),
+        (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file"),
+        (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined"),
+        (["--svhn-extra"], 2, "--svhn-extra is for SVHN presets, not cifar10-4k"),
+    ],
+)
 def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message):
     data = tmp_path / "data"
     write_fake_cifar(data, n_train=100, n_test=20)  # 10 images per class
     tiny = TINY[:4] + TINY[6:] if "--num-labeled" in extra else TINY  # no --labels-per-class
-    argv = ["--data-dir", str(data), "--output-dir", str(tmp_path / "o"), *tiny, "--steps", "2",
-            *extra]  # fmt: skip
+    argv = [
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "o"),
+        *tiny,
+        "--steps",
+        "2",
+        *extra,
+    ]
     try:
         got, _, err = _cli(argv, capsys)
     except SystemExit as e:  # argparse: usage and one error line, status 2
@@ -235,8 +359,10 @@ def test_an_unreadable_batch_file_is_named_in_one_line(tmp_path, capsys):
     write_fake_cifar(tmp_path, n_train=100, n_test=20)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     bad.write_bytes(b"\x80\x04garbage")
-    code, _, err = _cli(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
-                         *TINY, "--steps", "2"], capsys)  # fmt: skip
+    code, _, err = _cli(
+        ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), *TINY, "--steps", "2"],
+        capsys,
+    )
     assert code == 1 and err.startswith(f"error: cannot read {bad}:")
     assert len(err.strip().splitlines()) == 1
 
@@ -248,8 +374,9 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys, 
     base = ["--data-dir", str(tmp_path), *TINY, "--steps", "2", "--finetune-steps", "0"]
     assert _cli([*base, "--output-dir", str(out)], capsys)[0] == 0
     tiny = [a for a in base if a != "mlp"]
-    code, _, err = _cli([*tiny[:2], "--model", "wrn28-2", "--evaluate", str(out / "final.pt")],
-                        capsys)  # fmt: skip
+    code, _, err = _cli(
+        [*tiny[:2], "--model", "wrn28-2", "--evaluate", str(out / "final.pt")], capsys
+    )
     assert code == 1 and "does not fit this model" in err and "--model" in err
 
 
@@ -257,8 +384,20 @@ def test_cifar100_preset_reads_the_cifar100_format(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_cifar(tmp_path, n_train=400, n_test=100, num_classes=100, name="cifar100")
     out = tmp_path / "o"
-    argv = ["--preset", "cifar100-10k", "--data-dir", str(tmp_path), "--output-dir", str(out),
-            *TINY, "--steps", "1", "--finetune-steps", "0", "--json"]  # fmt: skip
+    argv = [
+        "--preset",
+        "cifar100-10k",
+        "--data-dir",
+        str(tmp_path),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--steps",
+        "1",
+        "--finetune-steps",
+        "0",
+        "--json",
+    ]
     code, printed, err = _cli(argv, capsys)
     assert code == 0, err
     assert len(json.loads((out / "split.json").read_text())["labeled"]) == 200  # 2 x 100

@@ -72,8 +72,10 @@ def check_compiled_matches_eager(method):
             ulp = torch.finfo(torch.float32).eps * expected.outer_loss.abs()
             assert (got.h - expected.h).abs() <= 2 * ulp
             score = {k: g / got.h for k, g in got.teacher_grads.items()}
-            assert rel_err(score, {k: g / expected.h for k, g in
-                                   expected.teacher_grads.items()}) < 1e-6  # fmt: skip
+            assert (
+                rel_err(score, {k: g / expected.h for k, g in expected.teacher_grads.items()})
+                < 1e-6
+            )
         else:
             assert rel_err(got.teacher_grads, expected.teacher_grads) < 1e-5
         assert rel_err(got.student_params, expected.student_params) < 1e-6
@@ -150,9 +152,14 @@ def test_score_function_h_shares_dropout_masks_under_compile():
 
     def run():
         return metapl.meta_grad(
-            hard_inner, outer, s, t, optim.sgd(0.0), method="score_function",
+            hard_inner,
+            outer,
+            s,
+            t,
+            optim.sgd(0.0),
+            method="score_function",
             log_prob=lambda t_: torch.log_softmax(t_["z"], -1).gather(1, y_hat[:, None]).mean(),
-        ).h  # fmt: skip
+        ).h
 
     torch._dynamo.reset()
     assert run() == 0

@@ -120,8 +120,14 @@ def test_cifar100_uses_fine_labels(tmp_path):
         images = pattern(n, offset=n)
         rows = images.reshape(n, 3072)
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rows, b"fine_labels": [99 - i for i in range(n)],
-                         b"coarse_labels": [0] * n}, f)  # fmt: skip
+            pickle.dump(
+                {
+                    b"data": rows,
+                    b"fine_labels": [99 - i for i in range(n)],
+                    b"coarse_labels": [0] * n,
+                },
+                f,
+            )
     images, targets = load_cifar(tmp_path, "cifar100", train=True)
     np.testing.assert_array_equal(images.numpy(), pattern(4, offset=4))
     assert targets.tolist() == [99, 98, 97, 96]

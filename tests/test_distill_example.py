@@ -79,8 +79,7 @@ def test_real_subset_is_class_cyclic(ds):
 def test_main_smoke(ds, tmp_path, capsys):
     out = tmp_path / "out"
     docs_before = ds.DOCS_FIGURE.stat().st_mtime_ns if ds.DOCS_FIGURE.exists() else None
-    summary = ds.main(["--preset", "smoke", "--per-class", "2", "--json", "--output-dir",
-                       str(out)])  # fmt: skip
+    summary = ds.main(["--preset", "smoke", "--per-class", "2", "--json", "--output-dir", str(out)])
     printed = json.loads(capsys.readouterr().out)
     assert list(printed["rows"]) == list(ds.ROWS) == list(summary["rows"])
     for row in printed["rows"].values():
@@ -96,9 +95,12 @@ def test_main_smoke(ds, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--steps", "0"], "--steps must be >= 1"), (["--meta-lr", "-1"], "--meta-lr must be > 0"),
-     (["--per-class", "x"], "invalid int value")],
-)  # fmt: skip
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--meta-lr", "-1"], "--meta-lr must be > 0"),
+        (["--per-class", "x"], "invalid int value"),
+    ],
+)
 def test_bad_arguments(ds, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ds.main(argv)

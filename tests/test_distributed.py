@@ -26,9 +26,12 @@ def _batches():
     g = torch.Generator().manual_seed(0)
     for _ in range(STEPS):
         x_u = torch.randn(B_U, 4, generator=g, dtype=torch.float64)
-        yield (torch.randn(B_L, 4, generator=g, dtype=torch.float64),
-               torch.randint(0, 3, (B_L,), generator=g), x_u,
-               x_u + 0.1 * torch.randn(B_U, 4, generator=g, dtype=torch.float64))  # fmt: skip
+        yield (
+            torch.randn(B_L, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (B_L,), generator=g),
+            x_u,
+            x_u + 0.1 * torch.randn(B_U, 4, generator=g, dtype=torch.float64),
+        )
 
 
 def _argmax_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -43,8 +46,9 @@ def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
             torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
         ).double()
 
-    mpl = metapl.MPL(mlp(), mlp(), optim.sgd(0.2, momentum=0.9), optim.adam(0.05),
-                     **CONFIGS[config])  # fmt: skip
+    mpl = metapl.MPL(
+        mlp(), mlp(), optim.sgd(0.2, momentum=0.9), optim.adam(0.05), **CONFIGS[config]
+    )
     # Processes draw different random streams than one process does; label every example by
     # its argmax instead of sampling so that only the averaging is under test.
     with mock.patch.object(metapl.mpl, "_sample_categorical", _argmax_labels):
@@ -65,8 +69,9 @@ def _finetune(rank: int, world: int) -> dict[str, torch.Tensor]:
     (averaged across them) equals one process's on the whole batch. (Later steps differ: each
     process normalises with its own batch statistics, as DDP without SyncBatchNorm.)"""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 3)).double()  # fmt: skip
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
     x_l, y_l, *_ = next(_batches())
     batches = [(x_l.chunk(world)[rank], y_l.chunk(world)[rank])]
     metapl.finetune(model, batches, optim.sgd(0.1))
@@ -80,8 +85,7 @@ def _gloo_threads() -> list[str]:
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {config: _train(config, rank, world) for config in CONFIGS}
         results["finetune"] = _finetune(rank, world)

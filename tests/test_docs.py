@@ -17,8 +17,9 @@ def blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in OWN_TESTS],
-                         ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if p.name not in OWN_TESTS], ids=lambda p: p.name
+)
 def test_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
@@ -32,5 +33,10 @@ def test_page_runs(page, tmp_path, monkeypatch):
 
 
 def test_every_page_with_code_is_run():
-    assert {p.name for p in PAGES} >= {"meta_gradients.md", "maml.md", "examples_meta.md",
-                                       "mpl.md", "own_data.md"}  # fmt: skip
+    assert {p.name for p in PAGES} >= {
+        "meta_gradients.md",
+        "maml.md",
+        "examples_meta.md",
+        "mpl.md",
+        "own_data.md",
+    }

@@ -59,8 +59,9 @@ def test_digits_mpl_offline_wandb(isolated, capsys, monkeypatch):
     digits = load_example("digits_mpl")
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = isolated / "out"
-    summary = digits.main(["--steps", "3", "--seeds", "0", "--json", "--output-dir", str(out),
-                           "--set", "log_every=2"])  # fmt: skip
+    summary = digits.main(
+        ["--steps", "3", "--seeds", "0", "--json", "--output-dir", str(out), "--set", "log_every=2"]
+    )
     printed = json.loads(capsys.readouterr().out)  # stdout is exactly the JSON
     assert printed == summary
     check_summary(printed, list(digits.ROWS), n_seeds=1)
@@ -85,9 +86,25 @@ def test_digits_mpl_knobs_reach_metapl_mpl(isolated, monkeypatch, capsys):
 
     real = digits.metapl.MPL
     monkeypatch.setattr(digits.metapl, "MPL", spy)
-    digits.main(["--steps", "2", "--seeds", "0", "--rows", "uda", "mpl_uda", "--json",
-                 "--wandb-mode", "disabled", "--output-dir", str(isolated / "out"),
-                 "--set", "lookahead_steps=3", "mpl_weight=2.0"])  # fmt: skip
+    digits.main(
+        [
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--rows",
+            "uda",
+            "mpl_uda",
+            "--json",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(isolated / "out"),
+            "--set",
+            "lookahead_steps=3",
+            "mpl_weight=2.0",
+        ]
+    )
     assert (seen["exact"]["lookahead_steps"], seen["exact"]["mpl_weight"]) == (3, 2.0)
     assert seen[None]["lookahead_steps"] == 3 and "mpl_weight" not in seen[None]
     with pytest.raises(SystemExit):
@@ -109,9 +126,26 @@ def test_digits_mpl_labels_for_the_mpl_signal(isolated, monkeypatch, capsys, mpl
         return real_step(self, x_l, y_l, x_u, x_u_strong, **kwargs)
 
     monkeypatch.setattr(digits.metapl.MPL, "step", step)
-    digits.main(["--steps", "2", "--seeds", "0", "--rows", "uda", "mpl_uda", "--json",
-                 "--labeled-per-class", "3", "--wandb-mode", "disabled", "--output-dir",
-                 str(isolated / "out"), "--set", f"mpl_labels={mpl_labels}"])  # fmt: skip
+    digits.main(
+        [
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--rows",
+            "uda",
+            "mpl_uda",
+            "--json",
+            "--labeled-per-class",
+            "3",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(isolated / "out"),
+            "--set",
+            f"mpl_labels={mpl_labels}",
+        ]
+    )
     own, mpl_batch = seen["exact"]
     if mpl_labels == "held_out":
         assert own.tolist() == [2] * 10 and mpl_batch[1].bincount().tolist() == [1] * 10
@@ -120,8 +154,16 @@ def test_digits_mpl_labels_for_the_mpl_signal(isolated, monkeypatch, capsys, mpl
     all_labels, none = seen[None]
     assert all_labels.tolist() == [3] * 10 and none is None
     with pytest.raises(SystemExit):
-        digits.main(["--labeled-per-class", "1", "--set", "mpl_labels=held_out",
-                     "--output-dir", str(isolated / "out")])  # fmt: skip
+        digits.main(
+            [
+                "--labeled-per-class",
+                "1",
+                "--set",
+                "mpl_labels=held_out",
+                "--output-dir",
+                str(isolated / "out"),
+            ]
+        )
     assert "at least 2 labels per class" in capsys.readouterr().err
 
 
@@ -129,12 +171,38 @@ def test_digits_mpl_disabled_wandb(isolated, capsys):
     digits = load_example("digits_mpl")
     out = isolated / "out"
     rows = ["supervised", "mpl_uda_first_order"]
-    summary = digits.main(["--steps", "2", "--seeds", "0", "1", "--rows", *rows, "--json",
-                           "--wandb-mode", "disabled", "--output-dir", str(out)])  # fmt: skip
+    summary = digits.main(
+        [
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--rows",
+            *rows,
+            "--json",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ]
+    )
     check_summary(json.loads(capsys.readouterr().out), rows, n_seeds=2)
     assert summary[rows[0]]["std"] >= 0.0
-    digits.main(["--steps", "2", "--seeds", "0", "--rows", *rows, "--wandb-mode", "disabled",
-                 "--output-dir", str(out)])  # fmt: skip
+    digits.main(
+        [
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--rows",
+            *rows,
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert "±" not in capsys.readouterr().out  # one seed: no spread
     assert not (out / "wandb").exists()
     assert not any((isolated / "cwd").iterdir())

@@ -28,8 +28,11 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}  # fmt: skip
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
 
 
 def _assert_equal(a, b, path="state"):
@@ -59,10 +62,12 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     _driver(tmp_path / "whole")
     out = tmp_path / "killed"
     rng = random.Random(9)  # the kill points are random, and the same in every test run
-    kills = [("--die-at-step", str(rng.randint(1, 5))),  # before or after the first checkpoint
-             ("--die-in-save", "1", "--die-while", "torch_save"),
-             ("--die-in-save", "2", "--die-while", "keeping_previous"),
-             ("--die-at-step", str(rng.randint(2, 4)))]  # fmt: skip
+    kills = [
+        ("--die-at-step", str(rng.randint(1, 5))),  # before or after the first checkpoint
+        ("--die-in-save", "1", "--die-while", "torch_save"),
+        ("--die-in-save", "2", "--die-while", "keeping_previous"),
+        ("--die-at-step", str(rng.randint(2, 4))),
+    ]
     for i, kill in enumerate(kills):
         _driver(out, *(["--resume"] if i else []), *kill, killed=True)
         for name in ("checkpoint.pt", "checkpoint.prev.pt"):
@@ -116,9 +121,13 @@ def test_a_damaged_checkpoint_is_named_and_nothing_is_lost(tmp_path, finished_ru
         tiny_train(out, steps=6, resume=True)
     message = str(e.value)
     assert str(ckpt) in message and "\n" not in message
-    expected = {"truncated": "truncated", "empty": "empty", "garbage": "not a checkpoint",
-                "wrong_model": "another model: it has teacher.net.0.bias of shape (5,), this",
-                "not_mpl": "not a metapl training checkpoint"}[damage]  # fmt: skip
+    expected = {
+        "truncated": "truncated",
+        "empty": "empty",
+        "garbage": "not a checkpoint",
+        "wrong_model": "another model: it has teacher.net.0.bias of shape (5,), this",
+        "not_mpl": "not a metapl training checkpoint",
+    }[damage]
     assert expected in message
     if damage in ("truncated", "empty", "garbage"):
         assert "checkpoint.prev.pt" in message  # where to resume from instead
@@ -169,14 +178,34 @@ def cifar_dir(tmp_path_factory):
     return root
 
 
-TINY = ["--model", "mlp", "--lr", "1e-3", "--labels-per-class", "2", "--val-per-class", "2",
-        "--labeled-batch", "4", "--unlabeled-ratio", "2", "--eval-every", "2", "--log-every", "2",
-        "--finetune-steps", "2", "--checkpoint-every", "2"]  # fmt: skip
+TINY = [
+    "--model",
+    "mlp",
+    "--lr",
+    "1e-3",
+    "--labels-per-class",
+    "2",
+    "--val-per-class",
+    "2",
+    "--labeled-batch",
+    "4",
+    "--unlabeled-ratio",
+    "2",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "2",
+    "--finetune-steps",
+    "2",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def _cifar(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CIFAR), *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(CIFAR), *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
 
 
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
@@ -190,8 +219,15 @@ def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_di
     out = tmp_path / "run"
     args = ["--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY]
     assert _cifar(*args, "--steps", "4").returncode == 0
-    assert {"config.json", "split.json", "checkpoint.pt", "checkpoint.prev.pt", "final.pt",
-            "results.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    assert {
+        "config.json",
+        "split.json",
+        "checkpoint.pt",
+        "checkpoint.prev.pt",
+        "final.pt",
+        "results.json",
+        "metrics.jsonl",
+    } <= {p.name for p in out.iterdir()}
     before = _digests(out)
 
     # The same folder again without --resume (other flags, or the same ones): refused.
@@ -219,8 +255,17 @@ def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_di
 def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cifar_dir):
     """Too many labels per class is found once the labels are read."""
     out = tmp_path / "run"
-    failed = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps",
-                    "4", "--labels-per-class", "999")  # fmt: skip
+    failed = _cifar(
+        "--data-dir",
+        str(cifar_dir),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--steps",
+        "4",
+        "--labels-per-class",
+        "999",
+    )
     assert "--labels-per-class 999" in _one_line_error(failed)
     assert not out.exists() or not list(out.iterdir())
     rerun = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "2")
@@ -229,8 +274,17 @@ def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cif
 
 def test_divergence_at_the_command_line(tmp_path, cifar_dir):
     out = tmp_path / "run"
-    done = _cifar("--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "8",
-                  "--lr", "1e30")  # fmt: skip
+    done = _cifar(
+        "--data-dir",
+        str(cifar_dir),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--steps",
+        "8",
+        "--lr",
+        "1e30",
+    )
     line = _one_line_error(done)
     assert "training diverged" in line and "at step" in line
     if (out / "checkpoint.pt").exists():

@@ -23,16 +23,20 @@ def test_finetune_only_is_sgd_on_labeled_batches_with_dropout_off(tmp_path, augm
     """Nesterov SGD with weight decay and label smoothing, on the labeled stream of seed + 2,
     augmented as asked, in training mode with every dropout layer at p = 0 (the port's
     finetuning); the model passed in is left untouched and the result saved like train's."""
-    cfg = tiny_config(finetune_steps=3, finetune_lr=0.2, finetune_weight_decay=0.1,
-                      finetune_label_smoothing=0.15, finetune_augment=augment)  # fmt: skip
+    cfg = tiny_config(
+        finetune_steps=3,
+        finetune_lr=0.2,
+        finetune_weight_decay=0.1,
+        finetune_label_smoothing=0.15,
+        finetune_augment=augment,
+    )
     data, student = tiny_data(), _student()
     before = copy.deepcopy(student.state_dict())
     results = finetune_only(student, data, cfg, tmp_path, networks={"student": student})
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
     hand = _student(dropout=0.0)  # the same weights, no dropout
-    opt = torch.optim.SGD(hand.parameters(), lr=0.2, momentum=0.9, nesterov=True,
-                          weight_decay=0.1)  # fmt: skip
+    opt = torch.optim.SGD(hand.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.1)
     augment_fn = data.strong if augment == "strong" else data.weak
     for k in range(3):
         idx = _batch_indices(len(data.labeled_x), cfg.finetune_batch, k, cfg.seed + 2)

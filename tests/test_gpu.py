@@ -25,29 +25,43 @@ def _needs_cuda():
 
 def _mpl(device, dtype, **kwargs):
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32),
-                                  torch.nn.Tanh(), torch.nn.Linear(32, 4))  # fmt: skip
+    teacher = torch.nn.Sequential(
+        torch.nn.Linear(6, 32), torch.nn.BatchNorm1d(32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+    )
     student = copy.deepcopy(teacher)
     torch.nn.init.normal_(student[0].weight)
     teacher, student = teacher.to(device, dtype), student.to(device, dtype)
     teacher_opt = optim.sgd(0.1, momentum=0.9)
     student_opt = optim.sgd(0.2, momentum=0.5, nesterov=True)
-    return metapl.MPL(teacher, student, teacher_opt, student_opt, uda=metapl.UDA(1.0, 0.5, 0.3),
-                      ema_decay=0.9, **kwargs)  # fmt: skip
+    return metapl.MPL(
+        teacher,
+        student,
+        teacher_opt,
+        student_opt,
+        uda=metapl.UDA(1.0, 0.5, 0.3),
+        ema_decay=0.9,
+        **kwargs,
+    )
 
 
 def _batch(device, dtype):
     g = torch.Generator().manual_seed(1)
     x_u = torch.randn(24, 6, generator=g, dtype=dtype)
-    args = (torch.randn(8, 6, generator=g, dtype=dtype), torch.randint(0, 4, (8,), generator=g),
-            x_u, x_u + 0.1 * torch.randn(24, 6, generator=g, dtype=dtype))  # fmt: skip
+    args = (
+        torch.randn(8, 6, generator=g, dtype=dtype),
+        torch.randint(0, 4, (8,), generator=g),
+        x_u,
+        x_u + 0.1 * torch.randn(24, 6, generator=g, dtype=dtype),
+    )
     return tuple(a.to(device) for a in args)
 
 
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
 def test_cuda_step_equals_cpu_step_in_float64(method):
-    cpu, cuda = _mpl("cpu", torch.float64, meta_grad=method), _mpl(CUDA, torch.float64,
-                                                                   meta_grad=method)  # fmt: skip
+    cpu, cuda = (
+        _mpl("cpu", torch.float64, meta_grad=method),
+        _mpl(CUDA, torch.float64, meta_grad=method),
+    )
     for _ in range(2):
         cpu.step(*_batch("cpu", torch.float64))
         cuda.step(*_batch(CUDA, torch.float64))
@@ -71,8 +85,13 @@ def test_compiled_step_equals_eager_on_cuda():
 def test_wideresnet_bf16_autocast_channels_last_step(compile):
     torch.manual_seed(0)
     nets = [wide_resnet28(2, 10).to(CUDA, memory_format=torch.channels_last) for _ in range(2)]
-    mpl = metapl.MPL(*nets, optim.sgd(0.05, momentum=0.9), optim.sgd(0.05, momentum=0.9),
-                     uda=metapl.UDA(8.0, 0.7, 0.6), compile=compile)  # fmt: skip
+    mpl = metapl.MPL(
+        *nets,
+        optim.sgd(0.05, momentum=0.9),
+        optim.sgd(0.05, momentum=0.9),
+        uda=metapl.UDA(8.0, 0.7, 0.6),
+        compile=compile,
+    )
     x = torch.randn(3, 16, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,), device=CUDA)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -88,11 +107,26 @@ def test_cifar_example_on_cuda(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "examples" / "cifar_mpl.py"
     module = load_script(script, "cifar_mpl_gpu")
     argv = [
-        "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
-        "--labels-per-class", "2", "--val-per-class", "2", "--labeled-batch", "4",
-        "--unlabeled-ratio", "2", "--steps", "3", "--finetune-steps", "1", "--compile",
-        "--channels-last", "--json",
-    ]  # fmt: skip
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--labels-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+        "--labeled-batch",
+        "4",
+        "--unlabeled-ratio",
+        "2",
+        "--steps",
+        "3",
+        "--finetune-steps",
+        "1",
+        "--compile",
+        "--channels-last",
+        "--json",
+    ]
     results = module.main(argv)
     assert json.dumps(results) and 0 <= results["test/student"] <= 1
     # Resuming on the GPU restores the CPU RNG state saved in the checkpoint (issue 9, point 6).

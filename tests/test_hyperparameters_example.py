@@ -49,8 +49,9 @@ def _reference(name, meta, start, xs, ys, x_val, y_val, truncate=None):
             buf = {k: v.detach() for k, v in buf.items()}
             sq = {k: v.detach() for k, v in sq.items()}
         loss = F.cross_entropy(_mlp(p, xs[t]), ys[t])
-        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()), create_graph=True),
-                         strict=True))  # fmt: skip
+        grads = dict(
+            zip(p, torch.autograd.grad(loss, list(p.values()), create_graph=True), strict=True)
+        )
         new = {}
         for k, w in p.items():
             g = grads[k]
@@ -72,9 +73,13 @@ def _reference(name, meta, start, xs, ys, x_val, y_val, truncate=None):
 
 @pytest.mark.parametrize(
     "name, values, truncate",
-    [("sgd", (0.2, 0.8), None), ("sgd", (0.2, 0.8), 3), ("adam", (0.01, 0.7), None),
-     ("adamw", (0.01, 0.5), None)],
-)  # fmt: skip
+    [
+        ("sgd", (0.2, 0.8), None),
+        ("sgd", (0.2, 0.8), 3),
+        ("adam", (0.01, 0.7), None),
+        ("adamw", (0.01, 0.5), None),
+    ],
+)
 def test_hypergradient_matches_autograd_unroll(hp, name, values, truncate):
     data = hp.load_data(0, dtype=F64)
     gen = torch.Generator().manual_seed(1)
@@ -122,10 +127,12 @@ def test_main_smoke(hp, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--steps", "0"], "--steps must be >= 1"),
-     (["--long-steps", "10", "--truncate", "10"], "--truncate (10) must be < --long-steps"),
-     (["--optimizers", "rmsprop"], "invalid choice")],
-)  # fmt: skip
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--long-steps", "10", "--truncate", "10"], "--truncate (10) must be < --long-steps"),
+        (["--optimizers", "rmsprop"], "invalid choice"),
+    ],
+)
 def test_bad_arguments(hp, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         hp.main(argv)

@@ -30,11 +30,37 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys, model)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_imagefolder(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
     out = tmp_path / "run"
-    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--steps", "2",
-            "--image-size", "32", "--labeled-batch", "2", "--unlabeled-ratio", "2",
-            "--label-fraction", "0.25", "--val-per-class", "1", "--lr", "1e-3",
-            "--finetune-steps", "1", "--checkpoint-every", "1", "--meta-grad", "first_order",
-            "--decode-threads", "2", "--json", "--model", model]  # fmt: skip
+    argv = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "2",
+        "--image-size",
+        "32",
+        "--labeled-batch",
+        "2",
+        "--unlabeled-ratio",
+        "2",
+        "--label-fraction",
+        "0.25",
+        "--val-per-class",
+        "1",
+        "--lr",
+        "1e-3",
+        "--finetune-steps",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--meta-grad",
+        "first_order",
+        "--decode-threads",
+        "2",
+        "--json",
+        "--model",
+        model,
+    ]
     example = _example()
     results = example.main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -64,9 +90,15 @@ def test_imagenet_example_rejects_a_folder_without_train_and_val(tmp_path):
 def test_val_images_keep_their_training_class_when_a_class_has_none(tmp_path):
     write_fake_imagefolder(tmp_path, num_classes=3, train_per_class=4, val_per_class=2)
     shutil.rmtree(tmp_path / "val" / "class_000")  # the first class: no validation images
-    args = argparse.Namespace(data_dir=tmp_path, image_size=32, label_fraction=0.5,
-                              val_per_class=1, seed=0, decode_threads=1,
-                              output_dir=tmp_path / "run")  # fmt: skip
+    args = argparse.Namespace(
+        data_dir=tmp_path,
+        image_size=32,
+        label_fraction=0.5,
+        val_per_class=1,
+        seed=0,
+        decode_threads=1,
+        output_dir=tmp_path / "run",
+    )
     data, num_classes = _example().load_data(args, torch.device("cpu"))
     assert num_classes == 3
     assert data.test_y.tolist() == [1, 1, 2, 2]  # class_001 and class_002, not shifted to 0, 1
@@ -76,13 +108,40 @@ def test_any_model_on_image_folders_then_evaluate(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_imagefolder(tmp_path / "data", num_classes=4, train_per_class=8, val_per_class=2)
     out = tmp_path / "run"
-    common = ["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--model", "mlp",
-              "--decode-threads", "1", "--json"]  # fmt: skip
+    common = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--image-size",
+        "16",
+        "--model",
+        "mlp",
+        "--decode-threads",
+        "1",
+        "--json",
+    ]
     example = _example()
-    results = example.main([*common, "--output-dir", str(out), "--steps", "2",
-                            "--labeled-batch", "2", "--unlabeled-ratio", "2",
-                            "--label-fraction", "0.25", "--val-per-class", "1",
-                            "--finetune-steps", "1", "--randaug", "1", "5"])  # fmt: skip
+    results = example.main(
+        [
+            *common,
+            "--output-dir",
+            str(out),
+            "--steps",
+            "2",
+            "--labeled-batch",
+            "2",
+            "--unlabeled-ratio",
+            "2",
+            "--label-fraction",
+            "0.25",
+            "--val-per-class",
+            "1",
+            "--finetune-steps",
+            "1",
+            "--randaug",
+            "1",
+            "5",
+        ]
+    )
     assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (4,)
     capsys.readouterr()
     assert example.cli(example.main, [*common, "--evaluate", str(out / "final.pt")]) == 0
@@ -94,8 +153,10 @@ def test_without_pillow_the_error_is_one_line(tmp_path, monkeypatch, capsys):
     write_fake_imagefolder(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
     example = _example()
-    code = example.cli(example.main, ["--data-dir", str(tmp_path), "--output-dir",
-                                      str(tmp_path / "o"), "--steps", "1"])  # fmt: skip
+    code = example.cli(
+        example.main,
+        ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--steps", "1"],
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: reading image folders needs Pillow")
     assert len(err.strip().splitlines()) == 1

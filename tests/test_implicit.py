@@ -21,8 +21,10 @@ def ridge(seed=0, n=40, d=5):
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
     x_v, y_v = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
-    meta = {"log_lam": torch.tensor(-1.0, dtype=F64),
-            "center": 0.3 * torch.randn(d, generator=gen, dtype=F64)}  # fmt: skip
+    meta = {
+        "log_lam": torch.tensor(-1.0, dtype=F64),
+        "center": 0.3 * torch.randn(d, generator=gen, dtype=F64),
+    }
 
     def inner(s, m):
         fit = (x @ s["w"] - y).square().mean() / 2
@@ -43,8 +45,14 @@ def ridge(seed=0, n=40, d=5):
 
 def lbfgs_solution(inner, meta, d=5):
     w = torch.zeros(d, dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=200, tolerance_grad=1e-14,
-                            tolerance_change=1e-16, line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=200,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -67,8 +75,9 @@ def torch_optim_solution(inner, meta, d=5, steps=2000):
 
 
 @pytest.mark.parametrize("found_by", ["closed form", "LBFGS", "torch.optim SGD"])
-@pytest.mark.parametrize("solver", [metapl.CG(), metapl.Neumann(iterations=300)],
-                         ids=["cg", "neumann"])  # fmt: skip
+@pytest.mark.parametrize(
+    "solver", [metapl.CG(), metapl.Neumann(iterations=300)], ids=["cg", "neumann"]
+)
 def test_implicit_grad_at_a_solution_found_by_any_means(found_by, solver):
     meta, inner, outer, closed_form, expected = ridge()
     solution = {
@@ -91,8 +100,9 @@ def test_implicit_grad_at_a_solution_found_by_any_means(found_by, solver):
 def test_method_implicit_is_implicit_grad_after_the_unroll():
     meta, inner, outer, _, expected = ridge(1)
     start = {"w": torch.zeros(5, dtype=F64)}
-    res = metapl.meta_grad(inner, outer, start, meta, metapl.optim.sgd(0.5), steps=500,
-                           method="implicit")  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, start, meta, metapl.optim.sgd(0.5), steps=500, method="implicit"
+    )
     direct = metapl.implicit_grad(inner, outer, res.student_params, meta)
     assert_close(res.teacher_grads, direct.teacher_grads, rtol=0, atol=0)
     assert_close(res.teacher_grads, expected, rtol=1e-8, atol=1e-11)
@@ -105,8 +115,9 @@ def test_outer_loss_with_meta_parameters():
         return outer(s) + 0.1 * m["center"].square().sum()
 
     m = {k: v.clone().requires_grad_() for k, v in meta.items()}
-    expected = dict(zip(m, torch.autograd.grad(outer_m(closed_form(m), m), list(m.values())),
-                        strict=True))  # fmt: skip
+    expected = dict(
+        zip(m, torch.autograd.grad(outer_m(closed_form(m), m), list(m.values())), strict=True)
+    )
     solution = {k: v.detach() for k, v in closed_form(meta).items()}
     res = metapl.implicit_grad(inner, outer_m, solution, meta)
     assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-12)
@@ -122,8 +133,15 @@ def test_a_clearly_non_stationary_solution_is_refused():
     assert all(torch.isfinite(v).all() for v in loose.teacher_grads.values())
     # an unroll that stopped early is refused the same way
     with pytest.raises(ValueError, match="solve the inner problem further"):
-        metapl.meta_grad(inner, outer, {"w": torch.zeros(5, dtype=F64)}, meta,
-                         metapl.optim.sgd(0.1), steps=3, method="implicit")  # fmt: skip
+        metapl.meta_grad(
+            inner,
+            outer,
+            {"w": torch.zeros(5, dtype=F64)},
+            meta,
+            metapl.optim.sgd(0.1),
+            steps=3,
+            method="implicit",
+        )
 
 
 def test_neumann_picks_a_safe_step_and_a_diverging_one_names_it():
@@ -144,8 +162,12 @@ def test_neumann_picks_a_safe_step_and_a_diverging_one_names_it():
         metapl.implicit_grad(inner, outer, solution, meta, solver=metapl.Neumann(100, alpha=1.0))
     assert f"Neumann(alpha={1 / lam_max:.3g})" in str(info.value)
     safe = metapl.Neumann(300, alpha=1 / lam_max)
-    assert_close(metapl.implicit_grad(inner, outer, solution, meta, solver=safe).teacher_grads,
-                 expected, rtol=1e-8, atol=1e-11)  # fmt: skip
+    assert_close(
+        metapl.implicit_grad(inner, outer, solution, meta, solver=safe).teacher_grads,
+        expected,
+        rtol=1e-8,
+        atol=1e-11,
+    )
 
 
 def test_neumann_power_iteration_estimates_the_largest_eigenvalue():

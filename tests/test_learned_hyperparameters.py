@@ -76,14 +76,25 @@ def everywhere_problem(kind, seed=0):
     def hyper(m):
         common = {"eps": m["log_eps"].exp(), "weight_decay": m["wd"]}
         if kind == "adagrad":
-            return {**common, "lr": m["log_lr"].exp(), "lr_decay": m["lr_decay"],
-                    "initial_accumulator_value": 0.1}  # fmt: skip
+            return {
+                **common,
+                "lr": m["log_lr"].exp(),
+                "lr_decay": m["lr_decay"],
+                "initial_accumulator_value": 0.1,
+            }
         common["momentum"] = m["mom"]
         if kind == "rmsprop-per-parameter":
-            return {**common, "lr": {k: m[f"lr_{k}"] for k in keys},
-                    "alpha": {k: m[f"alpha_{k}"] for k in keys}}  # fmt: skip
-        return {**common, "lr": m["log_lr"].exp(), "alpha": m["alpha"],
-                "centered": kind == "rmsprop-centered"}  # fmt: skip
+            return {
+                **common,
+                "lr": {k: m[f"lr_{k}"] for k in keys},
+                "alpha": {k: m[f"alpha_{k}"] for k in keys},
+            }
+        return {
+            **common,
+            "lr": m["log_lr"].exp(),
+            "alpha": m["alpha"],
+            "centered": kind == "rmsprop-centered",
+        }
 
     name = kind.split("-")[0]
 

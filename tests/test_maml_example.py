@@ -62,8 +62,13 @@ def test_meta_sgd_gradient_matches_autograd(ms):
     cfg = ms.Config(hidden=16)
     meta = ms.init_meta("meta_sgd", cfg, F64)
     gen = torch.Generator().manual_seed(1)
-    meta.update({k: v + 0.01 * torch.rand(v.shape, generator=gen, dtype=F64)
-                 for k, v in meta.items() if k.startswith("lr_")})  # fmt: skip
+    meta.update(
+        {
+            k: v + 0.01 * torch.rand(v.shape, generator=gen, dtype=F64)
+            for k, v in meta.items()
+            if k.startswith("lr_")
+        }
+    )
     task = _one_task(ms)
     got = ms.task_meta_grad("meta_sgd", cfg, meta, *task).teacher_grads
     expected = _reference(meta, *task, lr=lambda m, k: m[f"lr_{k}"])
@@ -78,8 +83,11 @@ def _bn_net(p, x, stats, training):
     if training:
         mean, var = h.mean(0), h.var(0, unbiased=False)
         c = stats[2] + 1
-        stats = (stats[0] + (mean.detach() - stats[0]) / c,
-                 stats[1] + (h.detach().var(0) - stats[1]) / c, c)  # fmt: skip
+        stats = (
+            stats[0] + (mean.detach() - stats[0]) / c,
+            stats[1] + (h.detach().var(0) - stats[1]) / c,
+            c,
+        )
     else:
         mean, var = stats[0], stats[1]
     h = (h - mean) / torch.sqrt(var + 1e-5) * p["bn_weight"] + p["bn_bias"]
@@ -108,11 +116,30 @@ def test_maml_bn_gradient_and_statistics_match_autograd(ms):
 
 
 def test_main_tiny_run_writes_outputs(ms, tmp_path, capsys):
-    argv = ["--iterations", "3", "--meta-batch", "4", "--hidden", "8", "--test-tasks", "6",
-            "--test-points", "20", "--imaml-steps", "2", "--bn-steps", "2", "--log-every", "2",
-            "--no-compile",
-            "--output-dir", str(tmp_path / "out"), "--figure-copy", str(tmp_path / "copy.png"),
-            "--json"]  # fmt: skip
+    argv = [
+        "--iterations",
+        "3",
+        "--meta-batch",
+        "4",
+        "--hidden",
+        "8",
+        "--test-tasks",
+        "6",
+        "--test-points",
+        "20",
+        "--imaml-steps",
+        "2",
+        "--bn-steps",
+        "2",
+        "--log-every",
+        "2",
+        "--no-compile",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--figure-copy",
+        str(tmp_path / "copy.png"),
+        "--json",
+    ]
     returned = ms.main(argv)
     out = json.loads(capsys.readouterr().out)
     assert out == json.loads((tmp_path / "out" / "results.json").read_text())

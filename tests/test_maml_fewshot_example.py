@@ -59,9 +59,12 @@ def test_meta_gradient_matches_a_plain_autograd_unroll(fs, row):
     learner.evaluation.double()
     meta, stats = learner.init()
     gen = torch.Generator().manual_seed(1)
-    task = tuple(t.double() if t.is_floating_point() else t
-                 for t in fs.sample_task([torch.rand(6, 1, 28, 28, generator=gen)
-                                          for _ in range(5)], cfg, gen))  # fmt: skip
+    task = tuple(
+        t.double() if t.is_floating_point() else t
+        for t in fs.sample_task(
+            [torch.rand(6, 1, 28, 28, generator=gen) for _ in range(5)], cfg, gen
+        )
+    )
     res = learner.meta_grad(meta, stats, task)
     model = copy.deepcopy(learner.train)
     m = {k: v.detach().clone().requires_grad_(True) for k, v in meta.items()}
@@ -79,14 +82,33 @@ def test_meta_gradient_matches_a_plain_autograd_unroll(fs, row):
     torch.testing.assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
     assert int(res.state["1.num_batches_tracked"]) == 3
-    assert all(v.equal(w) for v, w in zip(stats.values(), learner.init()[1].values(),
-                                          strict=True))  # the caller's statistics untouched
+    assert all(
+        v.equal(w) for v, w in zip(stats.values(), learner.init()[1].values(), strict=True)
+    )  # the caller's statistics untouched
 
 
 def test_main_tiny_run(fs, data_dir, tmp_path, capsys):
-    argv = ["--data-dir", str(data_dir), "--iterations", "2", "--meta-batch", "2",
-            "--test-tasks", "3", "--filters", "4", "--query", "2", "--inner-steps", "2",
-            "--test-steps", "2", "--output-dir", str(tmp_path / "out"), "--json"]  # fmt: skip
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--iterations",
+        "2",
+        "--meta-batch",
+        "2",
+        "--test-tasks",
+        "3",
+        "--filters",
+        "4",
+        "--query",
+        "2",
+        "--inner-steps",
+        "2",
+        "--test-steps",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     returned = fs.main(argv)
     out = json.loads(capsys.readouterr().out)
     assert out == json.loads((tmp_path / "out" / "results.json").read_text())
@@ -97,9 +119,11 @@ def test_main_tiny_run(fs, data_dir, tmp_path, capsys):
 
 
 def test_missing_data_and_bad_flags_are_one_line_errors(fs, tmp_path, capsys):
-    for argv, message in ((["--data-dir", str(tmp_path / "none")], "make mnist"),
-                          (["--shots", "0"], "--shots must be > 0"),
-                          (["--ways", "6"], "--ways must be <= 5")):  # fmt: skip
+    for argv, message in (
+        (["--data-dir", str(tmp_path / "none")], "make mnist"),
+        (["--shots", "0"], "--shots must be > 0"),
+        (["--ways", "6"], "--ways must be <= 5"),
+    ):
         with pytest.raises(SystemExit) as exc:
             fs.main(argv)
         assert exc.value.code == 2

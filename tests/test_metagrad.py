@@ -38,9 +38,14 @@ def optimizers(name):
 
 def run(problem, opt, steps, **kwargs):
     return metapl.meta_grad(
-        problem.inner_loss, problem.outer_loss, problem.student, problem.teacher, opt,
-        steps=steps, **kwargs,
-    )  # fmt: skip
+        problem.inner_loss,
+        problem.outer_loss,
+        problem.student,
+        problem.teacher,
+        opt,
+        steps=steps,
+        **kwargs,
+    )
 
 
 def reference(problem, ref_opt, steps):
@@ -141,9 +146,13 @@ def test_opt_state_is_threaded_through_calls():
     two = run(problem, opt, 2)
     one = run(problem, opt, 1)
     again = metapl.meta_grad(
-        problem.inner_loss, problem.outer_loss, one.student_params, problem.teacher, opt,
+        problem.inner_loss,
+        problem.outer_loss,
+        one.student_params,
+        problem.teacher,
+        opt,
         opt_state=one.opt_state,
-    )  # fmt: skip
+    )
     assert_close(again.student_params, two.student_params, rtol=1e-14, atol=0)
     assert_close(again.opt_state, two.opt_state, rtol=1e-14, atol=0)
     assert_close({**problem.student, **problem.teacher}, before, rtol=0, atol=0)
@@ -173,9 +182,16 @@ def test_score_function_formula(baseline):
     y = torch.tensor([0, 2, 1, 1, 0, 2])
     opt, ref_opt = optimizers("momentum")
     res = metapl.meta_grad(
-        inner_loss(y), problem.outer_loss, problem.student, problem.teacher, opt, steps=2,
-        method="score_function", log_prob=lambda t: log_prob(t, y), baseline=baseline,
-    )  # fmt: skip
+        inner_loss(y),
+        problem.outer_loss,
+        problem.student,
+        problem.teacher,
+        opt,
+        steps=2,
+        method="score_function",
+        log_prob=lambda t: log_prob(t, y),
+        baseline=baseline,
+    )
     after = reference_meta_grad(
         inner_loss(y), problem.outer_loss, problem.student, problem.teacher, ref_opt, 2
     )
@@ -206,9 +222,14 @@ def test_score_function_sign_by_enumeration():
     for labels in itertools.product(range(3), repeat=3):
         y = torch.tensor(labels)
         res = metapl.meta_grad(
-            inner_loss(y), problem.outer_loss, problem.student, problem.teacher, opt,
-            method="score_function", log_prob=lambda t, y=y: log_prob(t, y),
-        )  # fmt: skip
+            inner_loss(y),
+            problem.outer_loss,
+            problem.student,
+            problem.teacher,
+            opt,
+            method="score_function",
+            log_prob=lambda t, y=y: log_prob(t, y),
+        )
         p_y = log_prob(teacher, y).exp()
         estimate = {k: estimate[k] + p_y.detach() * g for k, g in res.teacher_grads.items()}
         lookahead = reference_meta_grad(
@@ -271,9 +292,16 @@ def test_batchnorm_in_train_mode(bn_in, method):
 
     kwargs = {"fd_radius": 1e-6} if method == "finite_difference" else {}
     res = metapl.meta_grad(
-        inner_loss, outer_loss, params_of(student), params_of(teacher), opt, steps=2,
-        method=method, has_aux=True, **kwargs,
-    )  # fmt: skip
+        inner_loss,
+        outer_loss,
+        params_of(student),
+        params_of(teacher),
+        opt,
+        steps=2,
+        method=method,
+        has_aux=True,
+        **kwargs,
+    )
     assert_close(buffers_of(teacher, student), before, rtol=0, atol=0)  # caller's: untouched
 
     # Reference: plain autograd through fresh copies, which update their own statistics.
@@ -281,8 +309,11 @@ def test_batchnorm_in_train_mode(bn_in, method):
     ref = reference_meta_grad(
         lambda s, t: soft_ce(functional_call(ref_s, s, (x_u,)), functional_call(ref_t, t, (x_u,))),
         lambda s: F.cross_entropy(functional_call(ref_s, s, (x_l,)), y_l),
-        params_of(ref_s), params_of(ref_t), ref_opt, 2,
-    )  # fmt: skip
+        params_of(ref_s),
+        params_of(ref_t),
+        ref_opt,
+        2,
+    )
     bn = (ref_s if bn_in == "student" else ref_t)[1]
     assert bn.num_batches_tracked.item() > 0  # the copy did update its running statistics
     tol = 1e-10 if method == "exact" else 1e-8
@@ -305,10 +336,12 @@ def test_errors_name_the_fix():
 
     def call(**kwargs):
         args = {
-            "inner_loss": problem.inner_loss, "outer_loss": problem.outer_loss,
-            "student_params": problem.student, "teacher_params": problem.teacher,
+            "inner_loss": problem.inner_loss,
+            "outer_loss": problem.outer_loss,
+            "student_params": problem.student,
+            "teacher_params": problem.teacher,
             "optimizer": opt,
-        }  # fmt: skip
+        }
         return metapl.meta_grad(**{**args, **kwargs})
 
     with pytest.raises(ValueError, match="unknown method 'reverse'; pass one of 'exact'"):
@@ -351,9 +384,13 @@ def test_opt_state_of_another_optimizer_is_rejected():
     s, t = {"w": torch.randn(3)}, {"t": torch.randn(3)}
     with pytest.raises(ValueError, match="optimizer.init"):
         metapl.meta_grad(
-            lambda s, t: (s["w"] * t["t"]).sum(), lambda s: s["w"].sum(), s, t,
-            optim.adam(0.1), opt_state=optim.sgd(0.1).init(s),
-        )  # fmt: skip
+            lambda s, t: (s["w"] * t["t"]).sum(),
+            lambda s: s["w"].sum(),
+            s,
+            t,
+            optim.adam(0.1),
+            opt_state=optim.sgd(0.1).init(s),
+        )
 
 
 def test_score_function_h_sees_the_same_dropout_masks_before_and_after():
@@ -376,8 +413,9 @@ def test_score_function_h_sees_the_same_dropout_masks_before_and_after():
     def log_prob(t_):
         return F.log_softmax(t_["z"], -1).gather(-1, y_hat[:, None]).mean()
 
-    res = metapl.meta_grad(inner, outer, s, t, optim.sgd(0.0), method="score_function",
-                           log_prob=log_prob)  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, s, t, optim.sgd(0.0), method="score_function", log_prob=log_prob
+    )
     assert res.h == 0
 
 
@@ -387,8 +425,13 @@ def test_finite_difference_under_bfloat16_autocast_perturbs_in_float32():
     weights). finite_difference evaluates its two gradients outside autocast: 0.3% here, as
     close as exact under the same autocast (0.5%)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512),
-                              torch.nn.Tanh(), torch.nn.Linear(512, 10))  # fmt: skip
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 512),
+        torch.nn.Tanh(),
+        torch.nn.Linear(512, 512),
+        torch.nn.Tanh(),
+        torch.nn.Linear(512, 10),
+    )
     s = {k: v.detach() for k, v in net.named_parameters()}
     x_u, x_l, y_l = torch.randn(32, 64), torch.randn(16, 64), torch.randint(0, 10, (16,))
 
@@ -401,8 +444,9 @@ def test_finite_difference_under_bfloat16_autocast_perturbs_in_float32():
 
     def run(method, autocast):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            res = metapl.meta_grad(inner, outer, s, {"z": torch.randn(32, 10)}, optim.sgd(0.5),
-                                   method=method)  # fmt: skip
+            res = metapl.meta_grad(
+                inner, outer, s, {"z": torch.randn(32, 10)}, optim.sgd(0.5), method=method
+            )
         return res.teacher_grads
 
     torch.manual_seed(1)

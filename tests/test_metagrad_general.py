@@ -65,8 +65,12 @@ def everywhere_problem(kind, seed=0):
     def hyper(m):
         if kind == "sgd":
             return {"lr": m["log_lr"].exp(), "momentum": m["mom"]}
-        return {"lr": m["log_lr"].exp(), "betas": (m["beta1"], 0.999), "eps": 1e-3,
-                "weight_decay": m["wd"]}  # fmt: skip
+        return {
+            "lr": m["log_lr"].exp(),
+            "betas": (m["beta1"], 0.999),
+            "eps": 1e-3,
+            "weight_decay": m["wd"],
+        }
 
     def metapl_opt(m):
         return getattr(optim, kind)(**hyper(m))
@@ -118,8 +122,9 @@ def test_finite_difference_through_every_path(kind):
     """Same reverse pass, second-order products by central differences at radius 1e-6: error
     O(r^2) + O(eps_mach / r) ~ 1e-10 relative (see test_metagrad's finite-difference test)."""
     meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=4)
-    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=3, method="finite_difference",
-                           fd_radius=1e-6)  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, start, meta, opt, steps=3, method="finite_difference", fd_radius=1e-6
+    )
     grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
     assert rel_err(res.teacher_grads, grads) < 1e-8
 
@@ -150,8 +155,9 @@ def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
     def outer(s):
         return F.cross_entropy(mlp(s, x_l), y_l)
 
-    res = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.4), steps=2,
-                           method="first_order")  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, lambda m: m, theta, optim.sgd(0.4), steps=2, method="first_order"
+    )
     adapted = {k: v.clone().requires_grad_() for k, v in res.student_params.items()}
     expected = torch.autograd.grad(outer(adapted), list(adapted.values()))
     assert_close(res.teacher_grads, dict(zip(adapted, expected, strict=True)), 1e-12, 1e-14)
@@ -161,10 +167,19 @@ def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
 @pytest.mark.parametrize("truncate", [1, 2, 4])
 def test_truncated_backpropagation(method, truncate):
     meta, start, inner, outer, opt, ref_opt = everywhere_problem("sgd", seed=6)
-    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=4, method=method,
-                           truncate=truncate)  # fmt: skip
-    grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 4, truncate=truncate,
-                                  first_order=method == "first_order")  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, start, meta, opt, steps=4, method=method, truncate=truncate
+    )
+    grads, *_ = reference_general(
+        inner,
+        outer,
+        start,
+        ref_opt,
+        meta,
+        4,
+        truncate=truncate,
+        first_order=method == "first_order",
+    )
     assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
     if truncate < 4:  # the start is cut off
         full, *_ = reference_general(inner, outer, start, ref_opt, meta, 4)
@@ -213,18 +228,36 @@ def test_inner_batches_feed_step_k_its_own_slice():
 
     batches = {"x": xs, "y": ys}
     res = metapl.meta_grad(
-        inner, lambda s: outer(s, None), theta, teacher, optim.sgd(0.3, momentum=0.9),
-        steps=steps, inner_batches=batches,
-    )  # fmt: skip
-    grads, _, s, *_ = reference_general(inner, outer, lambda m: theta,
-                                        lambda m: REFERENCE["sgd"](0.3, momentum=0.9), teacher,
-                                        steps, batches=batches)  # fmt: skip
+        inner,
+        lambda s: outer(s, None),
+        theta,
+        teacher,
+        optim.sgd(0.3, momentum=0.9),
+        steps=steps,
+        inner_batches=batches,
+    )
+    grads, _, s, *_ = reference_general(
+        inner,
+        outer,
+        lambda m: theta,
+        lambda m: REFERENCE["sgd"](0.3, momentum=0.9),
+        teacher,
+        steps,
+        batches=batches,
+    )
     assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     # Feeding every step the first slice gives another answer: the slices are really used.
     same = {k: v[:1].expand_as(v) for k, v in batches.items()}
-    other = metapl.meta_grad(inner, lambda s: outer(s, None), theta, teacher, optim.sgd(0.3),
-                             steps=steps, inner_batches=same)  # fmt: skip
+    other = metapl.meta_grad(
+        inner,
+        lambda s: outer(s, None),
+        theta,
+        teacher,
+        optim.sgd(0.3),
+        steps=steps,
+        inner_batches=same,
+    )
     assert rel_err(other.teacher_grads, grads) > 1e-2
 
 
@@ -233,8 +266,13 @@ def test_meta_sgd_per_parameter_learning_rates():
     rates alpha both meta parameters."""
     gen, x_u, y_u, x_l, y_l = data(8)
     theta = init_mlp(SIZES, gen)
-    meta = {**theta, **{f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
-                        for k, v in theta.items()}}  # fmt: skip
+    meta = {
+        **theta,
+        **{
+            f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
+            for k, v in theta.items()
+        },
+    }
 
     def start(m):
         return {k: m[k] for k in theta}
@@ -249,8 +287,9 @@ def test_meta_sgd_per_parameter_learning_rates():
         return optim.sgd({k: m[f"lr_{k}"] for k in theta})
 
     def ref_opt(m):  # written out: p - alpha ∘ g
-        return RefOptimizer(lambda p: {}, lambda p, g, st: (
-            {k: p[k] - m[f"lr_{k}"] * g[k] for k in p}, st))  # fmt: skip
+        return RefOptimizer(
+            lambda p: {}, lambda p, g, st: ({k: p[k] - m[f"lr_{k}"] * g[k] for k in p}, st)
+        )
 
     for steps in (1, 2):
         res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=steps)
@@ -298,8 +337,9 @@ def test_implicit_matches_the_ridge_closed_form(solver):
     expected = dict(zip(m, torch.autograd.grad(loss, list(m.values())), strict=True))
     start = {"w": torch.zeros(x.shape[1], dtype=F64)}
     # 400 gradient steps at lr 0.5 converge to ~1e-15 here (the stationarity IFT assumes).
-    res = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=400,
-                           method="implicit", solver=solver)  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, start, meta, optim.sgd(0.5), steps=400, method="implicit", solver=solver
+    )
     assert_close(res.student_params, closed_form(meta), rtol=1e-12, atol=1e-13)
     assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-12)
 
@@ -307,10 +347,19 @@ def test_implicit_matches_the_ridge_closed_form(solver):
 def test_implicit_damping_changes_the_solution():
     meta, inner, outer, _, x = ridge_problem(seed=1)
     start = {"w": torch.zeros(x.shape[1], dtype=F64)}
-    plain = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=100,
-                             method="implicit")  # fmt: skip
-    damped = metapl.meta_grad(inner, outer, start, meta, optim.sgd(0.5), steps=100,
-                              method="implicit", solver=metapl.CG(damping=10.0))  # fmt: skip
+    plain = metapl.meta_grad(
+        inner, outer, start, meta, optim.sgd(0.5), steps=100, method="implicit"
+    )
+    damped = metapl.meta_grad(
+        inner,
+        outer,
+        start,
+        meta,
+        optim.sgd(0.5),
+        steps=100,
+        method="implicit",
+        solver=metapl.CG(damping=10.0),
+    )
     assert rel_err(damped.teacher_grads, plain.teacher_grads) > 0.1
 
 
@@ -328,8 +377,9 @@ def test_implicit_imaml_matches_a_long_exact_unroll():
     def outer(s):
         return F.cross_entropy(mlp(s, x_l), y_l)
 
-    implicit = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200,
-                                method="implicit")  # fmt: skip
+    implicit = metapl.meta_grad(
+        inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200, method="implicit"
+    )
     exact = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200)
     assert flat(implicit.teacher_grads).abs().max() > 1e-3
     assert rel_err(exact.teacher_grads, implicit.teacher_grads) < 1e-8
@@ -345,8 +395,9 @@ def sinusoid_maml(theta, x_s, y_s, x_q, y_q, steps=2, method="exact"):
     def outer(s):
         return (mlp(s, x_q) - y_q).square().mean()
 
-    return metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=steps,
-                            method=method)  # fmt: skip
+    return metapl.meta_grad(
+        inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=steps, method=method
+    )
 
 
 def tasks(n=4, seed=0):
@@ -388,8 +439,13 @@ def meta_sgd_problem(seed=8):
     """Meta-SGD: the start and a per-parameter learning-rate dict are both meta parameters."""
     gen, x_u, y_u, x_l, y_l = data(seed)
     theta = init_mlp(SIZES, gen)
-    meta = {**theta, **{f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
-                        for k, v in theta.items()}}  # fmt: skip
+    meta = {
+        **theta,
+        **{
+            f"lr_{k}": 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64)
+            for k, v in theta.items()
+        },
+    }
 
     def run(m, steps=2):
         return metapl.meta_grad(
@@ -420,9 +476,17 @@ def test_implicit_compiles_and_matches_eager():
     start = {"w": torch.zeros(x.shape[1], dtype=F64)}
 
     def run(m):
-        return metapl.meta_grad(inner, outer, start, m, optim.sgd(0.5), steps=3,
-                                method="implicit", solver=metapl.CG(iterations=4),
-                                stationary_tol=math.inf).teacher_grads  # far from converged
+        return metapl.meta_grad(
+            inner,
+            outer,
+            start,
+            m,
+            optim.sgd(0.5),
+            steps=3,
+            method="implicit",
+            solver=metapl.CG(iterations=4),
+            stationary_tol=math.inf,
+        ).teacher_grads  # far from converged
 
     compiled = torch.compile(run, fullgraph=True)
     assert rel_err(compiled(meta), run(meta)) < 1e-10
@@ -440,14 +504,29 @@ def test_unsupported_combinations_name_the_fix():
     with pytest.raises(ValueError, match="hyperparameters have no effect"):
         metapl.meta_grad(inner, outer, start, meta, opt, method="implicit")
     with pytest.raises(ValueError, match="truncate is only used by method='exact' or"):
-        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2,
-                         method="implicit", truncate=1)  # fmt: skip
+        metapl.meta_grad(
+            inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2, method="implicit", truncate=1
+        )
     with pytest.raises(ValueError, match="leading dimension of steps=2"):
-        metapl.meta_grad(lambda s, m, b: inner_t(s, m), outer_1, fixed, teacher, optim.sgd(0.1),
-                         steps=2, inner_batches={"x": torch.zeros(3, 4)})  # fmt: skip
+        metapl.meta_grad(
+            lambda s, m, b: inner_t(s, m),
+            outer_1,
+            fixed,
+            teacher,
+            optim.sgd(0.1),
+            steps=2,
+            inner_batches={"x": torch.zeros(3, 4)},
+        )
     with pytest.raises(TypeError, match=r"inner_loss must take \(student, meta, batch\)"):
-        metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), steps=2,
-                         inner_batches={"x": torch.zeros(2, 4)})  # fmt: skip
+        metapl.meta_grad(
+            inner_t,
+            outer_1,
+            fixed,
+            teacher,
+            optim.sgd(0.1),
+            steps=2,
+            inner_batches={"x": torch.zeros(2, 4)},
+        )
     for bad in (0, "2", 1.5):
         with pytest.raises(ValueError, match="checkpoint must be True .* or an int n >= 1"):
             metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), checkpoint=bad)
@@ -458,8 +537,9 @@ def test_unsupported_combinations_name_the_fix():
     with pytest.raises(ValueError, match="solver is only used by method='implicit'"):
         metapl.meta_grad(inner_t, outer_1, fixed, teacher, optim.sgd(0.1), solver=metapl.CG())
     with pytest.raises(ValueError, match="score_function' estimates the gradient through sampled"):
-        metapl.meta_grad(inner, outer, start, meta, opt, method="score_function",
-                         log_prob=lambda m: m["t"].sum())  # fmt: skip
+        metapl.meta_grad(
+            inner, outer, start, meta, opt, method="score_function", log_prob=lambda m: m["t"].sum()
+        )
 
 
 def test_compile_steps_once_for_every_unroll_length():
@@ -472,8 +552,9 @@ def test_compile_steps_once_for_every_unroll_length():
     for steps, method, seed in [(2, "exact", 0), (5, "exact", 1), (3, "first_order", 2)]:
         meta, start, inner, outer, opt, _ = everywhere_problem("sgd", seed=seed)
         eager = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, method=method)
-        compiled = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, method=method,
-                                    compile=True)  # fmt: skip
+        compiled = metapl.meta_grad(
+            inner, outer, start, meta, opt, steps=steps, method=method, compile=True
+        )
         assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
         assert_close(compiled.student_params, eager.student_params, rtol=1e-12, atol=1e-14)
     # Per method one forward and one pullback graph, whatever K and the data.
@@ -488,16 +569,32 @@ def test_options_a_method_ignores_are_refused():
         ({"fd_radius": 1e-3}, "fd_radius is only used by method='finite_difference', not 'exact'"),
         ({"baseline": 0.5}, "baseline is only used by method='score_function', not 'exact'"),
         ({"stationary_tol": 1e-3}, "stationary_tol is only used by method='implicit'"),
-        ({"method": "implicit", "checkpoint": 2, "optimizer": optim.sgd(0.1)},
-         "checkpoint is only used by .* not 'implicit'"),
-        ({"method": "score_function", "truncate": 1, "log_prob": lambda m: m["t"].sum(),
-          "student_params": {k: meta[k] for k in ("w0", "b0", "w1", "b1")},
-          "outer_loss": lambda s: outer(s, meta), "optimizer": optim.sgd(0.1)},
-         "truncate is only used by .* not 'score_function'"),
-    ]  # fmt: skip
+        (
+            {"method": "implicit", "checkpoint": 2, "optimizer": optim.sgd(0.1)},
+            "checkpoint is only used by .* not 'implicit'",
+        ),
+        (
+            {
+                "method": "score_function",
+                "truncate": 1,
+                "log_prob": lambda m: m["t"].sum(),
+                "student_params": {k: meta[k] for k in ("w0", "b0", "w1", "b1")},
+                "outer_loss": lambda s: outer(s, meta),
+                "optimizer": optim.sgd(0.1),
+            },
+            "truncate is only used by .* not 'score_function'",
+        ),
+    ]
     for kwargs, message in cases:
-        args = {"inner_loss": inner, "outer_loss": outer, "student_params": start,
-                "teacher_params": meta, "optimizer": opt, "steps": 2, **kwargs}  # fmt: skip
+        args = {
+            "inner_loss": inner,
+            "outer_loss": outer,
+            "student_params": start,
+            "teacher_params": meta,
+            "optimizer": opt,
+            "steps": 2,
+            **kwargs,
+        }
         with pytest.raises(ValueError, match=message):
             metapl.meta_grad(**args)
 
@@ -515,17 +612,26 @@ def test_truncation_that_leaves_no_path_to_the_meta_parameters_is_refused(method
         return (mlp(s, xq[0]) - yq[0]).square().mean()
 
     with pytest.raises(ValueError, match="would be (all )?zero"):
-        metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3,
-                         truncate=2, method=method)  # fmt: skip
+        metapl.meta_grad(
+            inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3, truncate=2, method=method
+        )
     # with a learned rate the truncated gradient is defined (and not zero)
     meta = {**theta, "log_lr": torch.tensor(-2.0, dtype=F64)}
-    res = metapl.meta_grad(inner, outer, lambda m: {k: m[k] for k in theta}, meta,
-                           lambda m: optim.sgd(m["log_lr"].exp()), steps=3, truncate=2,
-                           method=method)  # fmt: skip
+    res = metapl.meta_grad(
+        inner,
+        outer,
+        lambda m: {k: m[k] for k in theta},
+        meta,
+        lambda m: optim.sgd(m["log_lr"].exp()),
+        steps=3,
+        truncate=2,
+        method=method,
+    )
     assert res.teacher_grads["log_lr"].abs() > 0
     # and so is the full one
-    full = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3,
-                            method=method)  # fmt: skip
+    full = metapl.meta_grad(
+        inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3, method=method
+    )
     assert flat(full.teacher_grads).abs().max() > 0
 
 
@@ -540,8 +646,9 @@ def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
     weighter = {"v": torch.randn(4, generator=gen, dtype=F64), "c": torch.tensor(0.1, dtype=F64)}
 
     def weights(losses, m):  # a tiny scorer of each example's loss
-        features = torch.stack([losses, losses**2, torch.ones_like(losses),
-                                torch.sqrt(losses + 1)], -1)  # fmt: skip
+        features = torch.stack(
+            [losses, losses**2, torch.ones_like(losses), torch.sqrt(losses + 1)], -1
+        )
         return torch.sigmoid(features @ m["v"] + m["c"])
 
     def inner(s, m):
@@ -552,9 +659,18 @@ def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
         return F.cross_entropy(mlp(s, x_l), y_l)
 
     exact = metapl.meta_grad(inner, outer, theta, weighter, optim.sgd(0.5), steps=2)
-    reference, *_ = reference_general(inner, lambda s, m: outer(s), lambda m: theta,
-                                      lambda m: REFERENCE["sgd"](0.5), weighter, 2)  # fmt: skip
+    reference, *_ = reference_general(
+        inner, lambda s, m: outer(s), lambda m: theta, lambda m: REFERENCE["sgd"](0.5), weighter, 2
+    )
     assert_close(exact.teacher_grads, reference, rtol=1e-10, atol=1e-13)
-    fd = metapl.meta_grad(inner, outer, theta, weighter, optim.sgd(0.5), steps=2,
-                          method="finite_difference", fd_radius=1e-6)  # fmt: skip
+    fd = metapl.meta_grad(
+        inner,
+        outer,
+        theta,
+        weighter,
+        optim.sgd(0.5),
+        steps=2,
+        method="finite_difference",
+        fd_radius=1e-6,
+    )
     assert rel_err(fd.teacher_grads, reference) > 0.1

@@ -78,9 +78,13 @@ def with_metapl(metapl_opt, hyper, steps, seed=0):
         return F.cross_entropy(functional_call(student, s, (x_l,)), y_l)
 
     return metapl.meta_grad(
-        inner_loss, outer_loss, dict(student.named_parameters()),
-        dict(teacher.named_parameters()), metapl_opt(**hyper), steps=steps,
-    )  # fmt: skip
+        inner_loss,
+        outer_loss,
+        dict(student.named_parameters()),
+        dict(teacher.named_parameters()),
+        metapl_opt(**hyper),
+        steps=steps,
+    )
 
 
 @pytest.mark.parametrize(
@@ -135,8 +139,9 @@ def test_maml_matches_higher_without_copying_initial_weights(steps):
         return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
 
     theta = {k: v.detach() for k, v in model.named_parameters()}
-    res = metapl.meta_grad(inner, outer_loss, lambda m: m, theta, optim.sgd(0.1, momentum=0.5),
-                           steps=steps)  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer_loss, lambda m: m, theta, optim.sgd(0.1, momentum=0.5), steps=steps
+    )
     assert max(g.abs().max() for g in expected.values()) > 1e-3
     assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
     assert res.outer_loss.item() == pytest.approx(outer.item(), rel=1e-12)
@@ -160,8 +165,14 @@ def test_learned_learning_rate_matches_higher_override():
         return F.mse_loss(functional_call(model, s, (x_q,)), y_q)
 
     start = {k: v.detach() for k, v in model.named_parameters()}
-    res = metapl.meta_grad(inner, outer_loss, start, {"lr": lr.detach()},
-                           lambda m: optim.sgd(m["lr"], momentum=0.9), steps=3)  # fmt: skip
+    res = metapl.meta_grad(
+        inner,
+        outer_loss,
+        start,
+        {"lr": lr.detach()},
+        lambda m: optim.sgd(m["lr"], momentum=0.9),
+        steps=3,
+    )
     assert expected.abs() > 1e-3
     assert res.teacher_grads["lr"].item() == pytest.approx(expected.item(), rel=1e-10)
 
@@ -172,8 +183,16 @@ def test_batchnorm_maml_through_more_steps_than_checkpoint_keeps(checkpoint):
     running statistics in place at every step; metapl carries them as state= (and recomputes
     steps with checkpoint=True)."""
     torch.manual_seed(3)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.BatchNorm1d(8),
-                              torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(F64).train()  # fmt: skip
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Linear(4, 8, bias=False),
+            torch.nn.BatchNorm1d(8),
+            torch.nn.Tanh(),
+            torch.nn.Linear(8, 3),
+        )
+        .to(F64)
+        .train()
+    )
     x_s, x_q = torch.randn(12, 4, dtype=F64), torch.randn(12, 4, dtype=F64)
     y_s, y_q = torch.randint(0, 3, (12,)), torch.randint(0, 3, (12,))
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -182,9 +201,13 @@ def test_batchnorm_maml_through_more_steps_than_checkpoint_keeps(checkpoint):
     res = metapl.meta_grad(
         lambda s, m, st: (F.cross_entropy(functional_call(net, {**s, **st}, (x_s,)), y_s), st),
         lambda s, st: F.cross_entropy(functional_call(net, {**s, **st}, (x_q,)), y_q),
-        lambda m: m, theta, optim.sgd(0.3, momentum=0.5), steps=7, state=buffers,
+        lambda m: m,
+        theta,
+        optim.sgd(0.3, momentum=0.5),
+        steps=7,
+        state=buffers,
         checkpoint=checkpoint,
-    )  # fmt: skip
+    )
     opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
     with higher.innerloop_ctx(net, opt, copy_initial_weights=False) as (fnet, diffopt):
         for _ in range(7):

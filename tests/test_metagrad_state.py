@@ -28,8 +28,9 @@ STEPS = 7  # more than checkpoint's default 5: the reverse pass recomputes steps
 def bn_net(seed=0) -> nn.Module:
     torch.manual_seed(seed)
     # no bias before BatchNorm: its gradient would be exactly 0 (Adam's sqrt(v) at 0)
-    net = nn.Sequential(nn.Linear(3, 6, bias=False), nn.BatchNorm1d(6, momentum=0.3), nn.Tanh(),
-                        nn.Linear(6, 2))  # fmt: skip
+    net = nn.Sequential(
+        nn.Linear(3, 6, bias=False), nn.BatchNorm1d(6, momentum=0.3), nn.Tanh(), nn.Linear(6, 2)
+    )
     return net.to(F64).train()
 
 
@@ -59,8 +60,17 @@ def everywhere(net, seed=0):
     }
 
 
-def metapl_run(net, meta, data, steps=STEPS, method="exact", eval_outer=True, opt="sgd",
-               evaluation=None, **kwargs):  # fmt: skip
+def metapl_run(
+    net,
+    meta,
+    data,
+    steps=STEPS,
+    method="exact",
+    eval_outer=True,
+    opt="sgd",
+    evaluation=None,
+    **kwargs,
+):
     x_s, y_s, x_q, y_q = data
     evaluation = copy.deepcopy(net).eval() if evaluation is None else evaluation
 
@@ -79,22 +89,37 @@ def metapl_run(net, meta, data, steps=STEPS, method="exact", eval_outer=True, op
         return optim.adam(m["log_lr"].exp() / 10, betas=(0.8, 0.9))
 
     state = kwargs.pop("state", buffers(net))
-    return metapl.meta_grad(inner, outer, lambda m: m["theta"], meta, optimizer, steps=steps,
-                            method=method, state=state, **kwargs)  # fmt: skip
+    return metapl.meta_grad(
+        inner,
+        outer,
+        lambda m: m["theta"],
+        meta,
+        optimizer,
+        steps=steps,
+        method=method,
+        state=state,
+        **kwargs,
+    )
 
 
-def reference(net, meta, data, steps=STEPS, eval_outer=True, opt="sgd", truncate=None,
-              first_order=False):  # fmt: skip
+def reference(
+    net, meta, data, steps=STEPS, eval_outer=True, opt="sgd", truncate=None, first_order=False
+):
     """Plain autograd on a copy of ``net`` that updates its own buffers at every forward."""
     x_s, y_s, x_q, y_q = data
     model = copy.deepcopy(net)
     meta = {k: detach(v) for k, v in meta.items()}
-    meta = {"theta": {k: v.clone().requires_grad_() for k, v in meta["theta"].items()},
-            "t": meta["t"].clone().requires_grad_(),
-            "log_lr": meta["log_lr"].clone().requires_grad_()}  # fmt: skip
+    meta = {
+        "theta": {k: v.clone().requires_grad_() for k, v in meta["theta"].items()},
+        "t": meta["t"].clone().requires_grad_(),
+        "log_lr": meta["log_lr"].clone().requires_grad_(),
+    }
     lr = meta["log_lr"].exp()
-    ref_opt = (REFERENCE["sgd"](lr, momentum=0.5) if opt == "sgd"
-               else REFERENCE["adam"](lr / 10, betas=(0.8, 0.9)))  # fmt: skip
+    ref_opt = (
+        REFERENCE["sgd"](lr, momentum=0.5)
+        if opt == "sgd"
+        else REFERENCE["adam"](lr / 10, betas=(0.8, 0.9))
+    )
     s = dict(meta["theta"])
     state = ref_opt.init(s)
     first = steps - (truncate or steps)
@@ -113,8 +138,11 @@ def reference(net, meta, data, steps=STEPS, eval_outer=True, opt="sgd", truncate
     leaves = [*meta["theta"].values(), meta["t"], meta["log_lr"]]
     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     n = len(meta["theta"])
-    expected = {"theta": dict(zip(meta["theta"], grads[:n], strict=True)), "t": grads[n],
-                "log_lr": grads[n + 1]}  # fmt: skip
+    expected = {
+        "theta": dict(zip(meta["theta"], grads[:n], strict=True)),
+        "t": grads[n],
+        "log_lr": grads[n + 1],
+    }
     return expected, detach(s), statistics, loss.detach()
 
 
@@ -192,8 +220,9 @@ def test_first_order_with_state():
 def test_finite_difference_with_state(checkpoint):
     net = bn_net(3)
     meta, data = everywhere(net, 3), task(3)
-    res = metapl_run(net, meta, data, method="finite_difference", fd_radius=1e-6,
-                     checkpoint=checkpoint)  # fmt: skip
+    res = metapl_run(
+        net, meta, data, method="finite_difference", fd_radius=1e-6, checkpoint=checkpoint
+    )
     expected, _, statistics, _ = reference(net, meta, data)
     assert rel_err(res.teacher_grads, expected) < 1e-7
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
@@ -253,8 +282,9 @@ def test_torch_compile_of_a_stateful_call_equals_eager():
     meta, data = everywhere(net, 6), task(6)
     evaluation = copy.deepcopy(net).eval()  # outside: dynamo cannot deepcopy a module
     eager = metapl_run(net, meta, data, evaluation=evaluation)
-    compiled = torch.compile(lambda m: metapl_run(net, m, data, evaluation=evaluation),
-                             fullgraph=True)(meta)  # fmt: skip
+    compiled = torch.compile(
+        lambda m: metapl_run(net, m, data, evaluation=evaluation), fullgraph=True
+    )(meta)
     assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
     assert_close(compiled.state, eager.state, rtol=1e-12, atol=1e-14)
 
@@ -273,15 +303,23 @@ def test_score_function_compares_the_start_and_the_end_with_their_states():
         return F.cross_entropy(out, targets), state
 
     def outer(s, state):
-        return F.cross_entropy(functional_call(evaluation, {**s, **state}, (x_q,)),
-                               y_q.argmax(-1))  # fmt: skip
+        return F.cross_entropy(functional_call(evaluation, {**s, **state}, (x_q,)), y_q.argmax(-1))
 
     def log_prob(m):
         return F.log_softmax(m["z"], -1).gather(-1, targets[:, None]).sum()
 
     s0, state0 = params(net), buffers(net)
-    res = metapl.meta_grad(inner, outer, s0, teacher, optim.sgd(0.2), steps=3,
-                           method="score_function", log_prob=log_prob, state=state0)  # fmt: skip
+    res = metapl.meta_grad(
+        inner,
+        outer,
+        s0,
+        teacher,
+        optim.sgd(0.2),
+        steps=3,
+        method="score_function",
+        log_prob=log_prob,
+        state=state0,
+    )
     h = outer(res.student_params, res.state) - outer(s0, state0)
     assert res.h.item() == pytest.approx(h.item(), rel=1e-12)
     assert int(res.state["1.num_batches_tracked"]) == 3
@@ -299,14 +337,21 @@ def test_implicit_reads_the_final_state():
     offset = {"b": torch.tensor(0.7, dtype=F64)}
 
     def inner(s, m, state):
-        return ((x @ s - y).square().mean() / 2 + m["log_lam"].exp() / 2 * s.square().sum(),
-                state)  # fmt: skip
+        return ((x @ s - y).square().mean() / 2 + m["log_lam"].exp() / 2 * s.square().sum(), state)
 
     def outer(s, state):
         return (x @ s + state["b"] - 1.0).square().mean()
 
-    res = metapl.meta_grad(inner, outer, torch.zeros(3, dtype=F64), meta, optim.sgd(0.5),
-                           steps=300, method="implicit", state=offset)  # fmt: skip
+    res = metapl.meta_grad(
+        inner,
+        outer,
+        torch.zeros(3, dtype=F64),
+        meta,
+        optim.sgd(0.5),
+        steps=300,
+        method="implicit",
+        state=offset,
+    )
     m = meta["log_lam"].clone().requires_grad_()
     solution = torch.linalg.solve(x.T @ x / 20 + m.exp() * torch.eye(3, dtype=F64), x.T @ y / 20)
     (expected,) = torch.autograd.grad(outer(solution, offset), [m])
@@ -319,19 +364,41 @@ def test_state_errors_name_the_fix():
     meta, data = everywhere(net), task()
     x_s = data[0]
     with pytest.raises(ValueError, match=r"with state=, inner_loss must return \(loss, new_state"):
-        metapl.meta_grad(lambda s, m, st: functional_call(net, {**s, **st}, (x_s,)).sum(),
-                         lambda s, st: s["3.bias"].sum(), params(net), {"t": meta["t"]},
-                         optim.sgd(0.1), state=buffers(net))  # fmt: skip
+        metapl.meta_grad(
+            lambda s, m, st: functional_call(net, {**s, **st}, (x_s,)).sum(),
+            lambda s, st: s["3.bias"].sum(),
+            params(net),
+            {"t": meta["t"]},
+            optim.sgd(0.1),
+            state=buffers(net),
+        )
     with pytest.raises(ValueError, match="the state inner_loss returns must have the same keys"):
-        metapl.meta_grad(lambda s, m, st: ((s["3.bias"] * m["t"][:2]).sum(), {"x": st}),
-                         lambda s, st: s["3.bias"].sum(), params(net), {"t": meta["t"]},
-                         optim.sgd(0.1), state=buffers(net))  # fmt: skip
+        metapl.meta_grad(
+            lambda s, m, st: ((s["3.bias"] * m["t"][:2]).sum(), {"x": st}),
+            lambda s, st: s["3.bias"].sum(),
+            params(net),
+            {"t": meta["t"]},
+            optim.sgd(0.1),
+            state=buffers(net),
+        )
     with pytest.raises(TypeError, match=r"inner_loss must take \(student, meta, state\)"):
-        metapl.meta_grad(lambda s, m: s["3.bias"].sum(), lambda s, st: s["3.bias"].sum(),
-                         params(net), {"t": meta["t"]}, optim.sgd(0.1), state=buffers(net))
+        metapl.meta_grad(
+            lambda s, m: s["3.bias"].sum(),
+            lambda s, st: s["3.bias"].sum(),
+            params(net),
+            {"t": meta["t"]},
+            optim.sgd(0.1),
+            state=buffers(net),
+        )
     with pytest.raises(TypeError, match=r"outer_loss must take \(student, state\) or"):
-        metapl.meta_grad(lambda s, m, st: (s["3.bias"].sum(), st), lambda s: s["3.bias"].sum(),
-                         params(net), {"t": meta["t"]}, optim.sgd(0.1), state=buffers(net))
+        metapl.meta_grad(
+            lambda s, m, st: (s["3.bias"].sum(), st),
+            lambda s: s["3.bias"].sum(),
+            params(net),
+            {"t": meta["t"]},
+            optim.sgd(0.1),
+            state=buffers(net),
+        )
     with pytest.raises(ValueError, match="has_aux=True and state= do not combine"):
         metapl_run(net, meta, data, has_aux=True)
     with pytest.raises(TypeError, match="state must be a dict of tensors"):
@@ -340,8 +407,11 @@ def test_state_errors_name_the_fix():
 
 def test_an_empty_state_is_a_stateless_module():
     net = nn.Sequential(nn.Linear(3, 2)).to(F64)
-    meta = {"theta": params(net), "t": torch.zeros(10, dtype=F64),
-            "log_lr": torch.tensor(-1.0, dtype=F64)}  # fmt: skip
+    meta = {
+        "theta": params(net),
+        "t": torch.zeros(10, dtype=F64),
+        "log_lr": torch.tensor(-1.0, dtype=F64),
+    }
     res = metapl_run(net, meta, task(), eval_outer=False)
     assert res.state == {}
     assert math.isfinite(res.outer_loss.item())

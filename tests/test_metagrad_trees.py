@@ -23,8 +23,10 @@ from metapl import optim
 
 def data(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x_u, x_l = torch.randn(7, 3, generator=gen, dtype=F64), torch.randn(5, 3, generator=gen,
-                                                                         dtype=F64)  # fmt: skip
+    x_u, x_l = (
+        torch.randn(7, 3, generator=gen, dtype=F64),
+        torch.randn(5, 3, generator=gen, dtype=F64),
+    )
     y_u, y_l = torch.randint(0, 3, (7,), generator=gen), torch.randint(0, 3, (5,), generator=gen)
     theta = init_mlp([3, 5, 3], gen)
     alpha = {k: 0.1 + 0.2 * torch.rand(v.shape, generator=gen, dtype=F64) for k, v in theta.items()}
@@ -52,17 +54,24 @@ def test_meta_sgd_with_nested_meta_parameters_matches_the_reference():
     def outer(s):
         return F.cross_entropy(mlp(s, x_l), y_l)
 
-    res = metapl.meta_grad(inner, outer, lambda m: m["theta"], meta,
-                           lambda m: optim.sgd(m["alpha"]), steps=2)  # fmt: skip
+    res = metapl.meta_grad(
+        inner, outer, lambda m: m["theta"], meta, lambda m: optim.sgd(m["alpha"]), steps=2
+    )
     flat = {**theta, **{f"lr_{k}": v for k, v in alpha.items()}}
     expected, outer_grads, s, *_ = reference_general(
-        lambda s_, m: inner(s_, m), lambda s_, m: outer(s_), lambda m: {k: m[k] for k in theta},
-        lambda m: RefOptimizer(lambda p: {}, lambda p, g, st: (
-            {k: p[k] - m[f"lr_{k}"] * g[k] for k in p}, st)),
-        flat, 2,
-    )  # fmt: skip
-    nested = {"theta": {k: expected[k] for k in theta},
-              "alpha": {k: expected[f"lr_{k}"] for k in theta}}  # fmt: skip
+        lambda s_, m: inner(s_, m),
+        lambda s_, m: outer(s_),
+        lambda m: {k: m[k] for k in theta},
+        lambda m: RefOptimizer(
+            lambda p: {}, lambda p, g, st: ({k: p[k] - m[f"lr_{k}"] * g[k] for k in p}, st)
+        ),
+        flat,
+        2,
+    )
+    nested = {
+        "theta": {k: expected[k] for k in theta},
+        "alpha": {k: expected[f"lr_{k}"] for k in theta},
+    }
     assert_close(res.teacher_grads, nested, rtol=1e-10, atol=1e-13)
     assert res.teacher_grads.keys() == {"theta", "alpha"}
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
@@ -77,8 +86,9 @@ def run(method, student, meta, start, inner, outer, opt, steps=3):
     if method == "finite_difference":
         kwargs["fd_radius"] = 1e-6
     name = method.removesuffix("-reverse")
-    return metapl.meta_grad(inner, outer, start if start else student, meta, opt, steps=steps,
-                            method=name, **kwargs)  # fmt: skip
+    return metapl.meta_grad(
+        inner, outer, start if start else student, meta, opt, steps=steps, method=name, **kwargs
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -95,18 +105,34 @@ def test_a_list_of_tuples_student_equals_the_flat_dict(method):
         per_example = F.cross_entropy(layers_mlp(s, x_u), y_u, reduction="none")
         return (torch.sigmoid(m[0]) * per_example).mean()
 
-    flat = run(method, theta, {"t": t, "log_lr": log_lr}, None, inner_flat,
-               lambda s: F.cross_entropy(mlp(s, x_l), y_l),
-               lambda m: optim.sgd(m["log_lr"].exp(), momentum=0.5))  # fmt: skip
-    nested = run(method, as_layers(theta), (t, log_lr), None, inner_nested,
-                 lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l),
-                 lambda m: optim.sgd(m[1].exp(), momentum=0.5))  # fmt: skip
+    flat = run(
+        method,
+        theta,
+        {"t": t, "log_lr": log_lr},
+        None,
+        inner_flat,
+        lambda s: F.cross_entropy(mlp(s, x_l), y_l),
+        lambda m: optim.sgd(m["log_lr"].exp(), momentum=0.5),
+    )
+    nested = run(
+        method,
+        as_layers(theta),
+        (t, log_lr),
+        None,
+        inner_nested,
+        lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l),
+        lambda m: optim.sgd(m[1].exp(), momentum=0.5),
+    )
     assert isinstance(nested.teacher_grads, tuple) and len(nested.teacher_grads) == 2
     assert isinstance(nested.student_params, list)
     assert all(isinstance(layer, tuple) for layer in nested.student_params)
     assert isinstance(nested.opt_state["momentum"], list)
-    assert_close(nested.teacher_grads, (flat.teacher_grads["t"], flat.teacher_grads["log_lr"]),
-                 rtol=1e-12, atol=1e-15)  # fmt: skip
+    assert_close(
+        nested.teacher_grads,
+        (flat.teacher_grads["t"], flat.teacher_grads["log_lr"]),
+        rtol=1e-12,
+        atol=1e-15,
+    )
     assert_close(nested.student_params, as_layers(flat.student_params), rtol=1e-13, atol=1e-15)
     if flat.outer_grads is not None:
         assert_close(nested.outer_grads, as_layers(flat.outer_grads), rtol=1e-12, atol=1e-15)
@@ -121,8 +147,11 @@ def test_nested_trees_under_vmap_equal_a_loop():
         return metapl.meta_grad(
             lambda s, m: F.cross_entropy(layers_mlp(s, x), y_u),
             lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l),
-            lambda m: m["start"], meta, optim.sgd(0.3), steps=2,
-        ).teacher_grads  # fmt: skip
+            lambda m: m["start"],
+            meta,
+            optim.sgd(0.3),
+            steps=2,
+        ).teacher_grads
 
     batched = vmap(one)(xs)
     for i in range(len(xs)):
@@ -137,10 +166,13 @@ def test_score_function_and_implicit_return_the_callers_structure():
     target = torch.randint(0, 3, (7,))
     res = metapl.meta_grad(
         lambda s, m: F.cross_entropy(layers_mlp(s, x_u), target),
-        lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l), as_layers(theta), z, optim.sgd(0.2),
+        lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l),
+        as_layers(theta),
+        z,
+        optim.sgd(0.2),
         method="score_function",
         log_prob=lambda m: F.log_softmax(m[0], -1).gather(-1, target[:, None]).sum(),
-    )  # fmt: skip
+    )
     assert isinstance(res.teacher_grads, list) and res.teacher_grads[0].shape == (7, 3)
     # implicit at a ridge solution given as a tuple
     gen = torch.Generator().manual_seed(3)
@@ -174,6 +206,10 @@ def test_structure_mismatches_name_the_leaves():
     theta, alpha, x_u, y_u, x_l, y_l = data(4)
     alpha.pop("b1")
     with pytest.raises(ValueError, match=r"missing \['b1'\]"):
-        metapl.meta_grad(lambda s, m: F.cross_entropy(mlp(s, x_u), y_u),
-                         lambda s: F.cross_entropy(mlp(s, x_l), y_l), lambda m: m["theta"],
-                         {"theta": theta, "alpha": alpha}, lambda m: optim.sgd(m["alpha"]))
+        metapl.meta_grad(
+            lambda s, m: F.cross_entropy(mlp(s, x_u), y_u),
+            lambda s: F.cross_entropy(mlp(s, x_l), y_l),
+            lambda m: m["theta"],
+            {"theta": theta, "alpha": alpha},
+            lambda m: optim.sgd(m["alpha"]),
+        )

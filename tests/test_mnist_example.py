@@ -19,8 +19,15 @@ from metapl.data.fake import write_fake_mnist
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mnist_mpl.py"
 
-SMALL = ["steps=3", "eval_every=2", "log_every=1", "batch_l=8", "batch_u=8", "val_per_class=2",
-         "channels=4"]  # fmt: skip
+SMALL = [
+    "steps=3",
+    "eval_every=2",
+    "log_every=1",
+    "batch_l=8",
+    "batch_u=8",
+    "val_per_class=2",
+    "channels=4",
+]
 
 
 def load_example():
@@ -51,8 +58,17 @@ def test_every_row(isolated, mnist_dir, capsys, monkeypatch):
     mnist = load_example()
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = isolated / "out"
-    argv = ["--seeds", "0", "--json", "--data-dir", str(mnist_dir), "--output-dir", str(out),
-            "--set", *SMALL]  # fmt: skip
+    argv = [
+        "--seeds",
+        "0",
+        "--json",
+        "--data-dir",
+        str(mnist_dir),
+        "--output-dir",
+        str(out),
+        "--set",
+        *SMALL,
+    ]
     summary = mnist.main(argv)
     printed = json.loads(capsys.readouterr().out)  # stdout is exactly the JSON
     assert printed == summary
@@ -72,8 +88,10 @@ def test_every_row(isolated, mnist_dir, capsys, monkeypatch):
     split, meta = load_manifest(preset / "seed0" / "split.json")
     assert len(split.labeled) == 100 and len(meta["val"]) == 20
     assert not np.intersect1d(split.unlabeled, meta["val"]).size
-    records = [json.loads(line) for line in (preset / "seed0" / "mpl_uda" / "metrics.jsonl")
-               .read_text().splitlines()]  # fmt: skip
+    records = [
+        json.loads(line)
+        for line in (preset / "seed0" / "mpl_uda" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records if "val/teacher" in r] == [2, 3]
     assert not any((isolated / "cwd").iterdir())  # nothing written to the working directory
 
@@ -82,8 +100,22 @@ def test_offline_wandb_run_per_row_and_seed(isolated, mnist_dir, monkeypatch):
     mnist = load_example()
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = isolated / "out"
-    mnist.main(["--seeds", "0", "--rows", "supervised", "mpl_uda", "--data-dir", str(mnist_dir),
-                "--output-dir", str(out), "--json", "--set", *SMALL])  # fmt: skip
+    mnist.main(
+        [
+            "--seeds",
+            "0",
+            "--rows",
+            "supervised",
+            "mpl_uda",
+            "--data-dir",
+            str(mnist_dir),
+            "--output-dir",
+            str(out),
+            "--json",
+            "--set",
+            *SMALL,
+        ]
+    )
     runs = sorted((out / "10-labels" / "seed0").glob("*/wandb/offline-run-*"))
     assert len(runs) == 2
     for run in runs:  # offline runs keep history and summary in one protobuf log
@@ -95,9 +127,24 @@ def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
     mnist = load_example()
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = isolated / "out"
-    summary = mnist.main(["--preset", "1-label", "--seeds", "0", "1", "--rows", "supervised",
-                          "mpl_first_order", "--data-dir", str(mnist_dir), "--output-dir",
-                          str(out), "--set", *SMALL])  # fmt: skip
+    summary = mnist.main(
+        [
+            "--preset",
+            "1-label",
+            "--seeds",
+            "0",
+            "1",
+            "--rows",
+            "supervised",
+            "mpl_first_order",
+            "--data-dir",
+            str(mnist_dir),
+            "--output-dir",
+            str(out),
+            "--set",
+            *SMALL,
+        ]
+    )
     table = capsys.readouterr().out
     assert "MNIST 1-label (10 labels)" in table and "| mpl_first_order |" in table
     assert "mpl_uda_minus_uda" not in summary and len(summary["supervised"]["seeds"]) == 2
@@ -118,11 +165,32 @@ def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
 
     real = mnist.metapl.MPL
     monkeypatch.setattr(mnist.metapl, "MPL", spy)
-    knobs = ["lookahead_steps=2", "mpl_weight=0.5", "log_prob_reduction=sum", "student_bn=joint",
-             "student_view=strong", "vat_epsilon=1.5"]  # fmt: skip
-    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_first_order", "mpl_uda_first_order",
-                "--data-dir", str(mnist_dir), "--output-dir", str(isolated / "out"), "--json",
-                "--set", *SMALL, *knobs])  # fmt: skip
+    knobs = [
+        "lookahead_steps=2",
+        "mpl_weight=0.5",
+        "log_prob_reduction=sum",
+        "student_bn=joint",
+        "student_view=strong",
+        "vat_epsilon=1.5",
+    ]
+    mnist.main(
+        [
+            "--seeds",
+            "0",
+            "--rows",
+            "uda",
+            "mpl_first_order",
+            "mpl_uda_first_order",
+            "--data-dir",
+            str(mnist_dir),
+            "--output-dir",
+            str(isolated / "out"),
+            "--json",
+            "--set",
+            *SMALL,
+            *knobs,
+        ]
+    )
     fo, uda = seen["first_order", True], seen[None, True]
     assert (fo["lookahead_steps"], fo["mpl_weight"]) == (2, 0.5)
     assert (fo["log_prob_reduction"], fo["student_bn"]) == ("sum", "joint")
@@ -145,9 +213,24 @@ def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypat
 
     monkeypatch.setattr(mnist.metapl.MPL, "step", step)
     monkeypatch.setattr(mnist, "weak", lambda x, gen: x.float() / 255)  # images as stored
-    mnist.main(["--seeds", "0", "--rows", "uda", "mpl_uda", "--data-dir", str(mnist_dir),
-                "--output-dir", str(isolated / "out"), "--json",
-                "--set", *SMALL, "labels_per_class=2", "mpl_labels=held_out"])  # fmt: skip
+    mnist.main(
+        [
+            "--seeds",
+            "0",
+            "--rows",
+            "uda",
+            "mpl_uda",
+            "--data-dir",
+            str(mnist_dir),
+            "--output-dir",
+            str(isolated / "out"),
+            "--json",
+            "--set",
+            *SMALL,
+            "labels_per_class=2",
+            "mpl_labels=held_out",
+        ]
+    )
     assert all(m is None for _, m in seen[None])
     own = {x.numpy().tobytes() for x_l, _ in seen["exact"] for x in x_l}
     held = {x.numpy().tobytes() for _, (x_m, _) in seen["exact"] for x in x_m}
@@ -157,10 +240,14 @@ def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypat
 
 @pytest.mark.parametrize(
     ("knob", "match"),
-    [("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
-     ("student_bn=both", "student_bn must be"), ("mpl_weight=-1", "mpl_weight must be >= 0"),
-     ("student_view=clean", "student_view must be"), ("vat_epsilon=0", "VAT needs")],
-)  # fmt: skip
+    [
+        ("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
+        ("student_bn=both", "student_bn must be"),
+        ("mpl_weight=-1", "mpl_weight must be >= 0"),
+        ("student_view=clean", "student_view must be"),
+        ("vat_epsilon=0", "VAT needs"),
+    ],
+)
 def test_bad_mpl_knob_is_a_one_line_error(isolated, capsys, knob, match):
     with pytest.raises(SystemExit):
         load_example().main(["--set", knob, "--output-dir", str(isolated / "out")])
@@ -171,8 +258,16 @@ def test_bad_mpl_knob_is_a_one_line_error(isolated, capsys, knob, match):
 def test_missing_data_names_the_fix(isolated, capsys):
     mnist = load_example()
     with pytest.raises(FileNotFoundError, match="make mnist"):
-        mnist.main(["--data-dir", str(isolated / "nowhere"), "--output-dir",
-                    str(isolated / "out"), "--seeds", "0"])  # fmt: skip
+        mnist.main(
+            [
+                "--data-dir",
+                str(isolated / "nowhere"),
+                "--output-dir",
+                str(isolated / "out"),
+                "--seeds",
+                "0",
+            ]
+        )
 
 
 @pytest.mark.slow  # three fresh Python processes, each importing torch and wandb
@@ -180,13 +275,26 @@ def test_jobs_match_sequential_runs(isolated, mnist_dir, monkeypatch):
     """--jobs 2 runs in spawned workers (the script as a command) and gets exactly the
     sequential accuracies: each run seeds its own networks and generators."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    common = ["--seeds", "0", "1", "--rows", "supervised", "mpl_first_order", "--data-dir",
-              str(mnist_dir), "--json", "--set", *SMALL]  # fmt: skip
+    common = [
+        "--seeds",
+        "0",
+        "1",
+        "--rows",
+        "supervised",
+        "mpl_first_order",
+        "--data-dir",
+        str(mnist_dir),
+        "--json",
+        "--set",
+        *SMALL,
+    ]
     sequential = load_example().main([*common, "--output-dir", str(isolated / "a")])
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *common, "--jobs", "2", "--output-dir", str(isolated / "b")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     parallel = json.loads(done.stdout)
     for row in ("supervised", "mpl_first_order"):

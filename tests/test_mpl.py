@@ -67,8 +67,7 @@ class Batch:
         return self.x_l, self.y_l, self.x_u, self.x_us
 
 
-def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64,
-               n_mpl=0) -> Batch:  # fmt: skip
+def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64, n_mpl=0) -> Batch:
     gen = torch.Generator().manual_seed(1000 + seed)
     x_u = torch.randn(n_u, d, generator=gen, dtype=dtype)
     batch = Batch(
@@ -78,8 +77,10 @@ def make_batch(seed=0, n_l=8, n_u=12, d=2, classes=3, strong=True, dtype=F64,
         x_us=x_u + 0.5 * torch.randn(n_u, d, generator=gen, dtype=dtype) if strong else None,
     )
     if n_mpl:
-        batch.mpl_batch = (torch.randn(n_mpl, d, generator=gen, dtype=dtype) - 0.5,
-                           torch.randint(0, classes, (n_mpl,), generator=gen))  # fmt: skip
+        batch.mpl_batch = (
+            torch.randn(n_mpl, d, generator=gen, dtype=dtype) - 0.5,
+            torch.randint(0, classes, (n_mpl,), generator=gen),
+        )
     return batch
 
 
@@ -193,11 +194,19 @@ class Config:
         if self.h_baseline_decay is not None:
             kwargs["h_baseline_decay"] = self.h_baseline_decay
         return metapl.MPL(
-            teacher, student, OPTIMIZERS[self.teacher_opt]()[0], OPTIMIZERS[self.student_opt]()[0],
-            meta_grad=self.meta_grad, pseudo_labels=self.pseudo_labels, uda=self.uda,
-            label_smoothing=self.label_smoothing, temperature=self.temperature,
-            student_bn=self.student_bn, student_view=self.student_view, **kwargs,
-        )  # fmt: skip
+            teacher,
+            student,
+            OPTIMIZERS[self.teacher_opt]()[0],
+            OPTIMIZERS[self.student_opt]()[0],
+            meta_grad=self.meta_grad,
+            pseudo_labels=self.pseudo_labels,
+            uda=self.uda,
+            label_smoothing=self.label_smoothing,
+            temperature=self.temperature,
+            student_bn=self.student_bn,
+            student_view=self.student_view,
+            **kwargs,
+        )
 
 
 def smoothed_ce(logits: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -226,8 +235,11 @@ def hand_teacher_loss(tp, batch: Batch, cfg: Config, step: int):
         loss_uda = (mask * -(q * torch.log_softmax(strong, dim=-1)).sum(-1)).mean()
         weight = u.weight * min(1.0, (step + 1) / u.ramp_steps) if u.ramp_steps else u.weight
         loss = loss + weight * loss_uda
-        metrics |= {"teacher/loss_uda": loss_uda, "teacher/uda_mask": mask.mean(),
-                    "teacher/uda_weight": weight}  # fmt: skip
+        metrics |= {
+            "teacher/loss_uda": loss_uda,
+            "teacher/uda_mask": mask.mean(),
+            "teacher/uda_weight": weight,
+        }
     metrics["teacher/loss"] = loss
     return loss, logits[n_l : n_l + n_u] if on_weak else logits[-n_u:], metrics
 
@@ -381,9 +393,16 @@ def test_step_with_batchnorm_equals_hand_computation(method, student_bn):
     normalises over cat(x_l, x_view) ("joint") or x_view alone; its labeled loss after the step
     uses the labeled batch's own statistics."""
     hard = method == "first_order"
-    cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft", temperature=1.5,
-                 uda=uda_for(ramp_steps=3), label_smoothing=0.1, teacher_opt="adamw",
-                 h_baseline_decay=0.8 if hard else None, student_bn=student_bn)  # fmt: skip
+    cfg = Config(
+        meta_grad=method,
+        pseudo_labels="hard" if hard else "soft",
+        temperature=1.5,
+        uda=uda_for(ramp_steps=3),
+        label_smoothing=0.1,
+        teacher_opt="adamw",
+        h_baseline_decay=0.8 if hard else None,
+        student_bn=student_bn,
+    )
     mpl, hand = run_both(cfg, steps=2, bn=True)
     assert_matches_hand(mpl, hand)
 
@@ -404,13 +423,31 @@ def test_student_bn_choice_changes_the_step_with_batchnorm_only():
 
 
 WEAK_VIEW = {
-    "exact_uda_bn": (Config(meta_grad="exact", uda=uda_for(weight=0.7), student_view="weak",
-                            student_bn="unlabeled", teacher_opt="adamw"), True),
-    "first_order_uda": (Config(meta_grad="first_order", pseudo_labels="hard", uda=uda_for(),
-                               student_view="weak", h_baseline_decay=0.8), False),
-    "no_meta_grad_uda_bn": (Config(meta_grad=None, uda=uda_for(weight=1.5), student_view="weak"),
-                            True),
-}  # fmt: skip
+    "exact_uda_bn": (
+        Config(
+            meta_grad="exact",
+            uda=uda_for(weight=0.7),
+            student_view="weak",
+            student_bn="unlabeled",
+            teacher_opt="adamw",
+        ),
+        True,
+    ),
+    "first_order_uda": (
+        Config(
+            meta_grad="first_order",
+            pseudo_labels="hard",
+            uda=uda_for(),
+            student_view="weak",
+            h_baseline_decay=0.8,
+        ),
+        False,
+    ),
+    "no_meta_grad_uda_bn": (
+        Config(meta_grad=None, uda=uda_for(weight=1.5), student_view="weak"),
+        True,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(WEAK_VIEW))
@@ -436,8 +473,11 @@ def test_finite_difference_step_approximates_exact(bn):
     teacher, student = mlp(seed=1, bn=bn), mlp(seed=2, bn=bn)
     cfg = Config(uda=uda_for(), label_smoothing=0.1, teacher_opt="momentum")
     runs = {}
-    for name, method, radius in [("exact", "exact", 1e-2), ("fd", "finite_difference", 1e-6),
-                                 ("coarse", "finite_difference", 0.5)]:  # fmt: skip
+    for name, method, radius in [
+        ("exact", "exact", 1e-2),
+        ("fd", "finite_difference", 1e-6),
+        ("coarse", "finite_difference", 0.5),
+    ]:
         cfg.meta_grad = method
         mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student), fd_radius=radius)
         runs[name] = (mpl, mpl.step(*batch.args()))
@@ -481,8 +521,7 @@ def test_sampler_draws_from_the_softmax():
 def test_first_order_log_prob_sum_equals_hand_computation():
     """log_prob_reduction="sum": the score-function estimate on the scale of exact (B_u times
     the paper's batch mean)."""
-    cfg = Config(meta_grad="first_order", pseudo_labels="hard",
-                 extra={"log_prob_reduction": "sum"})  # fmt: skip
+    cfg = Config(meta_grad="first_order", pseudo_labels="hard", extra={"log_prob_reduction": "sum"})
     mpl, hand = run_both(cfg, steps=2)
     assert_matches_hand(mpl, hand)
     _, hand_mean = run_both(Config(meta_grad="first_order", pseudo_labels="hard"), steps=2)
@@ -503,8 +542,14 @@ def test_sampler_draws_in_float32_under_bfloat16_autocast():
 
 @pytest.mark.parametrize("decay", [None, 0.7], ids=["no_baseline", "moving_average"])
 def test_first_order_step_equals_its_formula(decay):
-    cfg = Config(meta_grad="first_order", pseudo_labels="hard", temperature=2.0,
-                 h_baseline_decay=decay, label_smoothing=0.1, teacher_opt="momentum")  # fmt: skip
+    cfg = Config(
+        meta_grad="first_order",
+        pseudo_labels="hard",
+        temperature=2.0,
+        h_baseline_decay=decay,
+        label_smoothing=0.1,
+        teacher_opt="momentum",
+    )
     mpl, hand = run_both(cfg, steps=3)  # the baseline is non-zero from the second step on
     assert_matches_hand(mpl, hand)
     h_b = hand[-1]
@@ -542,12 +587,25 @@ def test_first_order_sign_by_enumeration():
     expected_sum, mpl_avg = 0.0, None
     tp = leaves(t0)
     p = torch.softmax(hand_mlp(tp, batch.x_us) / temperature, dim=-1)[0]
-    g_sup = dict(zip(tp, torch.autograd.grad(F.cross_entropy(hand_mlp(tp, batch.x_l), batch.y_l),
-                                             list(tp.values())), strict=True))  # fmt: skip
+    g_sup = dict(
+        zip(
+            tp,
+            torch.autograd.grad(
+                F.cross_entropy(hand_mlp(tp, batch.x_l), batch.y_l), list(tp.values())
+            ),
+            strict=True,
+        )
+    )
     for c, seed in seeds.items():
-        mpl = metapl.MPL(copy.deepcopy(teacher), copy.deepcopy(student),
-                         optim.sgd(0.1, momentum=0.5), optim.sgd(1.0), meta_grad="first_order",
-                         pseudo_labels="hard", temperature=temperature)  # fmt: skip
+        mpl = metapl.MPL(
+            copy.deepcopy(teacher),
+            copy.deepcopy(student),
+            optim.sgd(0.1, momentum=0.5),
+            optim.sgd(1.0),
+            meta_grad="first_order",
+            pseudo_labels="hard",
+            temperature=temperature,
+        )
         torch.manual_seed(seed)
         loss_l = mpl.step(*batch.args())["student/loss_l"]  # L_l(s'(c))
         expected_sum = expected_sum + p[c] * loss_l
@@ -565,7 +623,7 @@ MPL_BATCH = {
     "exact_uda_bn_joint": Config(meta_grad="exact", uda=uda_for(weight=0.7)),
     "first_order": Config(
         meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -607,10 +665,10 @@ LOOKAHEAD = {
         uda=uda_for(weight=0.7, ramp_steps=3),
         temperature=1.5,
         teacher_opt="adamw",
-    ),  # fmt: skip
+    ),
     "first_order": Config(
         meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
-    ),  # fmt: skip
+    ),
     "first_order_uda": Config(
         meta_grad="first_order",
         pseudo_labels="hard",
@@ -643,8 +701,12 @@ def test_lookahead_finite_difference_approximates_exact():
     teacher, student = mlp(seed=1), mlp(seed=2)
     grads = {}
     for method in ("exact", "finite_difference"):
-        cfg = Config(meta_grad=method, uda=uda_for(), teacher_opt="momentum",
-                     extra={"lookahead_steps": 2, "fd_radius": 1e-6})  # fmt: skip
+        cfg = Config(
+            meta_grad=method,
+            uda=uda_for(),
+            teacher_opt="momentum",
+            extra={"lookahead_steps": 2, "fd_radius": 1e-6},
+        )
         mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student))
         mpl.step(*batch.args())
         grads[method] = mpl.teacher_state["momentum"]  # the teacher's gradient after one step
@@ -654,13 +716,16 @@ def test_lookahead_finite_difference_approximates_exact():
 @pytest.mark.parametrize("method", ["exact", "finite_difference", "first_order", None])
 def test_one_lookahead_step_and_unit_weight_are_the_default_bitwise(method):
     hard = method == "first_order"
-    cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft",
-                 uda=uda_for(), h_baseline_decay=0.9 if hard else None)  # fmt: skip
+    cfg = Config(
+        meta_grad=method,
+        pseudo_labels="hard" if hard else "soft",
+        uda=uda_for(),
+        h_baseline_decay=0.9 if hard else None,
+    )
     runs = []
     for extra in ({}, {"lookahead_steps": 1, "mpl_weight": 1.0}):
         torch.manual_seed(0)
-        mpl = cfg.mpl(mlp(seed=1, bn=True, dropout=0.2), mlp(seed=2, bn=True, dropout=0.2),
-                      **extra)  # fmt: skip
+        mpl = cfg.mpl(mlp(seed=1, bn=True, dropout=0.2), mlp(seed=2, bn=True, dropout=0.2), **extra)
         runs.append((mpl, [mpl.step(*make_batch(k).args()) for k in range(2)]))
     (a, metrics_a), (b, metrics_b) = runs
     assert metrics_a == metrics_b
@@ -671,11 +736,13 @@ def test_one_lookahead_step_and_unit_weight_are_the_default_bitwise(method):
 
 @pytest.mark.parametrize(
     ("cfg", "weight"),
-    [(Config(meta_grad="exact", uda=uda_for()), 0.3),
-     (Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.7), 3.0),
-     (Config(meta_grad="exact"), 0.0)],
+    [
+        (Config(meta_grad="exact", uda=uda_for()), 0.3),
+        (Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.7), 3.0),
+        (Config(meta_grad="exact"), 0.0),
+    ],
     ids=["exact_uda", "first_order", "exact_zero"],
-)  # fmt: skip
+)
 def test_mpl_weight_scales_the_term_as_by_hand(cfg, weight):
     cfg.extra = {"mpl_weight": weight, "lookahead_steps": 2}
     mpl, hand = run_both(cfg, steps=2)
@@ -712,9 +779,13 @@ def test_state_dict_round_trip_resumes_bitwise(method, via_file, tmp_path):
     hard = method == "first_order"
 
     def build(seed_shift=0):
-        cfg = Config(meta_grad=method, pseudo_labels="hard" if hard else "soft",
-                     uda=uda_for(ramp_steps=10), teacher_opt="adamw",
-                     h_baseline_decay=0.9 if hard else None)  # fmt: skip
+        cfg = Config(
+            meta_grad=method,
+            pseudo_labels="hard" if hard else "soft",
+            uda=uda_for(ramp_steps=10),
+            teacher_opt="adamw",
+            h_baseline_decay=0.9 if hard else None,
+        )
         teacher = mlp(seed=1 + seed_shift, bn=True, dropout=0.2)
         student = mlp(seed=2 + seed_shift, bn=True, dropout=0.2)
         return cfg.mpl(teacher, student, ema_decay=0.8)
@@ -756,8 +827,13 @@ def leaf_specs(tree, path=""):
 def test_step_state_keeps_its_dtypes_and_shapes(dtype):
     """What the step threads from one call to the next must keep its dtype and shape (under
     ``compile=True`` a change recompiles the step)."""
-    cfg = Config(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.9,
-                 uda=uda_for(ramp_steps=3), teacher_opt="adamw")  # fmt: skip
+    cfg = Config(
+        meta_grad="first_order",
+        pseudo_labels="hard",
+        h_baseline_decay=0.9,
+        uda=uda_for(ramp_steps=3),
+        teacher_opt="adamw",
+    )
     mpl = cfg.mpl(mlp(seed=1, bn=True, dtype=dtype), mlp(seed=2, bn=True, dtype=dtype))
     state = lambda: {"t": mpl.teacher_state, "s": mpl.student_state, "c": mpl.counters}  # noqa: E731
     before = leaf_specs(state())
@@ -808,8 +884,12 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     teacher, student = mlp(seed=1, bn=True), mlp(seed=2, bn=True)
     t0, s0 = params(teacher), params(student)
     t_bufs0, s_bufs0 = buffers(teacher), buffers(student)
-    cfg = Config(meta_grad=method, pseudo_labels=labels, uda=uda_for() if with_uda else None,
-                 student_bn=student_bn)  # fmt: skip
+    cfg = Config(
+        meta_grad=method,
+        pseudo_labels=labels,
+        uda=uda_for() if with_uda else None,
+        student_bn=student_bn,
+    )
     mpl = cfg.mpl(teacher, student)
     batch = make_batch(0)
     torch.manual_seed(0)
@@ -817,11 +897,13 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
 
     first = lambda p, x: x @ p["0.weight"].T + p["0.bias"]  # noqa: E731
     parts = [batch.x_l] + ([batch.x_u] if with_uda else []) + [batch.x_us]
-    t_mean, t_var = bn_update((t_bufs0["1.running_mean"], t_bufs0["1.running_var"]),
-                              first(t0, torch.cat(parts)), 0.3)  # fmt: skip
+    t_mean, t_var = bn_update(
+        (t_bufs0["1.running_mean"], t_bufs0["1.running_var"]), first(t0, torch.cat(parts)), 0.3
+    )
     student_batch = torch.cat([batch.x_l, batch.x_us]) if student_bn == "joint" else batch.x_us
-    s_mean, s_var = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
-                              first(s0, student_batch), 0.3)  # fmt: skip
+    s_mean, s_var = bn_update(
+        (s_bufs0["1.running_mean"], s_bufs0["1.running_var"]), first(s0, student_batch), 0.3
+    )
     t_bufs, s_bufs = buffers(mpl.teacher), buffers(mpl.student)
     torch.testing.assert_close(t_bufs["1.running_mean"], t_mean, **TIGHT)
     torch.testing.assert_close(t_bufs["1.running_var"], t_var, **TIGHT)
@@ -831,8 +913,9 @@ def test_batchnorm_running_stats_advance_once_from_the_right_batches(case, with_
     assert int(s_bufs["1.num_batches_tracked"]) == 1
     # discriminative: the other choice would have given other student statistics
     other = batch.x_us if student_bn == "joint" else torch.cat([batch.x_l, batch.x_us])
-    wrong, _ = bn_update((s_bufs0["1.running_mean"], s_bufs0["1.running_var"]),
-                         first(s0, other), 0.3)  # fmt: skip
+    wrong, _ = bn_update(
+        (s_bufs0["1.running_mean"], s_bufs0["1.running_var"]), first(s0, other), 0.3
+    )
     assert (wrong - s_mean).abs().max() > 1e-3
 
 
@@ -926,7 +1009,7 @@ class _Wrong:
             "teacher_optimizer": optim.sgd(0.1),
             "student_optimizer": optim.sgd(0.1),
         }
-        args.update(kwargs)  # fmt: skip
+        args.update(kwargs)
         return metapl.MPL(**args)
 
 
@@ -943,7 +1026,7 @@ class _Wrong:
             {"meta_grad": "first_order", "pseudo_labels": "hard", "h_baseline_decay": 1.5},
             ValueError,
             r"h_baseline_decay must be in \[0, 1\)",
-        ),  # fmt: skip
+        ),
         ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
         ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
         ({"ema_decay": 1.0}, ValueError, "ema_decay"),
@@ -963,8 +1046,7 @@ def test_bad_config_raises_a_helpful_error(kwargs, error, match):
 
 def test_compiled_finite_difference_rejects_a_student_with_dropout():
     with pytest.raises(ValueError, match="replays the student's dropout masks"):
-        _Wrong.build(meta_grad="finite_difference", compile=True,
-                     student=mlp(seed=2, dropout=0.3))  # fmt: skip
+        _Wrong.build(meta_grad="finite_difference", compile=True, student=mlp(seed=2, dropout=0.3))
 
 
 def test_torch_optim_optimizer_is_rejected():
@@ -975,9 +1057,13 @@ def test_torch_optim_optimizer_is_rejected():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"weight": -1.0}, "weight >= 0"), ({"temperature": 0.0}, "temperature > 0"),
-     ({"threshold": 1.5}, "threshold <= 1"), ({"ramp_steps": -1}, "ramp_steps")],
-)  # fmt: skip
+    [
+        ({"weight": -1.0}, "weight >= 0"),
+        ({"temperature": 0.0}, "temperature > 0"),
+        ({"threshold": 1.5}, "threshold <= 1"),
+        ({"ramp_steps": -1}, "ramp_steps"),
+    ],
+)
 def test_bad_uda_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         metapl.UDA(**kwargs)
@@ -1000,7 +1086,7 @@ def _batch_with(**changes):
             {"x_u": torch.zeros(12, 3, dtype=F64), "x_u_strong": None},
             ValueError,
             "same example shape",
-        ),  # fmt: skip
+        ),
         ({"x_l": [[0.0, 1.0]]}, TypeError, "must be tensors"),
         (
             {"y_l": torch.tensor([0, 1, 2, 3, 0, 1, 2, 0])},
@@ -1008,7 +1094,7 @@ def _batch_with(**changes):
             r"class indices 0\.\.2 \(the teacher has 3 outputs\), got label 3",
         ),
         ({"y_l": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0])}, ValueError, "got label -1"),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_batch_raises_and_changes_nothing(changes, error, match):
     mpl = Config().mpl(mlp(seed=1), mlp(seed=2))
@@ -1059,7 +1145,7 @@ def test_labels_are_checked_on_every_step_on_the_cpu(sync):
             ValueError,
             "mpl_batch needs a meta_grad",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_mpl_batch_raises_and_changes_nothing(meta_grad, mpl_batch, error, match):
     mpl = Config(meta_grad=meta_grad).mpl(mlp(seed=1), mlp(seed=2))
@@ -1119,11 +1205,15 @@ def test_finetune_equals_torch_optim_sgd(label_smoothing, ema_decay):
     reference = copy.deepcopy(mpl.ema_student if ema_decay else mpl.student).requires_grad_(True)
     batches = [(b.x_l, b.y_l) for b in map(make_batch, range(2, 6))]
 
-    losses = mpl.finetune(batches, optim.sgd(0.3, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                          label_smoothing=label_smoothing)  # fmt: skip
+    losses = mpl.finetune(
+        batches,
+        optim.sgd(0.3, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        label_smoothing=label_smoothing,
+    )
 
-    opt = torch.optim.SGD(reference.parameters(), 0.3, momentum=0.9, nesterov=True,
-                          weight_decay=1e-3)  # fmt: skip
+    opt = torch.optim.SGD(
+        reference.parameters(), 0.3, momentum=0.9, nesterov=True, weight_decay=1e-3
+    )
     reference.train()
     expected = []
     for x, y in batches:

@@ -25,19 +25,30 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}
 F64_TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
-def build(meta_grad, pseudo_labels, compile, *, bn=True, dropout=0.0, uda=True, dtype=F32,
-          **kwargs):  # fmt: skip
+def build(
+    meta_grad, pseudo_labels, compile, *, bn=True, dropout=0.0, uda=True, dtype=F32, **kwargs
+):
     teacher = mlp(seed=1, bn=bn, dropout=dropout, dtype=dtype)
     student = mlp(seed=2, bn=bn, dropout=dropout, dtype=dtype)
     return metapl.MPL(
-        teacher, student,
+        teacher,
+        student,
         optim.sgd(0.2, momentum=0.9, weight_decay=1e-3),
-        optim.sgd(optim.warmup_cosine(0.5, total_steps=10, warmup_steps=2), momentum=0.9,
-                  nesterov=True, weight_decay=5e-4),
-        meta_grad=meta_grad, pseudo_labels=pseudo_labels,
-        uda=uda_for(ramp_steps=4) if uda else None, label_smoothing=0.1, compile=compile,
-        temperature=0.8, ema_decay=0.9, **kwargs,
-    )  # fmt: skip
+        optim.sgd(
+            optim.warmup_cosine(0.5, total_steps=10, warmup_steps=2),
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=5e-4,
+        ),
+        meta_grad=meta_grad,
+        pseudo_labels=pseudo_labels,
+        uda=uda_for(ramp_steps=4) if uda else None,
+        label_smoothing=0.1,
+        compile=compile,
+        temperature=0.8,
+        ema_decay=0.9,
+        **kwargs,
+    )
 
 
 def run(mpl: metapl.MPL, steps=3, no_recompile=False, seed=0, n_mpl=0):

@@ -49,18 +49,37 @@ CASES = [
     ("rmsprop", {}),
     ("rmsprop", {"momentum": 0.9}),
     ("rmsprop", {"centered": True}),
-    ("rmsprop", {"alpha": 0.9, "eps": 1e-4, "weight_decay": 0.1, "momentum": 0.5,
-                 "centered": True, "maximize": True}),
+    (
+        "rmsprop",
+        {
+            "alpha": 0.9,
+            "eps": 1e-4,
+            "weight_decay": 0.1,
+            "momentum": 0.5,
+            "centered": True,
+            "maximize": True,
+        },
+    ),
     ("adagrad", {}),
     ("adagrad", {"lr_decay": 0.1}),
-    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5,
-                 "eps": 1e-6, "maximize": True}),
-]  # fmt: skip
+    (
+        "adagrad",
+        {
+            "lr_decay": 0.05,
+            "weight_decay": 0.1,
+            "initial_accumulator_value": 0.5,
+            "eps": 1e-6,
+            "maximize": True,
+        },
+    ),
+]
 
 
 def case_ids(cases):
-    return [f"{kind}-{'-'.join(f'{k}={v}' for k, v in hyper.items()) or 'default'}"
-            for kind, hyper in cases]  # fmt: skip
+    return [
+        f"{kind}-{'-'.join(f'{k}={v}' for k, v in hyper.items()) or 'default'}"
+        for kind, hyper in cases
+    ]
 
 
 IDS = case_ids(CASES)
@@ -147,13 +166,18 @@ def test_clip_grad_norm_matches_torch(kind, hyper):
 def test_warmup_cosine_by_hand():
     lr = optim.warmup_cosine(1.0, total_steps=20, warmup_steps=4, wait_steps=2, min_lr=0.1)
     expected = {
-        0: 0.0, 1: 0.0,  # wait
-        2: 0.25, 3: 0.5, 4: 0.75, 5: 1.0,  # linear warm-up to base_lr
+        0: 0.0,
+        1: 0.0,  # wait
+        2: 0.25,
+        3: 0.5,
+        4: 0.75,
+        5: 1.0,  # linear warm-up to base_lr
         6: 1.0,  # cosine starts at base_lr; decay over 20 - 2 - 4 = 14 steps
         8: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 14)),
         13: 0.55,  # middle of the cosine: min_lr + (base_lr - min_lr) / 2
-        20: 0.1, 30: 0.1,  # end, and clamped after it
-    }  # fmt: skip
+        20: 0.1,
+        30: 0.1,  # end, and clamped after it
+    }
     for step, value in expected.items():
         assert lr(torch.tensor(float(step))).item() == pytest.approx(value, abs=1e-12), step
     no_warmup = optim.warmup_cosine(2.0, total_steps=10)
@@ -298,8 +322,9 @@ def as_tensors(hyper):
 def test_tensor_hyperparameters_match_torch_optim_step_for_step(kind, hyper):
     """Every hyperparameter as a 0-d tensor: still torch.optim, step for step."""
     tensors = as_tensors(hyper)
-    compare_with_torch(kind, hyper, torch.tensor(LR[kind], dtype=F64), LR[kind],
-                       metapl_hyper=tensors)  # fmt: skip
+    compare_with_torch(
+        kind, hyper, torch.tensor(LR[kind], dtype=F64), LR[kind], metapl_hyper=tensors
+    )
 
 
 def test_per_parameter_lr_matches_torch_parameter_groups():
@@ -322,15 +347,28 @@ GRADCHECK_HYPER = [
     ("sgd", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.1}),
     ("sgd", {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.1, "maximize": True}),
     ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6}),
-    ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "eps_root": 1e-4,
-              "amsgrad": True}),
+    (
+        "adam",
+        {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6, "eps_root": 1e-4, "amsgrad": True},
+    ),
     ("adamw", {"weight_decay": 0.3, "betas": (0.5, 0.9)}),
     ("rmsprop", {"alpha": 0.8, "eps": 1e-3}),
-    ("rmsprop", {"alpha": 0.9, "eps": 1e-3, "weight_decay": 0.1, "momentum": 0.5,
-                 "centered": True, "maximize": True}),
-    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
-                 "eps": 1e-3}),
-]  # fmt: skip
+    (
+        "rmsprop",
+        {
+            "alpha": 0.9,
+            "eps": 1e-3,
+            "weight_decay": 0.1,
+            "momentum": 0.5,
+            "centered": True,
+            "maximize": True,
+        },
+    ),
+    (
+        "adagrad",
+        {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-3},
+    ),
+]
 
 
 def per_parameter(value, seed=0):
@@ -401,11 +439,15 @@ GROUP_CASES = [
     ("sgd", {"momentum": 0.8, "weight_decay": 0.1, "nesterov": True, "maximize": True}),
     ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1, "amsgrad": True}),
     ("adamw", {"betas": (0.5, 0.9), "weight_decay": 0.3}),
-    ("rmsprop", {"alpha": 0.9, "eps": 1e-4, "momentum": 0.5, "weight_decay": 0.1,
-                 "centered": True}),
-    ("adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
-                 "eps": 1e-6}),
-]  # fmt: skip
+    (
+        "rmsprop",
+        {"alpha": 0.9, "eps": 1e-4, "momentum": 0.5, "weight_decay": 0.1, "centered": True},
+    ),
+    (
+        "adagrad",
+        {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-6},
+    ),
+]
 
 
 def split_hyper(kind, hyper):
@@ -526,14 +568,17 @@ def test_nested_inputs_never_mutated():
 # --------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize(("kind", "name", "base"), [
-    ("sgd", "momentum", {}),
-    ("sgd", "dampening", {"momentum": 0.9}),
-    ("sgd", "weight_decay", {}),
-    ("adam", "eps_root", {}),
-    ("rmsprop", "momentum", {}),
-    ("adagrad", "lr_decay", {}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "name", "base"),
+    [
+        ("sgd", "momentum", {}),
+        ("sgd", "dampening", {"momentum": 0.9}),
+        ("sgd", "weight_decay", {}),
+        ("adam", "eps_root", {}),
+        ("rmsprop", "momentum", {}),
+        ("adagrad", "lr_decay", {}),
+    ],
+)
 def test_a_tensor_zero_runs_the_feature_code_with_the_same_numbers(kind, name, base):
     """Type decides, not value: a 0-d tensor of 0 runs the feature (its slot exists, gradients
     reach it) with the numbers of the feature off."""
@@ -606,15 +651,21 @@ def test_hyperparameter_errors_name_the_fix():
         esc = name.replace("[", r"\[").replace("]", r"\]")
         # a leaf that would broadcast ([1] for a [3, 4] weight) is refused, naming the leaf
         for bad in (torch.ones(1), torch.ones(4)):
-            with pytest.raises(ValueError, match=rf"{esc}\['w'\] has shape \({bad.numel()},\) "
-                               r"but the parameter 'w' has shape \(3, 4\)"):  # fmt: skip
+            with pytest.raises(
+                ValueError,
+                match=rf"{esc}\['w'\] has shape \({bad.numel()},\) "
+                r"but the parameter 'w' has shape \(3, 4\)",
+            ):
                 make({"w": bad, "b": torch.tensor(0.1)}).init(params)
         with pytest.raises(ValueError, match=rf"a tensor {esc} must be 0-d, got shape \(2,\)"):
             make(torch.ones(2))
         with pytest.raises(TypeError, match=rf"per-parameter {esc} must be a tree of tensors"):
             make({"w": 0.1, "b": 0.1})
-        with pytest.raises(ValueError, match=rf"per-parameter {esc} must have the same keys as "
-                           r"the parameters; missing \['b'\]"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"per-parameter {esc} must have the same keys as "
+            r"the parameters; missing \['b'\]",
+        ):
             make({"w": torch.tensor(0.1)}).init(params)
         with pytest.raises(ValueError, match=rf"^{esc} must be (>=|in)"):
             make(-0.5)
@@ -624,13 +675,19 @@ def test_hyperparameter_errors_name_the_fix():
     opt = optim.sgd({"w": torch.ones(1), "b": torch.tensor(0.1)})
     with pytest.raises(ValueError, match=r"lr\['w'\] has shape \(1,\)"):
         opt.step(params, grads, optim.sgd(0.1).init(params))
-    with pytest.raises(ValueError, match=r"lr\['net.0.weight'\] has shape \(1,\) but the "
-                       r"parameter 'net.0.weight' has shape \(3, 4\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"lr\['net.0.weight'\] has shape \(1,\) but the "
+        r"parameter 'net.0.weight' has shape \(3, 4\)",
+    ):
         optim.rmsprop(nest({"w": torch.ones(1), "b": torch.tensor(0.1)})).init(nest(params))
     with pytest.raises(ValueError, match=r"a tensor lr \(from the schedule\) must be 0-d"):
         optim.sgd(lambda step: torch.ones(3)).step(params, grads, optim.sgd(0.1).init(params))
-    with pytest.raises(ValueError, match=r"lr must be >= 0, got -0.1 \(for gradient ascent "
-                       "pass maximize=True\\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"lr must be >= 0, got -0.1 \(for gradient ascent "
+        "pass maximize=True\\)",
+    ):
         optim.adam(-0.1)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
         optim.rmsprop(alpha=1.5)
@@ -644,8 +701,11 @@ def test_hyperparameter_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"state has no slot \['momentum'\]"):
         optim.sgd(0.1, momentum=0.9).step(params, grads, optim.sgd(0.1).init(params))
     opt = optim.adagrad()
-    with pytest.raises(ValueError, match=r"state\['sum'\] must have the same keys as the "
-                       r"parameters; missing \['b'\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"state\['sum'\] must have the same keys as the "
+        r"parameters; missing \['b'\]",
+    ):
         opt.step(params, grads, {**opt.init(params), "sum": {"w": params["w"]}})
 
 
@@ -696,5 +756,4 @@ def test_vmap_over_hyperparameters_equals_a_loop(kind):
         d_lr, d_w, d_b = torch.autograd.grad(value, [lr, eps_i["w"], eps_i["b"]])
         (b_lr, b_eps), b_value = batched
         assert_close(b_value[i], value, rtol=1e-14, atol=0)
-        assert_close([b_lr[i], b_eps["w"][i], b_eps["b"][i]], [d_lr, d_w, d_b], rtol=1e-12,
-                     atol=0)  # fmt: skip
+        assert_close([b_lr[i], b_eps["w"][i], b_eps["b"][i]], [d_lr, d_w, d_b], rtol=1e-12, atol=0)

@@ -18,7 +18,8 @@ def test_own_data_page_runs(tmp_path, monkeypatch, capsys):
     assert results["test/student"] > 0.5  # 10 classes: far above chance (61% measured)
     out = tmp_path / "runs" / "own_data"
     assert {"checkpoint.pt", "final.pt", "results.json", "metrics.jsonl"} <= {
-        p.name for p in out.iterdir()}  # fmt: skip
+        p.name for p in out.iterdir()
+    }
     config, records = read_metrics(out)
     assert config["steps"] == 100 and config["labeled_batch"] == 25
     assert [r["step"] for r in records if "val/teacher" in r] == [25, 50, 75, 100, 100]

@@ -11,8 +11,9 @@ def _extras() -> dict[str, list[str]]:
     section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
     extras = {}
     for name, body in re.findall(r"^(\w+)\s*=\s*\[(.*?)\]", section, flags=re.M | re.S):
-        extras[name] = [re.split(r"[<>=!~\[ ]", d.strip())[0].lower()
-                        for d in re.findall(r'"([^"]+)"', body)]  # fmt: skip
+        extras[name] = [
+            re.split(r"[<>=!~\[ ]", d.strip())[0].lower() for d in re.findall(r'"([^"]+)"', body)
+        ]
     return extras
 
 

@@ -21,10 +21,16 @@ def write_run(folder: Path, scale: float) -> dict[int, dict[str, float]]:
     tracker = Tracker(folder, config={"scale": scale})
     logged = {}
     for step in (2, 4, 6):
-        m = {"teacher/loss": scale / step, "student/loss_l": 2 * scale / step,
-             "mpl/h": scale * (step - 4), "mpl/h_baseline": 0.1 * step,
-             "mpl/grad_norm_logits": scale * step, "teacher/lr": 0.1 / step,
-             "student/lr": 0.2 / step, "images_per_s": 100.0 * step}  # fmt: skip
+        m = {
+            "teacher/loss": scale / step,
+            "student/loss_l": 2 * scale / step,
+            "mpl/h": scale * (step - 4),
+            "mpl/h_baseline": 0.1 * step,
+            "mpl/grad_norm_logits": scale * step,
+            "teacher/lr": 0.1 / step,
+            "student/lr": 0.2 / step,
+            "images_per_s": 100.0 * step,
+        }
         tracker.log(m, step=step)
         logged[step] = m
         if step % 4 == 2:
@@ -44,18 +50,26 @@ def test_panels_hold_every_runs_curves(tmp_path):
     runs = plot.load_runs([tmp_path / "grid" / "exact", tmp_path / "grid" / "none"])
     panel_list = plot.panels(runs)
     assert [p.title for p in panel_list] == [
-        "accuracy", "student/loss_l", "teacher/loss",
-        "h (MPL: change of the student's labeled loss)", "meta-gradient norm (teacher logits)",
-        "learning rate", "images_per_s",
-    ]  # fmt: skip
+        "accuracy",
+        "student/loss_l",
+        "teacher/loss",
+        "h (MPL: change of the student's labeled loss)",
+        "meta-gradient norm (teacher logits)",
+        "learning rate",
+        "images_per_s",
+    ]
     for run, logged in (("exact", a), ("none", b)):
         scale = 1.0 if run == "exact" else 2.0
-        assert series(panel_list, "accuracy")[f"{run}: val/student"] == ([2, 6], [
-            scale * 0.05 * 2, scale * 0.05 * 6])  # fmt: skip
+        assert series(panel_list, "accuracy")[f"{run}: val/student"] == (
+            [2, 6],
+            [scale * 0.05 * 2, scale * 0.05 * 6],
+        )
         assert series(panel_list, "accuracy")[f"{run}: test/student"] == ([6], [0.5 * scale])
         # the NaN logged with the test point is left out of the curve
         assert series(panel_list, "teacher/loss")[run] == (
-            [2, 4, 6], [logged[s]["teacher/loss"] for s in (2, 4, 6)])  # fmt: skip
+            [2, 4, 6],
+            [logged[s]["teacher/loss"] for s in (2, 4, 6)],
+        )
         h = series(panel_list, "h (MPL: change of the student's labeled loss)")
         assert h[f"{run}: mpl/h"] == ([2, 4, 6], [-2 * scale, 0.0, 2 * scale])
         lr = series(panel_list, "learning rate")
@@ -71,8 +85,10 @@ def test_the_figure_draws_the_panels_data_with_legends(tmp_path):
     assert len(axes) == len(panel_list)
     for ax, panel in zip(axes, panel_list, strict=True):
         assert ax.get_title() == panel.title
-        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
-                 for line in ax.get_lines()}  # fmt: skip
+        lines = {
+            line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()
+        }
         assert lines == {s.label: (s.steps, s.values) for s in panel.series}
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert legend == [s.label for s in panel.series]
@@ -86,9 +102,15 @@ def test_command_writes_one_figure_or_one_png_per_panel(tmp_path):
     assert default == tmp_path / "grid" / "curves.png"  # the runs' common parent
     assert default.read_bytes()[:8] == PNG
     written = plot.main([*runs, "--output", str(tmp_path / "panels")])
-    assert [p.name for p in written] == ["accuracy.png", "student_loss_l.png",
-                                         "teacher_loss.png", "h.png", "meta_grad_norm.png",
-                                         "lr.png", "images_per_s.png"]  # fmt: skip
+    assert [p.name for p in written] == [
+        "accuracy.png",
+        "student_loss_l.png",
+        "teacher_loss.png",
+        "h.png",
+        "meta_grad_norm.png",
+        "lr.png",
+        "images_per_s.png",
+    ]
     assert all(p.read_bytes()[:8] == PNG for p in written)
     (some,) = plot.main([*runs, "--panels", "h", "accuracy", "--output", str(tmp_path / "s.png")])
     assert some.read_bytes()[:8] == PNG
@@ -101,11 +123,13 @@ def test_command_writes_one_figure_or_one_png_per_panel(tmp_path):
     [
         (lambda d: None, "error: no metrics file at "),
         (lambda d: (d / "metrics.jsonl").write_text('{"config": {}}\n'), "has no logged steps"),
-        (lambda d: (d / "metrics.jsonl").write_text('{"step": 1, "a": 1}\nnot json\n{}\n'),
-         "line 2, is not JSON"),
-        (lambda d: (d / "metrics.jsonl").write_text('[1, 2]\n'), "not a metapl metrics record"),
+        (
+            lambda d: (d / "metrics.jsonl").write_text('{"step": 1, "a": 1}\nnot json\n{}\n'),
+            "line 2, is not JSON",
+        ),
+        (lambda d: (d / "metrics.jsonl").write_text("[1, 2]\n"), "not a metapl metrics record"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_error(tmp_path, capsys, setup, message):
     run = tmp_path / "run"
     run.mkdir()
@@ -119,14 +143,22 @@ def test_an_unknown_panel_is_one_line_error(tmp_path, capsys):
     write_run(tmp_path, 1.0)
     assert plot.cli([str(tmp_path), "--panels", "accuracy", "loss"]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "no panel loss in these runs; they have " \
-        "accuracy, student_loss_l, teacher_loss, h," in err, err
+    assert (
+        out == ""
+        and err.count("\n") == 1
+        and "no panel loss in these runs; they have accuracy, student_loss_l, teacher_loss, h,"
+        in err
+    ), err
 
 
 def test_the_module_runs_as_a_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "metapl.plot", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "metapl.plot", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: no metrics file at ") and proc.stderr.count("\n") == 1
 

@@ -52,9 +52,13 @@ problems = st.builds(
 def test_exact_and_finite_difference_match_reference(problem, opt, steps):
     kind, hyper = opt
     ref = reference_meta_grad(
-        problem.inner_loss, problem.outer_loss, problem.student, problem.teacher,
-        REFERENCE[kind](**hyper), steps,
-    )  # fmt: skip
+        problem.inner_loss,
+        problem.outer_loss,
+        problem.student,
+        problem.teacher,
+        REFERENCE[kind](**hyper),
+        steps,
+    )
     # Norm-wise relative error with a small absolute floor for near-vanishing meta-gradients
     # (the finite difference's rounding error, ~1e-16 * |grad| / fd_radius, does not shrink
     # with them). That error is taken along the adjoint of the inner gradient, which Adam's
@@ -68,9 +72,15 @@ def test_exact_and_finite_difference_match_reference(problem, opt, steps):
         ("finite_difference", {"fd_radius": 1e-6}, 1e-5, fd_floor),
     ):
         res = metapl.meta_grad(
-            problem.inner_loss, problem.outer_loss, problem.student, problem.teacher,
-            getattr(optim, kind)(**hyper), steps=steps, method=method, **kwargs,
-        )  # fmt: skip
+            problem.inner_loss,
+            problem.outer_loss,
+            problem.student,
+            problem.teacher,
+            getattr(optim, kind)(**hyper),
+            steps=steps,
+            method=method,
+            **kwargs,
+        )
         error = (flat(res.teacher_grads) - flat(ref.teacher_grads)).norm()
         assert error <= rtol * flat(ref.teacher_grads).norm() + atol, method
         assert_close(res.student_params, ref.student_params, rtol=1e-10, atol=1e-12)

@@ -38,9 +38,14 @@ def test_set_fields_parses_each_field_as_its_type():
 
 @pytest.mark.parametrize(
     ("item", "match"),
-    [("nope=1", "KEY one of"), ("lr", "KEY one of"), ("steps=2.5", "expected a int"),
-     ("flip=0", "expected a bool"), ("hidden=64", "expected a tuple")],
-)  # fmt: skip
+    [
+        ("nope=1", "KEY one of"),
+        ("lr", "KEY one of"),
+        ("steps=2.5", "expected a int"),
+        ("flip=0", "expected a bool"),
+        ("hidden=64", "expected a tuple"),
+    ],
+)
 def test_set_fields_rejects_unknown_keys_and_wrong_types(item, match):
     with pytest.raises(ValueError, match=match):
         set_fields(_Config(), [item])
@@ -71,17 +76,42 @@ def test_short_runs_keep_a_warm_up_and_a_student_wait():
 
 
 def test_every_recipe_field_is_a_flag_and_named_flags_win_over_set():
-    values = {"steps": 7, "labeled_batch": 3, "unlabeled_ratio": 2, "teacher_lr": 0.3,
-              "student_lr": 0.4, "momentum": 0.5, "nesterov": False, "weight_decay": 0.01,
-              "warmup_steps": 2, "student_wait_steps": 1, "teacher_dropout": 0.1,
-              "student_dropout": 0.3, "ema_decay": 0.9, "label_smoothing": 0.05,
-              "pseudo_label_temperature": 0.5, "uda_weight": 2.0, "uda_temperature": 0.4,
-              "uda_threshold": 0.8, "uda_steps": 3, "uda_mask_on": "unsharpened",
-              "h_baseline_decay": 0.5, "log_prob_reduction": "sum", "student_bn": "unlabeled",
-              "randaugment": "uniform", "randaugment_ops": 3, "randaugment_magnitude": 9.0,
-              "finetune_epochs": 2.0, "finetune_steps": 11, "finetune_batch": 64,
-              "finetune_lr": 0.01, "finetune_weight_decay": 0.001, "finetune_momentum": 0.5,
-              "finetune_label_smoothing": 0.0, "finetune_augment": "weak"}  # fmt: skip
+    values = {
+        "steps": 7,
+        "labeled_batch": 3,
+        "unlabeled_ratio": 2,
+        "teacher_lr": 0.3,
+        "student_lr": 0.4,
+        "momentum": 0.5,
+        "nesterov": False,
+        "weight_decay": 0.01,
+        "warmup_steps": 2,
+        "student_wait_steps": 1,
+        "teacher_dropout": 0.1,
+        "student_dropout": 0.3,
+        "ema_decay": 0.9,
+        "label_smoothing": 0.05,
+        "pseudo_label_temperature": 0.5,
+        "uda_weight": 2.0,
+        "uda_temperature": 0.4,
+        "uda_threshold": 0.8,
+        "uda_steps": 3,
+        "uda_mask_on": "unsharpened",
+        "h_baseline_decay": 0.5,
+        "log_prob_reduction": "sum",
+        "student_bn": "unlabeled",
+        "randaugment": "uniform",
+        "randaugment_ops": 3,
+        "randaugment_magnitude": 9.0,
+        "finetune_epochs": 2.0,
+        "finetune_steps": 11,
+        "finetune_batch": 64,
+        "finetune_lr": 0.01,
+        "finetune_weight_decay": 0.001,
+        "finetune_momentum": 0.5,
+        "finetune_label_smoothing": 0.0,
+        "finetune_augment": "weak",
+    }
     assert set(values) == {f.name for f in dataclasses.fields(Recipe)}
     argv = []
     for name, value in values.items():
@@ -97,18 +127,21 @@ def test_every_recipe_field_is_a_flag_and_named_flags_win_over_set():
 def test_the_ports_command_translates_flag_for_flag():
     """kekmodel/MPL-pytorch's CIFAR-10-4K command, with our script's own flags for what has no
     alias (docs/reproducing.md has the table)."""
-    port = ("--total-steps 300000 --randaug 2 16 --batch-size 128 --teacher_lr 0.05 "
-            "--student_lr 0.05 --weight-decay 5e-4 --ema 0.995 --nesterov --mu 7 "
-            "--label-smoothing 0.15 --temperature 0.7 --threshold 0.6 --lambda-u 8 "
-            "--warmup-steps 5000 --uda-steps 5000 --student-wait-steps 3000 "
-            "--teacher-dropout 0.2 --student-dropout 0.2 --finetune-epochs 625 "
-            "--finetune-batch-size 512 --finetune-lr 3e-5 --finetune-weight-decay 0 "
-            "--finetune-momentum 0.9 --seed 5 --eval-step 1000")  # fmt: skip
+    port = (
+        "--total-steps 300000 --randaug 2 16 --batch-size 128 --teacher_lr 0.05 "
+        "--student_lr 0.05 --weight-decay 5e-4 --ema 0.995 --nesterov --mu 7 "
+        "--label-smoothing 0.15 --temperature 0.7 --threshold 0.6 --lambda-u 8 "
+        "--warmup-steps 5000 --uda-steps 5000 --student-wait-steps 3000 "
+        "--teacher-dropout 0.2 --student-dropout 0.2 --finetune-epochs 625 "
+        "--finetune-batch-size 512 --finetune-lr 3e-5 --finetune-weight-decay 0 "
+        "--finetune-momentum 0.9 --seed 5 --eval-step 1000"
+    )
     args = _args(*port.split())
     assert recipe_from_args(Recipe(), args) == Recipe()  # the preset is that command
     assert (args.seed, args.eval_every) == (5, 1000)
-    changed = recipe_from_args(Recipe(), _args("--temperature", "0.5", "--lambda-u", "1",
-                                               "--mu", "3", "--ema", "0"))  # fmt: skip
+    changed = recipe_from_args(
+        Recipe(), _args("--temperature", "0.5", "--lambda-u", "1", "--mu", "3", "--ema", "0")
+    )
     assert (changed.uda_temperature, changed.uda_weight) == (0.5, 1.0)
     assert (changed.unlabeled_ratio, changed.ema_decay) == (3, 0.0)
 
@@ -127,9 +160,13 @@ def test_help_shows_every_default_and_choice(capsys):
 
 @pytest.mark.parametrize(
     ("argv", "match"),
-    [(["--uda-threshold", "x"], None), (["--set", "student_bn=both"], "--student-bn must be one"),
-     (["--ema-decay", "1"], "--ema-decay must be in"), (["--set", "nope=1"], "KEY one of")],
-)  # fmt: skip
+    [
+        (["--uda-threshold", "x"], None),
+        (["--set", "student_bn=both"], "--student-bn must be one"),
+        (["--ema-decay", "1"], "--ema-decay must be in"),
+        (["--set", "nope=1"], "KEY one of"),
+    ],
+)
 def test_bad_values_name_their_flag(argv, match):
     if match is None:  # argparse's own type check
         with pytest.raises(SystemExit):
@@ -163,8 +200,13 @@ def test_the_recipe_reaches_randaugment_and_mpl():
     assert mpl.uda == UDA(8.0, 0.7, 0.6, 5000, "sharpened")
     assert (mpl.student_bn, mpl.log_prob_reduction, mpl.label_smoothing) == ("joint", "mean", 0.15)
     assert (mpl.ema_decay, mpl.h_baseline_decay, mpl.pseudo_labels) == (0.995, 0.99, "hard")
-    recipe = Recipe(ema_decay=0.0, log_prob_reduction="sum", student_bn="unlabeled",
-                    uda_mask_on="unsharpened", pseudo_label_temperature=0.5)  # fmt: skip
+    recipe = Recipe(
+        ema_decay=0.0,
+        log_prob_reduction="sum",
+        student_bn="unlabeled",
+        uda_mask_on="unsharpened",
+        pseudo_label_temperature=0.5,
+    )
     mpl = build_mpl(*nets, recipe, _args("--no-uda"))
     assert mpl.uda is None and mpl.ema_student is None and mpl.meta_grad == "exact"
     assert (mpl.student_bn, mpl.temperature) == ("unlabeled", 0.5)

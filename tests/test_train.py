@@ -117,8 +117,12 @@ def test_resume_forgets_the_metrics_logged_after_the_checkpoint(tmp_path):
     tracker.log({"loss": 3.5}, step=3)
     tracker.finish()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"config": {}}, {"step": 1, "loss": 1}, {"step": 2, "loss": 2},
-                     {"step": 3, "loss": 3.5}]  # fmt: skip
+    assert lines == [
+        {"config": {}},
+        {"step": 1, "loss": 1},
+        {"step": 2, "loss": 2},
+        {"step": 3, "loss": 3.5},
+    ]
 
 
 def test_every_evaluation_prints_a_line_and_the_run_is_logged_with_its_config(tmp_path, capsys):
@@ -129,12 +133,15 @@ def test_every_evaluation_prints_a_line_and_the_run_is_logged_with_its_config(tm
     assert [r["step"] for r in evals] == [4, 8] and len(lines) == 2
     best = max(evals, key=lambda r: r["val/student"])  # the first of equals
     for line, r in zip(lines, evals, strict=True):
-        assert line.startswith(f"step {r['step']}/8 | val top-1: teacher "
-                               f"{100 * r['val/teacher']:.2f}% student "
-                               f"{100 * r['val/student_raw']:.2f}% EMA student "
-                               f"{100 * r['val/student']:.2f}%")  # fmt: skip
-    assert lines[-1].endswith(f"best EMA student {100 * best['val/student']:.2f}% "
-                              f"(step {best['step']})")  # fmt: skip
+        assert line.startswith(
+            f"step {r['step']}/8 | val top-1: teacher "
+            f"{100 * r['val/teacher']:.2f}% student "
+            f"{100 * r['val/student_raw']:.2f}% EMA student "
+            f"{100 * r['val/student']:.2f}%"
+        )
+    assert lines[-1].endswith(
+        f"best EMA student {100 * best['val/student']:.2f}% (step {best['step']})"
+    )
     assert config == {**asdict(tiny_config(8, finetune_steps=3, log_every=2, eval_every=4))}
     finetune = [(r["step"], r["finetune/loss"]) for r in records if "finetune/loss" in r]
     assert [s for s, _ in finetune] == [10, 11] and all(loss > 0 for _, loss in finetune)
@@ -145,8 +152,11 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path, capsys):
     tiny_train(tmp_path, steps=4, finetune_steps=2, eval_every=100)
     err = capsys.readouterr().err  # not a tty: no carriage returns, one line at each phase's end
     assert "\r" not in err
-    assert [x.split()[:2] for x in err.splitlines()] == [["step", "4/4"], ["mpl", "4/4"],
-                                                         ["finetune", "2/2"]]  # fmt: skip
+    assert [x.split()[:2] for x in err.splitlines()] == [
+        ["step", "4/4"],
+        ["mpl", "4/4"],
+        ["finetune", "2/2"],
+    ]
 
 
 def test_labels_outside_the_teachers_classes_are_refused_before_training(tmp_path):

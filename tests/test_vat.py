@@ -74,8 +74,14 @@ def test_mpl_adds_the_weighted_vat_loss_to_the_teachers_gradient():
     w, b = teacher[0].weight.detach().clone(), teacher[0].bias.detach().clone()
     x_l, y_l = torch.randn(3, D, dtype=torch.float64), torch.tensor([0, 2, 4])
     x_u = torch.randn(B, D, dtype=torch.float64)
-    mpl = metapl.MPL(teacher, student, optim.sgd(0.1), optim.sgd(0.1), meta_grad=None,
-                     vat=metapl.VAT(weight=0.7, epsilon=0.3))  # fmt: skip
+    mpl = metapl.MPL(
+        teacher,
+        student,
+        optim.sgd(0.1),
+        optim.sgd(0.1),
+        meta_grad=None,
+        vat=metapl.VAT(weight=0.7, epsilon=0.3),
+    )
     torch.manual_seed(5)
     metrics = mpl.step(x_l, y_l, x_u)
 
@@ -100,8 +106,9 @@ def test_vat_forwards_do_not_touch_the_teachers_running_statistics():
     def run(vat):
         torch.manual_seed(0)
         teacher = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, C))
-        mpl = metapl.MPL(teacher, nn.Linear(D, C), optim.sgd(0.1), optim.sgd(0.1),
-                         meta_grad="exact", vat=vat)  # fmt: skip
+        mpl = metapl.MPL(
+            teacher, nn.Linear(D, C), optim.sgd(0.1), optim.sgd(0.1), meta_grad="exact", vat=vat
+        )
         gen = torch.Generator().manual_seed(1)
         x_l, x_u = torch.randn(3, D, generator=gen), torch.randn(B, D, generator=gen)
         mpl.step(x_l, torch.tensor([0, 1, 2]), x_u)
@@ -121,7 +128,7 @@ def test_vat_forwards_do_not_touch_the_teachers_running_statistics():
         dict(power_iterations=0),
         dict(power_iterations=True),
         dict(power_iterations=1.5),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_vat_settings_are_errors(kwargs):
     with pytest.raises(ValueError, match="VAT needs|power_iterations"):

@@ -11,8 +11,21 @@ PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wrn_step.py"
 @pytest.mark.slow
 def test_cpu_table_says_what_it_cannot_measure(capsys):
     bench = load_script(PATH, "wrn_step")
-    bench.main(["--device", "cpu", "--labeled-batch", "2", "--unlabeled-ratio", "1",
-                "--repeats", "1", "--warmup", "0", "--no-compile"])  # fmt: skip
+    bench.main(
+        [
+            "--device",
+            "cpu",
+            "--labeled-batch",
+            "2",
+            "--unlabeled-ratio",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-compile",
+        ]
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if " | eager | " in line]
     assert len(rows) == 3 and all(row.split(" | ")[5] == "n/a" for row in rows)

@@ -43,21 +43,57 @@ import torch
 import torch.nn.functional as F
 
 OPS = (
-    "Identity", "AutoContrast", "Equalize", "Invert", "Solarize", "Posterize",
-    "Color", "Contrast", "Brightness", "Sharpness",
-    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Solarize",
+    "Posterize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
     "Cutout",
-)  # fmt: skip
+)
 _BLEND, _GEOMETRIC = OPS[6:10], OPS[10:15]
 STANDARD_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Posterize",
-    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
-)  # fmt: skip
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Rotate",
+    "Solarize",
+    "Color",
+    "Posterize",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+)
 MPL_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
-    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
     "Cutout",
-)  # fmt: skip
+)
 
 
 def _uniform(
@@ -394,9 +430,11 @@ def random_resized_crop(
     cx, cy = (1 - fw) * (2 * u[:, 2] - 1), (1 - fh) * (2 * u[:, 3] - 1)
     sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones_like(fw)
     zero = torch.zeros_like(fw)
-    theta = torch.stack([torch.stack([fw * sign, zero, cx], -1),
-                         torch.stack([zero, fh, cy], -1)], 1)  # fmt: skip
+    theta = torch.stack(
+        [torch.stack([fw * sign, zero, cx], -1), torch.stack([zero, fh, cy], -1)], 1
+    )
     grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)  # fmt: skip
+    out = F.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out.round().clamp(0, 255).to(x.dtype) if x.dtype == torch.uint8 else out.to(x.dtype)

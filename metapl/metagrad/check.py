@@ -34,9 +34,21 @@ METHOD_OPTIONS = {
 
 
 def check_arguments(
-    *, inner_loss, outer_loss, student_params, teacher_params, optimizer, opt_state, steps,
-    method, inner_batches, state, has_aux, options, methods,
-) -> None:  # fmt: skip
+    *,
+    inner_loss,
+    outer_loss,
+    student_params,
+    teacher_params,
+    optimizer,
+    opt_state,
+    steps,
+    method,
+    inner_batches,
+    state,
+    has_aux,
+    options,
+    methods,
+) -> None:
     """``options``: the method options the caller gave (``None`` for those not given)."""
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; pass one of {METHOD_HELP}")
@@ -69,8 +81,9 @@ def check_arguments(
             )
     _check_arities(inner_loss, outer_loss, inner_batches, steps, stateful)
     _check_options(method, options, steps)
-    _check_method_paths(method, options, steps, student_params, optimizer, outer_loss,
-                        inner_batches, stateful)  # fmt: skip
+    _check_method_paths(
+        method, options, steps, student_params, optimizer, outer_loss, inner_batches, stateful
+    )
 
 
 def check_tree(name: str, params, allow_empty: bool = False) -> None:
@@ -107,10 +120,14 @@ def _check_arities(inner_loss, outer_loss, inner_batches, steps: int, stateful: 
     outer = positional_arity(outer_loss)
     allowed = (None, 2, 3) if stateful else (None, 1, 2)
     if outer not in allowed:
-        form = "(student, state) or (student, meta, state)" if stateful else (
-            "(student) or (student, meta)")  # fmt: skip
-        raise TypeError(f"outer_loss must take {form}, but it requires {outer} positional "
-                        "arguments")  # fmt: skip
+        form = (
+            "(student, state) or (student, meta, state)"
+            if stateful
+            else ("(student) or (student, meta)")
+        )
+        raise TypeError(
+            f"outer_loss must take {form}, but it requires {outer} positional arguments"
+        )
     inner = positional_arity(inner_loss)
     if inner_batches is None:
         if inner not in (None, 2 + stateful):
@@ -145,9 +162,11 @@ def _check_options(method: str, options: dict, steps: int) -> None:
         isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps
     ):
         raise ValueError(f"truncate must be an int in [1, steps={steps}], got {truncate!r}")
-    if checkpoint is not None and not isinstance(checkpoint, bool) and (
-        not isinstance(checkpoint, int) or checkpoint < 1
-    ):  # fmt: skip
+    if (
+        checkpoint is not None
+        and not isinstance(checkpoint, bool)
+        and (not isinstance(checkpoint, int) or checkpoint < 1)
+    ):
         raise ValueError(
             "checkpoint must be True (recompute all steps but the last), False (keep every "
             f"step's graph) or an int n >= 1 (keep the last n), got {checkpoint!r}"
@@ -165,8 +184,9 @@ def _check_options(method: str, options: dict, steps: int) -> None:
         )
 
 
-def _check_method_paths(method, options, steps, student_params, optimizer, outer_loss,
-                        inner_batches, stateful) -> None:  # fmt: skip
+def _check_method_paths(
+    method, options, steps, student_params, optimizer, outer_loss, inner_batches, stateful
+) -> None:
     learns_start = not tree.is_tree(student_params)
     learns_optimizer = not isinstance(optimizer, Optimizer)
     outer_meta = positional_arity(outer_loss) == 2 + stateful
@@ -208,8 +228,9 @@ def _check_method_paths(method, options, steps, student_params, optimizer, outer
             )
 
 
-def check_truncation_reaches_meta(problem: Problem, schedule: Schedule, meta, state,
-                                  truncate: int | None) -> None:  # fmt: skip
+def check_truncation_reaches_meta(
+    problem: Problem, schedule: Schedule, meta, state, truncate: int | None
+) -> None:
     """With ``truncate < K`` the start gets no gradient; refuse when nothing else connects the
     meta parameters to the outer loss (the result would be all zeros). Whether the inner loss
     depends on them is probed by one evaluation (eager only; its random numbers are replayed)."""
@@ -222,8 +243,14 @@ def check_truncation_reaches_meta(problem: Problem, schedule: Schedule, meta, st
     probe = tree.map(lambda x: x.detach().requires_grad_(), meta)
     s = tree.detach(problem.start(tree.detach(meta)))
     with torch.enable_grad():
-        loss, _ = rng.replayed(rng.snapshot(), problem.inner_loss, s, probe, state,
-                               schedule.batch(schedule.steps - truncate))  # fmt: skip
+        loss, _ = rng.replayed(
+            rng.snapshot(),
+            problem.inner_loss,
+            s,
+            probe,
+            state,
+            schedule.batch(schedule.steps - truncate),
+        )
     if not loss.requires_grad:
         raise ValueError(
             f"truncate={truncate} cuts the start off the gradient, and the meta parameters reach "

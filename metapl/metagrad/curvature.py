@@ -102,9 +102,11 @@ class Exact(_Split):
         return s_next, st_next, c_next, aux, (g, products)
 
     def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
-        g, products = memo if memo is not None else rng.replayed(
-            snapshot, self._grad_vjp, s, c, m, batch, need_s
-        )[:2]  # fmt: skip
+        g, products = (
+            memo
+            if memo is not None
+            else rng.replayed(snapshot, self._grad_vjp, s, c, m, batch, need_s)[:2]
+        )
         return self.reduce(g), products
 
     def pullback(self, s, st, c, m, batch, memo, snapshot, need_s, a_s, a_st):

@@ -67,16 +67,18 @@ class CG:
                 alpha = rr / pap
             else:  # freeze converged entries (no data-dependent exit under vmap / compile)
                 active = rr > threshold
-                alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)),
-                                    0.0)  # fmt: skip
+                alpha = torch.where(
+                    active, rr / torch.where(active, pap, torch.ones_like(pap)), 0.0
+                )
             x = [x_ + alpha * p_ for x_, p_ in zip(x, p, strict=True)]
             r = [r_ - alpha * ap_ for r_, ap_ in zip(r, ap, strict=True)]
             rr_new = _dot(r, r)
             if eager:
                 beta = rr_new / rr
             else:
-                beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)),
-                                   0.0)  # fmt: skip
+                beta = torch.where(
+                    active, rr_new / torch.where(active, rr, torch.ones_like(rr)), 0.0
+                )
             p = [r_ + beta * p_ for r_, p_ in zip(r, p, strict=True)]
             rr = rr_new if eager else torch.where(active, rr_new, rr)
         return tree.unflatten(x, spec)
@@ -107,8 +109,9 @@ class Neumann:
     def __post_init__(self):
         _check_solver(self)
         if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"Neumann needs alpha > 0 (or None: chosen by power iteration), "
-                             f"got {self.alpha}")  # fmt: skip
+            raise ValueError(
+                f"Neumann needs alpha > 0 (or None: chosen by power iteration), got {self.alpha}"
+            )
         if not (isinstance(self.power_iterations, int) and self.power_iterations >= 1):
             raise ValueError(f"power_iterations must be an int >= 1, got {self.power_iterations}")
 
@@ -189,8 +192,7 @@ def _func_products(problem: Problem, s, c, meta):
 
     g, hvp = vjp(lambda s_: inner_grad_at(s_, meta), s)  # H_ss is symmetric: VJP = HVP
     _, mixed = vjp(lambda m_: inner_grad_at(s, m_), meta)
-    return (outer_grads_at(problem, s, meta, c), g, lambda u: hvp(u)[0],
-            lambda x: mixed(x)[0])  # fmt: skip
+    return (outer_grads_at(problem, s, meta, c), g, lambda u: hvp(u)[0], lambda x: mixed(x)[0])
 
 
 def _autograd_products(problem: Problem, s, c, meta):
@@ -210,17 +212,22 @@ def _autograd_products(problem: Problem, s, c, meta):
         return tree.unflatten(_grad(g, s_leaves, tree.leaves(u), retain=True), tree.structure(s))
 
     def mixed(x):
-        return tree.unflatten(_grad(g, m_leaves, tree.leaves(x), retain=True),
-                              tree.structure(meta))  # fmt: skip
+        return tree.unflatten(_grad(g, m_leaves, tree.leaves(x), retain=True), tree.structure(meta))
 
     g_tree = tree.detach(tree.unflatten(list(g), tree.structure(s)))
     return (a_s, a_m, outer.detach()), g_tree, hvp, mixed
 
 
 def _grad(outputs, inputs, cotangents=None, create_graph=False, retain=False) -> list:
-    grads = torch.autograd.grad(outputs, inputs, cotangents, create_graph=create_graph,
-                                retain_graph=retain or create_graph, allow_unused=True,
-                                materialize_grads=True)  # fmt: skip
+    grads = torch.autograd.grad(
+        outputs,
+        inputs,
+        cotangents,
+        create_graph=create_graph,
+        retain_graph=retain or create_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
     return [x.detach() for x in grads] if not create_graph else list(grads)
 
 

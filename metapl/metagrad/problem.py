@@ -139,9 +139,12 @@ def scalar_loss(name: str, fn: Callable, returns_pair: bool, stateful: bool = Fa
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"{name} must return a 0-d tensor, got {shape}; reduce it, e.g. with .mean()"
-                + ("" if returns_pair or name != "inner_loss" else
-                   ", or pass has_aux=True if it returns (loss, aux)")
-            )  # fmt: skip
+                + (
+                    ""
+                    if returns_pair or name != "inner_loss"
+                    else ", or pass has_aux=True if it returns (loss, aux)"
+                )
+            )
         return (out, second) if returns_pair else out
 
     return checked
@@ -149,6 +152,8 @@ def scalar_loss(name: str, fn: Callable, returns_pair: bool, stateful: bool = Fa
 
 def _check_new_state(new, old) -> None:
     tree.check_same_structure(
-        "the state inner_loss returns", new, old,
+        "the state inner_loss returns",
+        new,
+        old,
         "Return (loss, new_state) with new_state shaped like the state it received.",
-    )  # fmt: skip
+    )

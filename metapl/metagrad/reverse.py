@@ -31,9 +31,17 @@ from metapl.metagrad.problem import Problem, Schedule
 
 
 def reverse(
-    problem: Problem, schedule: Schedule, meta, opt_state, state, method, reduce, truncate: int,
-    kept_graphs: int, compiled: bool,
-):  # fmt: skip
+    problem: Problem,
+    schedule: Schedule,
+    meta,
+    opt_state,
+    state,
+    method,
+    reduce,
+    truncate: int,
+    kept_graphs: int,
+    compiled: bool,
+):
     """Returns ``(meta_grads, s_K, opt_state_K, state_K, outer_loss, first_aux, outer_grads)``.
 
     The last ``kept_graphs`` steps (at least one) keep their graphs from the forward pass; the
@@ -131,8 +139,7 @@ def outer_grads_at(problem: Problem, s, m, c):
     return a_s, tree.zeros_like(m), loss
 
 
-def run_forward(problem: Problem, schedule: Schedule, meta, opt_state, state,
-                reduce=tree.identity):  # fmt: skip
+def run_forward(problem: Problem, schedule: Schedule, meta, opt_state, state, reduce=tree.identity):
     """The inner steps alone: ``(s_K, opt_state_K, state_K, first_aux)``."""
     s = problem.start(meta)
     opt = problem.optimizer(meta)

@@ -21,8 +21,9 @@ from metapl.metagrad.problem import Problem, Schedule
 from metapl.metagrad.reverse import run_forward
 
 
-def score_function(problem: Problem, schedule: Schedule, meta, opt_state, state, log_prob,
-                   baseline, reduce):  # fmt: skip
+def score_function(
+    problem: Problem, schedule: Schedule, meta, opt_state, state, log_prob, baseline, reduce
+):
     """Returns ``(meta_grads, s_K, opt_state_K, state_K, outer_loss, first_aux, h)``; h compares
     the outer loss at ``(s_K, state_K)`` with that at ``(s_0, state_0)``."""
     s_0 = problem.start(meta)

@@ -44,8 +44,9 @@ def segment_starts(steps: int, first: int, kept: int) -> list[int]:
         b = max(b - kept, first)
 
 
-def unrolled(problem: Problem, schedule: Schedule, meta, opt_state, state, truncate: int,
-             kept: int):  # fmt: skip
+def unrolled(
+    problem: Problem, schedule: Schedule, meta, opt_state, state, truncate: int, kept: int
+):
     """Returns ``(meta_grads, s_K, opt_state_K, state_K, outer_loss, first_aux, outer_grads)``."""
     steps = schedule.steps
     first = steps - truncate  # the steps before it carry no gradient
@@ -91,30 +92,42 @@ def unrolled(problem: Problem, schedule: Schedule, meta, opt_state, state, trunc
         first_aux = aux0 if starts[-1] == 0 else first_aux
         loss = problem.outer_loss(s_K, m, c_K)
         n_s, n_in = len(tree.leaves(s_K)), len(tree.leaves(inputs))
-        grads = _grad([loss], [torch.ones_like(loss)],
-                      [*tree.leaves(s_K), *tree.leaves(inputs), *tree.leaves(m)])  # fmt: skip
+        grads = _grad(
+            [loss],
+            [torch.ones_like(loss)],
+            [*tree.leaves(s_K), *tree.leaves(inputs), *tree.leaves(m)],
+        )
         outer_grads = tree.unflatten(grads[:n_s], tree.structure(s_K))
         a_in, a_m = _unflatten_pair(grads[n_s:], n_in, inputs, m)
         while saved:  # frees each segment's start as the reverse pass passes it
             start, s_b, st_b, c_b, snapshot = saved.pop()
             end = starts[starts.index(start) + 1]
-            inputs, s_end, st_end, _, _ = rng.replayed(snapshot, segment, start, end, s_b, st_b,
-                                                       c_b)  # fmt: skip
+            inputs, s_end, st_end, _, _ = rng.replayed(
+                snapshot, segment, start, end, s_b, st_b, c_b
+            )
             outputs, cotangents = _differentiable((s_end, st_end), a_in)
             n_in = len(tree.leaves(inputs))
             grads = _grad(outputs, cotangents, [*tree.leaves(inputs), *tree.leaves(m)])
             a_in, a_m_segment = _unflatten_pair(grads, n_in, inputs, m)
             a_m = tree.add(a_m, a_m_segment)
-    return (tree.detach(a_m), tree.detach(s_K), tree.detach(st_K), c_K, loss.detach(), first_aux,
-            tree.detach(outer_grads))  # fmt: skip
+    return (
+        tree.detach(a_m),
+        tree.detach(s_K),
+        tree.detach(st_K),
+        c_K,
+        loss.detach(),
+        first_aux,
+        tree.detach(outer_grads),
+    )
 
 
 def _gradient(problem: Problem, s, m, c, batch, create_graph: bool):
     """``grad_s inner(s, m, c, batch)`` by autograd, and ``(c_next, aux)``."""
     s = tree.map(lambda x: x if x.requires_grad else x.detach().requires_grad_(), s)
     loss, carried = problem.inner_loss(s, m, c, batch)
-    grads = torch.autograd.grad(loss, tree.leaves(s), create_graph=create_graph,
-                                allow_unused=True, materialize_grads=True)  # fmt: skip
+    grads = torch.autograd.grad(
+        loss, tree.leaves(s), create_graph=create_graph, allow_unused=True, materialize_grads=True
+    )
     return tree.unflatten(list(grads), tree.structure(s)), carried
 
 
@@ -133,8 +146,9 @@ def _differentiable(outputs, cotangents) -> tuple[list, list]:
 
 
 def _grad(outputs, cotangents, inputs) -> list:
-    return list(torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
-                                    materialize_grads=True))  # fmt: skip
+    return list(
+        torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, materialize_grads=True)
+    )
 
 
 def _unflatten_pair(grads: list, n_first: int, first, second):
