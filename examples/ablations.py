@@ -9,7 +9,7 @@ summary table: test accuracy of the final student (mean ± std over seeds; the a
 for one seed) for each cell. ``--resume`` continues an interrupted grid: runs that had started
 resume, the others start. The learning curves of the whole grid, overlaid:
 
-    python -m metapl.plot runs/abl/*/seed* --output runs/abl/curves
+    python -m metapl.training.plot runs/abl/*/seed* --output runs/abl/curves
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from metapl import distributed
-from metapl.recipe import cli
-from metapl.rundir import CHECKPOINT, CONFIG
+from metapl.training.recipe import cli
+from metapl.training.rundir import CHECKPOINT, CONFIG
 
 CIFAR_MPL = Path(__file__).resolve().parent / "cifar_mpl.py"
 

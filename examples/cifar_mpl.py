@@ -37,8 +37,9 @@ from metapl.data import (
     strong_augment,
     weak_augment,
 )
-from metapl.modes import evaluate_saved, finetune_saved
-from metapl.recipe import (
+from metapl.training.loop import SSLData
+from metapl.training.modes import evaluate_saved, finetune_saved
+from metapl.training.recipe import (
     MAY_CHANGE_ON_RESUME,
     MODELS,
     USAGE,
@@ -54,8 +55,7 @@ from metapl.recipe import (
     recipe_from_args,
     run,
 )
-from metapl.rundir import RunError, open_run
-from metapl.train import SSLData
+from metapl.training.rundir import RunError, open_run
 
 
 @dataclass(frozen=True)

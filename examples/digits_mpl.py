@@ -23,7 +23,7 @@ mpl_uda_first_order   first-order MPL + UDA teacher
 Every run logs to Weights & Biases (offline when WANDB_API_KEY is unset; WANDB_MODE or
 ``--wandb-mode`` override), one group per row and one run per seed, files under --output-dir,
 and to <output-dir>/seed<N>/<row>/metrics.jsonl (replaced when the run is repeated), which
-``python -m metapl.plot`` draws.
+``python -m metapl.training.plot`` draws.
 
 Measured (400 steps, seeds 0-2, mean test accuracy %): with 10 labels per class every row
 lands at 95-96 (supervised 95.4, uda 95.7, mpl 95.6, mpl_uda 95.6): the same CNN trained on
@@ -59,10 +59,10 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
-from metapl.bounds import check_bounds
 from metapl.data.augment import cutout, weak_augment
-from metapl.recipe import check_mpl_options, mpl_options, set_fields, split_labels
-from metapl.tracking import Tracker
+from metapl.training.bounds import check_bounds
+from metapl.training.recipe import check_mpl_options, mpl_options, set_fields, split_labels
+from metapl.training.tracking import Tracker
 
 # ----------------------------------------------------------------------------- config
 

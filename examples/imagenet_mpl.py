@@ -33,8 +33,9 @@ from metapl.data import (
     save_manifest,
 )
 from metapl.data.lazy import DecodedImages
-from metapl.modes import evaluate_saved, finetune_saved
-from metapl.recipe import (
+from metapl.training.loop import SSLData
+from metapl.training.modes import evaluate_saved, finetune_saved
+from metapl.training.recipe import (
     MAY_CHANGE_ON_RESUME,
     MODELS,
     USAGE,
@@ -50,8 +51,7 @@ from metapl.recipe import (
     recipe_from_args,
     run,
 )
-from metapl.rundir import open_run
-from metapl.train import SSLData
+from metapl.training.rundir import open_run
 
 RECIPE = Recipe(
     steps=300_000,

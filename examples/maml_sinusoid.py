@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
-from metapl.tracking import Tracker
+from metapl.training.tracking import Tracker
 
 Params = dict[str, Tensor]
 ROWS = ("pretrained", "maml", "fomaml", "meta_sgd", "imaml", "maml_bn")

@@ -70,8 +70,8 @@ import metapl
 from metapl import optim
 from metapl.data import DigitAugment, load_mnist, mnist_split
 from metapl.finetune import finetune
-from metapl.recipe import check_mpl_options, mpl_options, set_fields, split_labels
-from metapl.tracking import Tracker
+from metapl.training.recipe import check_mpl_options, mpl_options, set_fields, split_labels
+from metapl.training.tracking import Tracker
 
 # ----------------------------------------------------------------------------- config
 

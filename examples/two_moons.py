@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
-from metapl.bounds import check_bounds
-from metapl.recipe import set_fields
+from metapl.training.bounds import check_bounds
+from metapl.training.recipe import set_fields
 
 # ----------------------------------------------------------------------------- config
 

@@ -302,7 +302,7 @@ class MPL:
         The labels are checked (``check_labels``) on the first step, and on every step where
         that costs no extra device synchronisation: ``y_l`` on the CPU, or ``sync=True``.
         With ``sync=False`` on an accelerator later batches are not checked: check the whole
-        labeled set once instead, as ``metapl.train.train`` does.
+        labeled set once instead, as ``metapl.training.train`` does.
         """
         self._check_batch(x_l, y_l, x_u, x_u_strong)
         x_m, y_m = self._check_mpl_batch(mpl_batch, x_l, y_l)

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 import metapl
-from metapl import optim, train
+from metapl import optim
 from metapl.models import build_model
-from metapl.train import SSLData, TrainConfig
+from metapl.training import loop as train
+from metapl.training.loop import SSLData, TrainConfig
 
 CLASSES, FEATURES = 3, 16
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from script_loader import load_script
 
-from metapl import plot
 from metapl.data.fake import write_fake_cifar
-from metapl.rundir import RunError
+from metapl.training import plot
+from metapl.training.rundir import RunError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ablations.py"
 

@@ -1,11 +1,11 @@
-"""metapl.bounds: the range checks behind the examples' one-line errors."""
+"""metapl.training.bounds: the range checks behind the examples' one-line errors."""
 
 import math
 from dataclasses import dataclass
 
 import pytest
 
-from metapl.bounds import check_bounds, within
+from metapl.training.bounds import check_bounds, within
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch
 from script_loader import load_script
 
 from metapl.data.fake import write_fake_cifar, write_fake_svhn
-from metapl.train import load_checkpoint
+from metapl.training.loop import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar_mpl.py"

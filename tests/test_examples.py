@@ -10,7 +10,7 @@ import pytest
 from script_loader import load_script
 from wandb_logs import wandb_log_has
 
-from metapl.tracking import read_metrics
+from metapl.training.tracking import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

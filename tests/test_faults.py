@@ -19,8 +19,8 @@ from faulty_run import tiny_data, tiny_mpl, tiny_train
 
 from metapl.data import ImageFolderDataset
 from metapl.data.fake import write_fake_cifar, write_fake_imagefolder
-from metapl.rundir import RunError
-from metapl.train import DivergenceError, load_checkpoint
+from metapl.training.loop import DivergenceError, load_checkpoint
+from metapl.training.rundir import RunError
 
 TESTS = Path(__file__).resolve().parent
 CIFAR = TESTS.parent / "examples" / "cifar_mpl.py"

@@ -1,5 +1,5 @@
-"""metapl.train's last phase (finetuning the final student) against torch.optim by hand, and
-metapl.train.finetune_only, which runs that phase on a saved student."""
+"""metapl.training.loop's last phase (finetuning the final student) against torch.optim by hand, and
+metapl.training.finetune_only, which runs that phase on a saved student."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from faulty_run import CLASSES, FEATURES, tiny_config, tiny_data
 
 from metapl.models import build_model
-from metapl.train import _batch_indices, _step_generator, finetune_only
+from metapl.training.loop import _batch_indices, _step_generator, finetune_only
 
 
 def _student(dropout: float = 0.5) -> torch.nn.Module:

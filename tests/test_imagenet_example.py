@@ -13,7 +13,7 @@ import torch
 from script_loader import load_script
 
 from metapl.data.fake import write_fake_imagefolder
-from metapl.train import load_checkpoint
+from metapl.training.loop import load_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "imagenet_mpl.py"
 
@@ -74,7 +74,7 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys, model)
 
 def test_resnet50_gets_dropout_before_its_classifier():
     """What --model resnet50 builds (its training run is in the slow set)."""
-    from metapl.recipe import build_network
+    from metapl.training.recipe import build_network
 
     torch.manual_seed(0)
     net = build_network("resnet50", 5, dropout=0.3, image_size=32)

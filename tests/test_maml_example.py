@@ -9,7 +9,7 @@ import pytest
 import torch
 from script_loader import load_script
 
-from metapl.tracking import read_metrics
+from metapl.training.tracking import read_metrics
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "maml_sinusoid.py"
 F64 = torch.float64

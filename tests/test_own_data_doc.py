@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from metapl.tracking import read_metrics
+from metapl.training.tracking import read_metrics
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "own_data.md"
 

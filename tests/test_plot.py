@@ -1,4 +1,4 @@
-"""python -m metapl.plot: learning curves from metrics.jsonl files written here."""
+"""python -m metapl.training.plot: learning curves from metrics.jsonl files written here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from metapl import plot
-from metapl.tracking import Tracker
+from metapl.training import plot
+from metapl.training.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -154,7 +154,7 @@ def test_an_unknown_panel_is_one_line_error(tmp_path, capsys):
 def test_the_module_runs_as_a_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "metapl.plot", str(tmp_path / "missing")],
+        [sys.executable, "-m", "metapl.training.plot", str(tmp_path / "missing")],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,4 @@
-"""metapl.recipe: the examples' shared command-line plumbing."""
+"""metapl.training.recipe: the examples' shared command-line plumbing."""
 
 import argparse
 import dataclasses
@@ -9,7 +9,7 @@ import torch
 
 from metapl import UDA
 from metapl.data import RandAugment
-from metapl.recipe import (
+from metapl.training.recipe import (
     Recipe,
     add_common_args,
     build_mpl,

@@ -1,4 +1,4 @@
-"""metapl.train: the data stream that makes runs resumable and shardable; what a run writes
+"""metapl.training.loop: the data stream that makes runs resumable and shardable; what a run writes
 and what resuming it checks (faults and kills: test_faults.py)."""
 
 import json
@@ -12,9 +12,9 @@ import torch
 from faulty_run import CLASSES, tiny_config, tiny_data, tiny_mpl, tiny_train
 
 from metapl import distributed
-from metapl.rundir import RunError
-from metapl.tracking import Tracker, read_metrics
-from metapl.train import _seed_globals, evaluate, load_checkpoint, stream_indices
+from metapl.training.loop import _seed_globals, evaluate, load_checkpoint, stream_indices
+from metapl.training.rundir import RunError
+from metapl.training.tracking import Tracker, read_metrics
 
 
 def test_stream_is_a_permutation_per_epoch_and_deterministic():

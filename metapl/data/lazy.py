@@ -16,7 +16,7 @@ class DecodedImages:
 
     ``images[idx]`` with an int64 tensor of positions (or a slice) returns uint8
     [len(idx), C, H, W] on the CPU, decoded by ``threads`` threads (PIL releases the GIL while
-    decoding). It stands in for a uint8 tensor in ``metapl.train.SSLData``.
+    decoding). It stands in for a uint8 tensor in ``metapl.training.SSLData``.
     """
 
     def __init__(self, dataset: Dataset, indices: np.ndarray | torch.Tensor, threads: int = 8):

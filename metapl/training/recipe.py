@@ -1,7 +1,7 @@
 """What the paper-scale example scripts share (``examples/cifar_mpl.py``,
 ``examples/imagenet_mpl.py``): the MPL recipe, every field of which is a command-line flag, and
 the path from flags to a trained model. The modes (``--evaluate``, ``--finetune-only``) are in
-``metapl.modes``."""
+``metapl.training.modes``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from metapl import distributed, optim
 from metapl.data import RandAugment
 from metapl.models import build_model, resnet50
 from metapl.mpl import MPL, UDA
-from metapl.rundir import CHECKPOINT, CONFIG, RunError
-from metapl.tracking import Tracker
-from metapl.train import SSLData, TrainConfig, train
+from metapl.training.loop import SSLData, TrainConfig, train
+from metapl.training.rundir import CHECKPOINT, CONFIG, RunError
+from metapl.training.tracking import Tracker
 
 __all__ = [
     "MAY_CHANGE_ON_RESUME",
@@ -271,7 +271,7 @@ def add_common_args(p: argparse.ArgumentParser, presets: Mapping[str, Recipe]) -
 
     g = p.add_argument_group(
         "recipe",
-        "every field of metapl.recipe.Recipe; the PyTorch "
+        "every field of metapl.training.recipe.Recipe; the PyTorch "
         "port's spelling is an alias (docs/reproducing.md)",
     )
     g.add_argument(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from metapl.recipe import Recipe, print_results, tracker_for, train_config
-from metapl.rundir import RunError
-from metapl.train import SSLData, evaluate, finetune_only, load_checkpoint
+from metapl.training.loop import SSLData, evaluate, finetune_only, load_checkpoint
+from metapl.training.recipe import Recipe, print_results, tracker_for, train_config
+from metapl.training.rundir import RunError
 
 __all__ = ["evaluate_saved", "finetune_saved", "saved_networks"]
 

@@ -1,6 +1,6 @@
 """Learning curves of one or more runs from their ``metrics.jsonl``.
 
-    python -m metapl.plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
+    python -m metapl.training.plot RUN_DIR [RUN_DIR ...] [--output FILE_OR_DIR]
 
 One panel per quantity: accuracies (``val/*``, ``test/*``), each loss term (every metric whose
 name holds ``loss``), MPL's ``h`` (``mpl/h``, ``mpl/h_baseline``), the meta-gradient norm
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metapl.tracking import read_metrics
+from metapl.training.tracking import read_metrics
 
 __all__ = ["Panel", "Series", "cli", "figure", "load_runs", "main", "panels", "save"]
 
@@ -185,7 +185,7 @@ def save(panel_list: Sequence[Panel], output: str | os.PathLike) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m metapl.plot",
+        prog="python -m metapl.training.plot",
         description="Learning curves of one or more runs from their metrics.jsonl.",
     )
     parser.add_argument(

@@ -9,7 +9,7 @@ checkpoint ends bit-identical on CPU to one never interrupted.
 Nothing good is lost: checkpoints are written atomically, the one before the latest is kept as
 ``checkpoint.prev.pt``, and a non-finite loss or parameter stops the run (``DivergenceError``)
 before it can overwrite a good checkpoint. The final models are written to ``final.pt`` with
-their evaluation (``results.json``). File names: ``metapl.rundir``.
+their evaluation (``results.json``). File names: ``metapl.training.rundir``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from metapl.atomic import write_atomically
 from metapl.finetune import finetune
 from metapl.mpl import MPL
 from metapl.optim import sgd
-from metapl.progress import Progress
-from metapl.rundir import (
+from metapl.training.progress import Progress
+from metapl.training.rundir import (
     CHECKPOINT,
     FINAL,
     PREVIOUS,
@@ -45,7 +45,7 @@ from metapl.rundir import (
     check_config,
     remove_temporaries,
 )
-from metapl.tracking import Tracker
+from metapl.training.tracking import Tracker
 
 __all__ = [
     "DivergenceError",
