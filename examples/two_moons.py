@@ -26,17 +26,18 @@ hard labeled set (seed 1) both uda and mpl_uda land at ~0.75 or ~1.0 depending o
 
     python examples/two_moons.py                    # one seed (~25 s), table + figure
     python examples/two_moons.py --seed 3 --json    # {"supervised": acc, ...}
-    python examples/two_moons.py --budget small     # half the steps
+    python examples/two_moons.py --preset small     # half the steps
+    python examples/two_moons.py --help             # every field of Config is a flag
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -47,9 +48,11 @@ from tqdm import tqdm
 import metapl
 from metapl import optim
 from metapl.training.bounds import check_bounds
-from metapl.training.recipe import set_fields
+from metapl.training.cli import parse
 
 # ----------------------------------------------------------------------------- config
+
+MetaGrad = Literal["exact", "finite_difference", "first_order"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Config:
     lr_teacher: float = 0.01  # Adam
     lr_student: float = 0.1  # SGD with momentum 0.9 (the lookahead MPL differentiates)
     temperature: float = 1.0  # of the pseudo labels
-    meta_grad: str = "exact"  # of the MPL rows; "first_order" samples hard pseudo labels
+    meta_grad: MetaGrad = "exact"  # of the MPL rows; "first_order" samples hard pseudo labels
     strong_noise: float = 0.1  # std of the Gaussian noise that makes UDA's strong view
     uda_weight: float = 1.0
     uda_temperature: float = 0.4
@@ -95,15 +98,33 @@ class Config:
                 f"labeled_per_class ({self.labeled_per_class}) must be below n_per_class "
                 f"({self.n_per_class}): the rest of each moon is the unlabeled data"
             )
-        if self.meta_grad not in ("exact", "finite_difference", "first_order"):
+        if self.meta_grad not in get_args(MetaGrad):
             raise ValueError(
                 "meta_grad must be 'exact', 'finite_difference' or 'first_order', got "
                 f"{self.meta_grad!r}"
             )
 
 
-BUDGETS = {"default": {}, "small": {"steps": 1000}}
-ROWS = ("supervised", "pseudo_label", "mpl", "uda", "mpl_uda")
+Row = Literal["supervised", "pseudo_label", "mpl", "uda", "mpl_uda"]
+ROWS: tuple[Row, ...] = get_args(Row)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What one command runs: the recipe (every field a flag), the seed and the rows."""
+
+    config: Config = field(default_factory=Config)
+    seed: int = 0  # data split, labels and init
+    rows: tuple[Row, ...] = ROWS
+    output_dir: Path = Path("runs/two_moons")
+    json: bool = False  # print only the JSON accuracies
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+PRESETS = {"default": Experiment(), "small": Experiment(config=Config(steps=1000))}
 
 # ----------------------------------------------------------------------------- data
 
@@ -280,36 +301,9 @@ def plot(models: dict[str, nn.Module], accs: dict[str, float], data: Data, path:
 # ----------------------------------------------------------------------------- main
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="data split, labels and init (>= 0)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps of every row")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/two_moons"))
-    parser.add_argument("--json", action="store_true", help="print only the JSON accuracies")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any Config field, e.g. --set temperature=0.5",
-    )
-    args = parser.parse_args(argv)
-    try:
-        check_flags(args)
-        cfg = set_fields(replace(Config(), **BUDGETS[args.budget]), args.set)
-        if args.steps is not None:
-            cfg = replace(cfg, steps=args.steps)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    exp = parse(Experiment, argv, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg, args = exp.config, exp
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give
 
     data = load_data(cfg, args.seed)

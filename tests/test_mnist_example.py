@@ -20,13 +20,20 @@ from metapl.data.fake import write_fake_mnist
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mnist_mpl.py"
 
 SMALL = [
-    "steps=3",
-    "eval_every=2",
-    "log_every=1",
-    "batch_l=8",
-    "batch_u=8",
-    "val_per_class=2",
-    "channels=4",
+    "--steps",
+    "3",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "1",
+    "--batch-l",
+    "8",
+    "--batch-u",
+    "8",
+    "--val-per-class",
+    "2",
+    "--channels",
+    "4",
 ]
 
 
@@ -66,7 +73,6 @@ def test_every_row(isolated, mnist_dir, capsys, monkeypatch):
         str(mnist_dir),
         "--output-dir",
         str(out),
-        "--set",
         *SMALL,
     ]
     summary = mnist.main(argv)
@@ -112,7 +118,6 @@ def test_offline_wandb_run_per_row_and_seed(isolated, mnist_dir, monkeypatch):
             "--output-dir",
             str(out),
             "--json",
-            "--set",
             *SMALL,
         ]
     )
@@ -141,7 +146,6 @@ def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
             str(mnist_dir),
             "--output-dir",
             str(out),
-            "--set",
             *SMALL,
         ]
     )
@@ -152,8 +156,8 @@ def test_one_label_preset_table(isolated, mnist_dir, capsys, monkeypatch):
 
 
 def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
-    """--set lookahead_steps / mpl_weight / log_prob_reduction / student_bn / student_view /
-    vat_epsilon go to metapl.MPL (mpl_weight only where there is an MPL term: the uda row has
+    """--lookahead-steps / --mpl-weight / --log-prob-reduction / --student-bn / --student-view /
+    --vat-epsilon go to metapl.MPL (mpl_weight only where there is an MPL term: the uda row has
     none; VAT only with UDA)."""
     mnist = load_example()
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -166,12 +170,18 @@ def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
     real = mnist.metapl.MPL
     monkeypatch.setattr(mnist.metapl, "MPL", spy)
     knobs = [
-        "lookahead_steps=2",
-        "mpl_weight=0.5",
-        "log_prob_reduction=sum",
-        "student_bn=joint",
-        "student_view=strong",
-        "vat_epsilon=1.5",
+        "--lookahead-steps",
+        "2",
+        "--mpl-weight",
+        "0.5",
+        "--log-prob-reduction",
+        "sum",
+        "--student-bn",
+        "joint",
+        "--student-view",
+        "strong",
+        "--vat-epsilon",
+        "1.5",
     ]
     mnist.main(
         [
@@ -186,7 +196,6 @@ def test_mpl_knobs_reach_metapl_mpl(isolated, mnist_dir, monkeypatch):
             "--output-dir",
             str(isolated / "out"),
             "--json",
-            "--set",
             *SMALL,
             *knobs,
         ]
@@ -225,10 +234,11 @@ def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypat
             "--output-dir",
             str(isolated / "out"),
             "--json",
-            "--set",
             *SMALL,
-            "labels_per_class=2",
-            "mpl_labels=held_out",
+            "--labels-per-class",
+            "2",
+            "--mpl-labels",
+            "held_out",
         ]
     )
     assert all(m is None for _, m in seen[None])
@@ -241,23 +251,24 @@ def test_held_out_labels_feed_the_mpl_signal_only(isolated, mnist_dir, monkeypat
 @pytest.mark.parametrize(
     ("knob", "match"),
     [
-        ("lookahead_steps=0", "lookahead_steps must be an int >= 1"),
-        ("student_bn=both", "student_bn must be"),
-        ("mpl_weight=-1", "mpl_weight must be >= 0"),
-        ("student_view=clean", "student_view must be"),
-        ("vat_epsilon=0", "VAT needs"),
+        (["--lookahead-steps", "0"], "lookahead_steps must be >= 1"),
+        (["--student-bn", "both"], "invalid choice 'both' for argument '--student-bn'"),
+        (["--mpl-weight", "-1"], "mpl_weight must be >= 0"),
+        (["--student-view", "clean"], "invalid choice 'clean' for argument '--student-view'"),
+        (["--vat-epsilon", "0"], "vat_epsilon must be > 0"),
     ],
 )
 def test_bad_mpl_knob_is_a_one_line_error(isolated, capsys, knob, match):
-    with pytest.raises(SystemExit):
-        load_example().main(["--set", knob, "--output-dir", str(isolated / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        load_example().main([*knob, "--output-dir", str(isolated / "out")])
     err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
     assert match in err and "Traceback" not in err
 
 
 def test_missing_data_names_the_fix(isolated, capsys):
     mnist = load_example()
-    with pytest.raises(FileNotFoundError, match="make mnist"):
+    with pytest.raises(SystemExit):
         mnist.main(
             [
                 "--data-dir",
@@ -268,6 +279,8 @@ def test_missing_data_names_the_fix(isolated, capsys):
                 "0",
             ]
         )
+    err = capsys.readouterr().err
+    assert "make mnist" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow  # three fresh Python processes, each importing torch and wandb
@@ -285,7 +298,6 @@ def test_jobs_match_sequential_runs(isolated, mnist_dir, monkeypatch):
         "--data-dir",
         str(mnist_dir),
         "--json",
-        "--set",
         *SMALL,
     ]
     sequential = load_example().main([*common, "--output-dir", str(isolated / "a")])

@@ -16,7 +16,6 @@ from metapl.training.recipe import (
     build_randaugment,
     recipe_from_args,
     set_fields,
-    split_labels,
     train_config,
 )
 
@@ -212,13 +211,3 @@ def test_the_recipe_reaches_randaugment_and_mpl():
     assert (mpl.student_bn, mpl.temperature) == ("unlabeled", 0.5)
     s = build_mpl(*nets, Recipe(student_lr=0.2, warmup_steps=0, student_wait_steps=0), args)
     assert float(s.student_optimizer.lr_at(s.student_state)) == pytest.approx(0.2)
-
-
-def test_split_labels_halves_each_class():
-    y = torch.tensor([3, 0, 3, 0, 3, 1, 1, 0, 3])  # class 3: 4 labels, 0: 3, 1: 2
-    own, held = split_labels(y)
-    assert sorted(own.tolist() + held.tolist()) == list(range(len(y)))  # a partition
-    assert y[own].bincount(minlength=4).tolist() == [2, 1, 0, 2]  # ceil(n_c / 2)
-    assert y[held].bincount(minlength=4).tolist() == [1, 1, 0, 2]
-    with pytest.raises(ValueError, match="class 2 has 1: use more labels per class"):
-        split_labels(torch.tensor([0, 0, 2]))

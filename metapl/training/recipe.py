@@ -37,14 +37,11 @@ __all__ = [
     "build_networks",
     "build_randaugment",
     "check_args",
-    "check_mpl_options",
     "cli",
-    "mpl_options",
     "print_results",
     "recipe_from_args",
     "run",
     "set_fields",
-    "split_labels",
     "tracker_for",
     "train_config",
 ]
@@ -515,55 +512,6 @@ def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-def mpl_options(config, method: str | None) -> dict:
-    """The ablation knobs of ``MPL`` that an example's config dataclass carries
-    (``mpl_weight`` only where there is an MPL term)."""
-    options = {
-        "student_bn": config.student_bn,
-        "lookahead_steps": config.lookahead_steps,
-        "log_prob_reduction": config.log_prob_reduction,
-    }
-    return options | ({"mpl_weight": config.mpl_weight} if method else {})
-
-
-def check_mpl_options(config, labels_per_class: int, **mpl_kwargs) -> None:
-    """Raise MPL's own ValueError for a bad knob of ``config`` (or of the further ``MPL``
-    keyword arguments ``mpl_kwargs``) before any run starts, and for a bad ``mpl_labels``, or
-    "held_out" with fewer than 2 of the ``labels_per_class``."""
-    MPL(
-        nn.Linear(1, 2),
-        nn.Linear(1, 2),
-        optim.sgd(0.1),
-        optim.sgd(0.1),
-        **mpl_options(config, "exact"),
-        **mpl_kwargs,
-    )
-    if config.mpl_labels not in ("same", "resampled", "held_out"):
-        raise ValueError(
-            f"mpl_labels must be 'same', 'resampled' or 'held_out', got {config.mpl_labels!r}"
-        )
-    if config.mpl_labels == "held_out":
-        split_labels(torch.zeros(labels_per_class, dtype=torch.long))  # one class, its labels
-
-
-def split_labels(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a labeled set [N] in two halves per class (``mpl_labels="held_out"``): the
-    first ``ceil(n_c / 2)`` of each class for the teacher's own loss, the rest for the MPL
-    signal. Raises ValueError when a class has fewer than 2 labels."""
-    own, held = [], []
-    for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        if len(idx) < 2:
-            raise ValueError(
-                f"mpl_labels='held_out' needs at least 2 labels per class, class {int(c)} has "
-                f"{len(idx)}: use more labels per class or mpl_labels='same'"
-            )
-        half = (len(idx) + 1) // 2
-        own.append(idx[:half])
-        held.append(idx[half:])
-    return torch.cat(own), torch.cat(held)
 
 
 def set_fields(config, assignments: list[str]):
