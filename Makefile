@@ -45,4 +45,4 @@ mnist: install
 
 demo: install
 	$(BIN)/python examples/two_moons.py --output-dir runs/two_moons
-	$(BIN)/python examples/digits_mpl.py --budget small --output-dir runs/digits_mpl
+	$(BIN)/python examples/digits_mpl.py --preset small --output-dir runs/digits_mpl

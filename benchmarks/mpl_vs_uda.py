@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,21 +47,20 @@ def overrides_text(overrides: dict[str, object]) -> list[str]:
 
 
 def train(row: str, overrides: dict[str, object], seed: int, args) -> float:
+    os.environ["WANDB_MODE"] = "disabled"
     argv = [
         "--rows",
         row,
         "--seeds",
         str(seed),
         "--json",
-        "--wandb-mode",
-        "disabled",
         "--labeled-per-class",
         str(args.labeled_per_class),
         "--output-dir",
-        str(args.output_dir / "wandb"),
+        str(args.output_dir / "runs"),
     ]
-    if overrides:
-        argv += ["--set", *overrides_text(overrides)]
+    for key, value in sorted(overrides.items()):
+        argv += [f"--{key.replace('_', '-')}", str(value)]
     return digits_mpl.main(argv)[row]["seeds"][0]
 
 

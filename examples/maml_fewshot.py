@@ -28,7 +28,6 @@ running       the running statistics start at (0, 1) for every task, accumulate 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -36,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,36 +46,43 @@ from tqdm import tqdm
 import metapl
 from metapl import optim
 from metapl.data import load_mnist
+from metapl.training.cli import fail, parse
 
-ROWS = ("transductive", "running")
+Row = Literal["transductive", "running"]
+ROWS: tuple[Row, ...] = get_args(Row)
 TRAIN_CLASSES, TEST_CLASSES = range(0, 5), range(5, 10)
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Config:
-    shots: int = _opt(1, "labelled support images per class")
-    ways: int = _opt(5, "classes per task")
-    query: int = _opt(15, "query images per class")
-    filters: int = _opt(32, "channels of every convolution")
-    inner_lr: float = _opt(0.1, "SGD step of the inner loop")
-    inner_steps: int = _opt(5, "inner SGD steps in meta-training")
-    test_steps: int = _opt(10, "inner SGD steps at evaluation")
-    meta_lr: float = _opt(1e-3, "Adam learning rate on the meta parameters")
-    meta_batch: int = _opt(4, "tasks per meta-iteration")
-    iterations: int = _opt(1000, "meta-iterations")
-    test_tasks: int = _opt(600, "held-out tasks (digits 5-9 of the test images)")
-    seed: int = _opt(0, "initialisation and task stream")
+    shots: int = 1  # labelled support images per class
+    ways: int = 5  # classes per task
+    query: int = 15  # query images per class
+    filters: int = 32  # channels of every convolution
+    inner_lr: float = 0.1  # SGD step of the inner loop
+    inner_steps: int = 5  # inner SGD steps in meta-training
+    test_steps: int = 10  # inner SGD steps at evaluation
+    meta_lr: float = 1e-3  # Adam learning rate on the meta parameters
+    meta_batch: int = 4  # tasks per meta-iteration
+    iterations: int = 1000  # meta-iterations
+    test_tasks: int = 600  # held-out tasks (digits 5-9 of the test images)
+    seed: int = 0  # initialisation and task stream
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name != "seed" and not getattr(self, f.name) > 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be > 0")
+                raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)}")
         if self.ways > 5:
-            raise ValueError("--ways must be <= 5: each split has 5 digit classes")
+            raise ValueError(f"ways must be <= 5 (each split has 5 digit classes), got {self.ways}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config: Config = field(default_factory=Config)
+    rows: tuple[Row, ...] = ROWS
+    data_dir: Path = Path("data/mnist")  # MNIST's IDX files (make mnist)
+    output_dir: Path = Path("runs/maml_fewshot")  # results.json goes here
+    json: bool = False  # print only the JSON results
 
 
 def conv4(filters: int, ways: int) -> nn.Module:
@@ -203,36 +209,13 @@ def evaluate(learner: Learner, meta, stats, pool: list[Tensor]) -> tuple[float, 
     return 100 * acc.mean().item(), 100 * 1.96 * acc.std().item() / math.sqrt(len(acc))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for f in fields(Config):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(f.default),
-            default=f.default,
-            help=f.metadata["help"],
-        )
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path("data/mnist"), help="MNIST's IDX files (make mnist)"
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("runs/maml_fewshot"), help="results.json goes here"
-    )
-    parser.add_argument("--json", action="store_true", help="print only the JSON results")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(Experiment, argv, description=__doc__.splitlines()[0])
+    cfg = args.config
     try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
         train_pool, test_pool = class_pools(args.data_dir)
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        fail(str(err))
     torch.set_num_threads(2)
     results: dict[str, Any] = {"config": asdict(cfg), "rows": {}}
     with tqdm(total=len(args.rows) * cfg.iterations, file=sys.stderr, disable=None) as bar:

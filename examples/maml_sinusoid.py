@@ -38,7 +38,6 @@ is scored by the MSE on 100 evenly spaced points of [-5, 5] after 0, 1, ..., 10 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -46,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,44 +55,52 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.training.cli import parse
 from metapl.training.tracking import Tracker
 
 Params = dict[str, Tensor]
-ROWS = ("pretrained", "maml", "fomaml", "meta_sgd", "imaml", "maml_bn")
+Row = Literal["pretrained", "maml", "fomaml", "meta_sgd", "imaml", "maml_bn"]
+ROWS: tuple[Row, ...] = get_args(Row)
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")  # the MLP's parameters
 BN_EPS = 1e-5
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class Config:
-    iterations: int = _opt(10_000, "meta-iterations of every row (the paper: 70000)")
-    meta_batch: int = _opt(25, "tasks per meta-iteration")
-    shots: int = _opt(10, "K: support points per task (and query points in meta-training)")
-    hidden: int = _opt(40, "width of the MLP 1-hidden-hidden-1")
-    inner_lr: float = _opt(0.01, "alpha: SGD step of maml / fomaml / pretrained fine-tuning")
-    meta_lr: float = _opt(1e-3, "Adam learning rate on the meta parameters")
-    meta_sgd_init: float = _opt(0.01, "meta_sgd: initial value of every per-weight rate")
-    imaml_lam: float = _opt(10.0, "imaml: proximal strength lam in lam/2 ||s - theta||^2")
-    imaml_lr: float = _opt(0.01, "imaml: inner Adam learning rate")
-    imaml_steps: int = _opt(10, "imaml: inner Adam steps per task in meta-training")
-    imaml_cg: int = _opt(5, "imaml: conjugate-gradient iterations")
-    bn_steps: int = _opt(5, "maml_bn: inner SGD steps in meta-training")
-    test_tasks: int = _opt(600, "held-out tasks")
-    test_steps: int = _opt(10, "adaptation steps at test time (MSE after each is reported)")
-    test_points: int = _opt(100, "evenly spaced evaluation points on [-5, 5]")
-    log_every: int = _opt(500, "iterations between logged training losses")
-    compile: bool = _opt(True, "torch.compile each row's meta step (eager if it fails)")
-    seed: int = _opt(0, "initialisation, training tasks; test tasks use seed + 10000")
+    iterations: int = 10_000  # meta-iterations of every row (the paper: 70000)
+    meta_batch: int = 25  # tasks per meta-iteration
+    shots: int = 10  # K: support points per task (and query points in meta-training)
+    hidden: int = 40  # width of the MLP 1-hidden-hidden-1
+    inner_lr: float = 0.01  # alpha: SGD step of maml / fomaml / pretrained fine-tuning
+    meta_lr: float = 1e-3  # Adam learning rate on the meta parameters
+    meta_sgd_init: float = 0.01  # meta_sgd: initial value of every per-weight rate
+    imaml_lam: float = 10.0  # imaml: proximal strength lam in lam/2 ||s - theta||^2
+    imaml_lr: float = 0.01  # imaml: inner Adam learning rate
+    imaml_steps: int = 10  # imaml: inner Adam steps per task in meta-training
+    imaml_cg: int = 5  # imaml: conjugate-gradient iterations
+    bn_steps: int = 5  # maml_bn: inner SGD steps in meta-training
+    test_tasks: int = 600  # held-out tasks
+    test_steps: int = 10  # adaptation steps at test time (MSE after each is reported)
+    test_points: int = 100  # evenly spaced evaluation points on [-5, 5]
+    log_every: int = 500  # iterations between logged training losses
+    compile: bool = True  # torch.compile each row's meta step (eager if it fails)
+    seed: int = 0  # initialisation, training tasks; test tasks use seed + 10000
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name not in ("seed", "compile") and not value > 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {value}")
+                raise ValueError(f"{f.name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config: Config = field(default_factory=Config)
+    rows: tuple[Row, ...] = ROWS
+    output_dir: Path = Path("runs/maml_sinusoid")  # figure, results.json, each row's metrics
+    figure_copy: Path | None = None  # also save the figure here (docs/img/maml_sinusoid.png)
+    wandb_project: str | None = None  # log each row there (offline without an API key)
+    json: bool = False  # print only the JSON results
 
 
 # ----------------------------------------------------------------------------- tasks and model
@@ -441,53 +448,9 @@ def plot(tasks: Tasks, preds: Tensor, mses: Tensor, path: Path, n: int = 3) -> N
 # ----------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f.metadata["help"],
-            )
-        else:
-            parser.add_argument(
-                flag, type=type(f.default), default=f.default, help=f.metadata["help"]
-            )
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run")
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("runs/maml_sinusoid"),
-        help="figure, results.json and each row's metrics.jsonl",
-    )
-    parser.add_argument(
-        "--figure-copy",
-        type=Path,
-        default=None,
-        help="also save the figure here (e.g. docs/img/maml_sinusoid.png)",
-    )
-    parser.add_argument(
-        "--wandb-project",
-        default=None,
-        help="log each row to this wandb project (offline without an API key)",
-    )
-    parser.add_argument("--json", action="store_true", help="print only the JSON results")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    except ValueError as err:
-        parser.error(str(err))
+    args = parse(Experiment, argv, description=__doc__.splitlines()[0])
+    cfg = args.config
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give
 
     tasks = held_out_tasks(cfg)

@@ -172,7 +172,8 @@ def test_bad_input_is_a_one_line_error(ms, capsys, flag):
     with pytest.raises(SystemExit) as exc:
         ms.main([flag, "0"])
     assert exc.value.code == 2
-    assert f"error: {flag} must be > 0, got 0" in capsys.readouterr().err
+    name = flag.removeprefix("--").replace("-", "_")
+    assert f"error: {name} must be > 0, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -121,8 +121,8 @@ def test_main_tiny_run(fs, data_dir, tmp_path, capsys):
 def test_missing_data_and_bad_flags_are_one_line_errors(fs, tmp_path, capsys):
     for argv, message in (
         (["--data-dir", str(tmp_path / "none")], "make mnist"),
-        (["--shots", "0"], "--shots must be > 0"),
-        (["--ways", "6"], "--ways must be <= 5"),
+        (["--shots", "0"], "shots must be > 0"),
+        (["--ways", "6"], "ways must be <= 5"),
     ):
         with pytest.raises(SystemExit) as exc:
             fs.main(argv)
