@@ -31,102 +31,84 @@ with ``--per-class 3``, 94.3 ± 0.6% against 72.5 ± 4.6%. Reading: docs/example
     python examples/distill.py                    # table + figure of the images (~2 min)
     python examples/distill.py --per-class 3      # 30 images
     python examples/distill.py --preset smoke --json
+    python examples/distill.py --help             # every field is a flag
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from _mlp_digits import Data, Params, forward, generator, init_mlp, load_data
 from torch import Tensor
 from torch.func import grad, vmap
 from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.training.cli import parse
 
-Params = dict[str, Tensor]
 ROWS = ("synthetic", "real", "real_learned", "full")
-DOCS_FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "distill.png"
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
 class Config:
-    per_class: int = field(default=1, metadata={"help": "synthetic images per class"})
-    steps: int = field(default=20, metadata={"help": "inner SGD steps K on the images"})
-    hidden: int = field(default=64, metadata={"help": "MLP 64-hidden-10"})
-    meta_iters: int = field(default=300, metadata={"help": "meta-iterations"})
-    inits_per_iter: int = field(default=4, metadata={"help": "fresh inits per meta-iteration"})
-    meta_lr: float = field(default=0.05, metadata={"help": "Adam on images and log_lr"})
-    meta_lr_end: float = field(default=0.005, metadata={"help": "meta lr decays to this"})
-    initial_lr: float = field(default=0.02, metadata={"help": "inner lr before learning"})
-    real_batch: int = field(default=256, metadata={"help": "real images in the outer loss"})
-    eval_runs: int = field(default=20, metadata={"help": "fresh inits scoring every row"})
-    full_steps: int = field(default=300, metadata={"help": "steps of the full-set row"})
+    per_class: int = 1  # synthetic images per class
+    steps: int = 20  # inner SGD steps K on the images
+    hidden: int = 64  # MLP 64-hidden-10
+    meta_iters: int = 300  # meta-iterations
+    inits_per_iter: int = 4  # fresh inits per meta-iteration
+    meta_lr: float = 0.05  # Adam on images and log_lr
+    meta_lr_end: float = 0.005  # the meta lr decays exponentially to this
+    initial_lr: float = 0.02  # inner lr before learning
+    real_batch: int = 256  # real images in the outer loss
+    eval_runs: int = 20  # fresh inits scoring every row
+    full_steps: int = 300  # steps of the full-set row
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            low = 0 if name == "meta_iters" else 1
+            if isinstance(value, int) and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+            if isinstance(value, float) and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config: Config = field(default_factory=Config)
+    seed: int = 0  # data split, initial images, inits, draws
+    output_dir: Path = Path("runs/distill")  # results.json, distilled.pt and the figure
+    json: bool = False  # print only the JSON summary
 
 
 PRESETS = {
-    "fast": Config(),
-    "smoke": Config(
-        steps=3, hidden=16, meta_iters=3, inits_per_iter=2, real_batch=32, eval_runs=2, full_steps=5
+    "fast": Experiment(),
+    "smoke": Experiment(
+        config=Config(
+            steps=3,
+            hidden=16,
+            meta_iters=3,
+            inits_per_iter=2,
+            real_batch=32,
+            eval_runs=2,
+            full_steps=5,
+        )
     ),
 }
 REAL_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # the real-image baseline's grid
 FULL_BATCH, FULL_LR, FULL_MOMENTUM = 64, 0.1, 0.9
 
 # ----------------------------------------------------------------------------- data and model
-
-
-class Data(NamedTuple):
-    x_train: Tensor  # (997, 64) in [0, 1]
-    y_train: Tensor
-    x_val: Tensor  # (300, 64): picks the real baseline's learning rate
-    y_val: Tensor
-    x_test: Tensor  # (500, 64): reported
-    y_test: Tensor
-
-
-def load_data(seed: int, n_val: int = 300, n_test: int = 500, dtype=torch.float32) -> Data:
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=dtype)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    return Data(x[train], y[train], x[val], y[val], x[test], y[test])
-
-
-def generator(seed: int, purpose: int, index: int) -> torch.Generator:
-    """A generator for (split seed, purpose, index): training and evaluation never share an
-    init or a draw."""
-    state = np.random.SeedSequence([seed, purpose, index]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def init_mlp(gen: torch.Generator, hidden: int, dtype=torch.float32) -> Params:
-    """MLP 64-hidden-10 initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in))."""
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(((64, hidden), (hidden, 10))):
-        bound = fan_in**-0.5
-        params[f"w{i}"] = ((torch.rand(fan_out, fan_in, generator=gen) * 2 - 1) * bound).to(dtype)
-        params[f"b{i}"] = ((torch.rand(fan_out, generator=gen) * 2 - 1) * bound).to(dtype)
-    return params
-
-
-def forward(params: Params, x: Tensor) -> Tensor:
-    return F.linear(torch.relu(F.linear(x, params["w0"], params["b0"])), params["w1"], params["b1"])
 
 
 def synthetic_labels(per_class: int) -> Tensor:
@@ -325,55 +307,9 @@ def plot(meta: Params, data: Data, per_class: int, lr: float, path: Path) -> Non
 # ----------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="Every Config option defaults to the chosen --preset; fast is the default.",
-    )
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="fast", help="base settings (default: fast)"
-    )
-    for f in fields(Config):
-        defaults = "; ".join(f"{p}: {getattr(c, f.name)}" for p, c in PRESETS.items())
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(getattr(Config(), f.name)),
-            default=None,
-            help=f"{f.metadata['help']} (default {defaults})",
-        )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="data split, initial images, inits, draws (default: 0)"
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("runs/distill"),
-        help="where results.json and the figure go (default: %(default)s)",
-    )
-    parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument(
-        "--docs-figure", action="store_true", help="also copy the figure to docs/img/distill.png"
-    )
-    return parser
-
-
-def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    changes = {f.name: getattr(args, f.name) for f in fields(Config)}
-    cfg = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
-    for f in fields(Config):
-        value = getattr(cfg, f.name)
-        low = 0 if f.name == "meta_iters" else 1
-        if isinstance(value, int) and value < low:
-            parser.error(f"--{f.name.replace('_', '-')} must be >= {low}, got {value}")
-        if isinstance(value, float) and value <= 0:
-            parser.error(f"--{f.name.replace('_', '-')} must be > 0, got {value}")
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = parse_config(parser, args)
+    args = parse(Experiment, argv, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg = args.config
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give
 
     data = load_data(args.seed)
@@ -390,12 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     figure = args.output_dir / "distill.png"
     plot(meta, data, cfg.per_class, lr, figure)
-    if args.docs_figure:
-        DOCS_FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure, DOCS_FIGURE)
     torch.save({k: v.detach() for k, v in meta.items()}, args.output_dir / "distilled.pt")
     summary = {
-        "config": {f.name: getattr(cfg, f.name) for f in fields(Config)},
+        "config": asdict(cfg),
         "seed": args.seed,
         "learned_lr": lr,
         "rows": rows,

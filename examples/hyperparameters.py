@@ -30,76 +30,92 @@ reading: docs/examples_meta.md.
     python examples/hyperparameters.py                    # table + figure (~4 min on 2 cores)
     python examples/hyperparameters.py --preset smoke     # seconds
     python examples/hyperparameters.py --optimizers adam --steps 100 --json
+    python examples/hyperparameters.py --help             # every field is a flag
+
+The seconds per truncated and full hypergradient: benchmarks/truncation.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from _mlp_digits import Data, Params, forward, generator, init_mlp, load_data
 from torch import Tensor
 from torch.func import grad
 from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.training.cli import parse
 
-Params = dict[str, Tensor]
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DOCS_FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "hyperparameters.png"
+Optimizer = Literal["sgd", "adam", "adamw"]
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
 class Config:
-    steps: int = field(default=50, metadata={"help": "inner training steps K"})
-    batch_size: int = field(default=64, metadata={"help": "minibatch of every inner step"})
-    hidden: int = field(default=64, metadata={"help": "MLP 64-hidden-10"})
-    meta_iters: int = field(default=40, metadata={"help": "hypergradient steps per row"})
-    meta_lr: float = field(default=0.3, metadata={"help": "Adam on the unconstrained values"})
-    meta_lr_end: float = field(
-        default=0.05, metadata={"help": "the meta lr decays exponentially to this"}
-    )
-    init: str = field(
-        default="fresh",
-        metadata={
-            "help": "each meta-iteration's inner init: fresh (new draw) or same (one)",
-            "choices": ("fresh", "same"),
-        },
-    )
-    eval_runs: int = field(default=5, metadata={"help": "runs scoring each hyperparameter"})
-    grid_lr: int = field(default=7, metadata={"help": "learning rates in the grid (log-spaced)"})
-    optimizers: tuple[str, ...] = field(
-        default=OPTIMIZERS, metadata={"help": "rows to run", "choices": OPTIMIZERS}
-    )
-    long_steps: int = field(default=100, metadata={"help": "K of the truncation rows (0: none)"})
-    truncate: int = field(default=20, metadata={"help": "steps the truncated row backprops"})
+    steps: int = 50  # inner training steps K
+    batch_size: int = 64  # minibatch of every inner step
+    hidden: int = 64  # MLP 64-hidden-10
+    meta_iters: int = 40  # hypergradient steps per row
+    meta_lr: float = 0.3  # Adam on the unconstrained values
+    meta_lr_end: float = 0.05  # the meta lr decays exponentially to this
+    init: Literal["fresh", "same"] = "fresh"  # each meta-iteration's inner init: new or one
+    eval_runs: int = 5  # runs scoring each hyperparameter
+    grid_lr: int = 7  # learning rates in the grid (log-spaced)
+    optimizers: tuple[Optimizer, ...] = OPTIMIZERS  # rows to run
+    long_steps: int = 100  # K of the truncation rows (0: none)
+    truncate: int = 20  # steps the truncated row backpropagates through
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "hidden", "eval_runs", "grid_lr", "truncate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_iters < 0 or self.long_steps < 0:
+            raise ValueError("meta_iters and long_steps must be >= 0")
+        if min(self.meta_lr, self.meta_lr_end) <= 0:
+            raise ValueError(
+                f"meta_lr and meta_lr_end must be > 0, got {self.meta_lr}, {self.meta_lr_end}"
+            )
+        if self.long_steps and self.truncate >= self.long_steps:
+            raise ValueError(f"truncate ({self.truncate}) must be < long_steps ({self.long_steps})")
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError("optimizers lists an optimizer twice")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config: Config = field(default_factory=Config)
+    seed: int = 0  # data split, inits and batch orders
+    output_dir: Path = Path("runs/hyperparameters")  # results.json and the figure
+    json: bool = False  # print only the JSON summary
 
 
 PRESETS = {
-    "fast": Config(),
-    "smoke": Config(
-        steps=4,
-        batch_size=16,
-        hidden=16,
-        meta_iters=2,
-        eval_runs=1,
-        grid_lr=2,
-        long_steps=6,
-        truncate=2,
+    "fast": Experiment(),
+    "smoke": Experiment(
+        config=Config(
+            steps=4,
+            batch_size=16,
+            hidden=16,
+            meta_iters=2,
+            eval_runs=1,
+            grid_lr=2,
+            long_steps=6,
+            truncate=2,
+        )
     ),
 }
 
@@ -193,45 +209,6 @@ def values_of(name: str, meta: Params) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- data and model
-
-
-class Data(NamedTuple):
-    x_train: Tensor  # (997, 64) in [0, 1]
-    y_train: Tensor
-    x_val: Tensor  # (300, 64): the outer loss
-    y_val: Tensor
-    x_test: Tensor  # (500, 64): reported only
-    y_test: Tensor
-
-
-def load_data(seed: int, n_val: int = 300, n_test: int = 500, dtype=torch.float32) -> Data:
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=dtype)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    return Data(x[train], y[train], x[val], y[val], x[test], y[test])
-
-
-def generator(seed: int, purpose: int, index: int) -> torch.Generator:
-    """A generator for (split seed, purpose, index): meta-iterations and scoring runs never
-    share an init or a batch order."""
-    state = np.random.SeedSequence([seed, purpose, index]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def init_mlp(gen: torch.Generator, hidden: int, dtype=torch.float32) -> Params:
-    """MLP 64-hidden-10 initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in))."""
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(((64, hidden), (hidden, 10))):
-        bound = fan_in**-0.5
-        params[f"w{i}"] = ((torch.rand(fan_out, fan_in, generator=gen) * 2 - 1) * bound).to(dtype)
-        params[f"b{i}"] = ((torch.rand(fan_out, generator=gen) * 2 - 1) * bound).to(dtype)
-    return params
-
-
-def forward(params: Params, x: Tensor) -> Tensor:
-    return F.linear(torch.relu(F.linear(x, params["w0"], params["b0"])), params["w1"], params["b1"])
 
 
 def batches(data: Data, gen: torch.Generator, steps: int, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -401,22 +378,6 @@ def run_row(
     }
 
 
-def time_truncation(cfg: Config, data: Data, seed: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of one SGD hypergradient through ``long_steps`` steps, untruncated and
-    with ``truncate``, the calls interleaved so that a busy machine slows both alike."""
-    meta = meta_of("sgd", SPACES["sgd"].initial)
-    gen = generator(seed, 4, 0)
-    init = init_mlp(gen, cfg.hidden)
-    inner_batches = batches(data, gen, cfg.long_steps, cfg.batch_size)
-    times: dict[str, list[float]] = {"full": [], "truncated": []}
-    for _ in range(repeats):
-        for key, truncate in (("full", None), ("truncated", cfg.truncate)):
-            start = time.perf_counter()
-            hypergradient("sgd", meta, init, inner_batches, data.x_val, data.y_val, truncate)
-            times[key].append(time.perf_counter() - start)
-    return {key: float(np.median(t)) for key, t in times.items()}
-
-
 # ----------------------------------------------------------------------------- figure
 
 
@@ -494,75 +455,12 @@ def print_table(cfg: Config, results: dict[str, dict], seconds: float, seed: int
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="Every Config option defaults to the chosen --preset; fast is the default.",
-    )
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="fast", help="base settings (default: fast)"
-    )
-    for f in fields(Config):
-        defaults = "; ".join(f"{p}: {_show(getattr(c, f.name))}" for p, c in PRESETS.items())
-        kwargs: dict = {"default": None, "help": f"{f.metadata['help']} (default {defaults})"}
-        value = getattr(Config(), f.name)
-        if isinstance(value, tuple):
-            kwargs |= {"nargs": "+", "type": str}
-        else:
-            kwargs["type"] = type(value)
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    parser.add_argument(
-        "--seed", type=int, default=0, help="data split, inits and batch orders (default: 0)"
-    )
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("runs/hyperparameters"),
-        help="where results.json and the figure go (default: %(default)s)",
-    )
-    parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument(
-        "--docs-figure",
-        action="store_true",
-        help="also copy the figure to docs/img/hyperparameters.png",
-    )
-    return parser
-
-
-def _show(value) -> str:
-    return " ".join(value) if isinstance(value, tuple) else str(value)
-
-
-def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    changes = {f.name: getattr(args, f.name) for f in fields(Config)}
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
-    cfg = replace(PRESETS[args.preset], **{k: v for k, v in changes.items() if v is not None})
-    positive = ("steps", "batch_size", "hidden", "eval_runs", "grid_lr", "truncate")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.meta_iters < 0 or cfg.long_steps < 0:
-        parser.error("--meta-iters and --long-steps must be >= 0")
-    if min(cfg.meta_lr, cfg.meta_lr_end) <= 0:
-        parser.error(
-            f"--meta-lr and --meta-lr-end must be > 0, got {cfg.meta_lr}, {cfg.meta_lr_end}"
-        )
-    if cfg.long_steps and cfg.truncate >= cfg.long_steps:
-        parser.error(f"--truncate ({cfg.truncate}) must be < --long-steps ({cfg.long_steps})")
-    if len(set(cfg.optimizers)) != len(cfg.optimizers):
-        parser.error("--optimizers lists an optimizer twice")
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = parse_config(parser, args)
+    exp = parse(Experiment, argv, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg, seed = exp.config, exp.seed
     torch.set_num_threads(1)  # tiny matmuls: threads cost more than they give
 
-    data = load_data(args.seed)
+    data = load_data(seed)
     rows = rows_of(cfg)
     grids: dict[tuple[str, int], dict] = {}
     n_grid = {(opt, k) for _, opt, k, _ in rows}
@@ -572,43 +470,27 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(total=total, file=sys.stderr, disable=None) as bar:
         for row, name, steps, truncate in rows:
             bar.set_description(row)
-            res = run_row(
-                name, cfg, data, args.seed, steps, truncate, grids.get((name, steps)), bar
-            )
+            res = run_row(name, cfg, data, seed, steps, truncate, grids.get((name, steps)), bar)
             grids[(name, steps)] = res.pop("_grid")
             results[row] = res
-        timing = None
-        if cfg.long_steps:
-            bar.set_description("timing")
-            timing = time_truncation(cfg, data, args.seed)
     seconds = time.perf_counter() - start
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    figure = args.output_dir / "hyperparameters.png"
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    figure = exp.output_dir / "hyperparameters.png"
     plot(results, figure)
-    if args.docs_figure:
-        DOCS_FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure, DOCS_FIGURE)
     summary = {
-        "config": {f.name: getattr(cfg, f.name) for f in fields(Config)},
-        "seed": args.seed,
+        "config": asdict(cfg),
+        "seed": seed,
         "seconds": seconds,
         "rows": results,
-        "truncation_seconds": timing,
         "figure": str(figure),
     }
-    (args.output_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    if args.json:
+    (exp.output_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    if exp.json:
         print(json.dumps(summary))
     else:
-        print_table(cfg, results, seconds, args.seed)
-        if timing is not None:
-            print(
-                f"\none SGD hypergradient through K={cfg.long_steps} steps (median of 5, "
-                f"interleaved): full {timing['full']:.2f} s, truncate={cfg.truncate} "
-                f"{timing['truncated']:.2f} s ({timing['truncated'] / timing['full']:.2f}x)"
-            )
-        print(f"\nfigure: {figure}; results: {args.output_dir / 'results.json'}")
+        print_table(cfg, results, seconds, seed)
+        print(f"\nfigure: {figure}; results: {exp.output_dir / 'results.json'}")
     return summary
 
 

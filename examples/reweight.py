@@ -22,15 +22,15 @@ The plain run is at its best early and then memorises the noise; the reweighted 
 longer but degrades too. On a data set this easy the 100 clean images alone give about 91%.
 
     python examples/reweight.py                 # seeds 0,1,2; table of test accuracy
-    python examples/reweight.py --steps 500 --seed 3 --json
+    python examples/reweight.py --steps 500 --seeds 3 --json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.training.cli import parse
 
 METHODS = ("plain", "reweight", "meta_only")
 
@@ -183,18 +184,27 @@ def train(
     return params
 
 
+@dataclass(frozen=True)
+class Experiment:
+    steps: int = 1500  # training steps per run
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 100
+    lr: float = 0.03  # SGD
+    momentum: float = 0.9
+    hidden: int = 100  # MLP 64-hidden-10
+    json: bool = False  # print only a JSON summary
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.momentum < 1 or not self.seeds:
+            raise ValueError("lr must be > 0, momentum in [0, 1), and --seeds not empty")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per run")
-    parser.add_argument("--seed", type=int, default=None, help="run one seed (overrides --seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--hidden", type=int, default=100)
-    parser.add_argument("--json", action="store_true", help="print only a JSON summary")
-    args = parser.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else args.seeds
+    args = parse(Experiment, argv, description=__doc__.splitlines()[0])
+    seeds = list(args.seeds)
     torch.set_num_threads(1)  # small matmuls: threads cost more than they give
 
     results: dict[str, list[float]] = {m: [] for m in METHODS}

@@ -101,14 +101,14 @@ def test_load_data_split(rw, data):
 
 
 def test_main_json(rw, capsys):
-    summary = rw.main(["--steps", "3", "--seed", "0", "--json"])
+    summary = rw.main(["--steps", "3", "--seeds", "0", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert set(rw.METHODS) <= out.keys() and out["seeds"] == [0]
     assert out["reweight"] == summary["reweight"]
 
 
 def test_table_shows_a_spread_only_for_several_seeds(rw, capsys):
-    rw.main(["--steps", "2", "--seed", "0"])
+    rw.main(["--steps", "2", "--seeds", "0"])
     one, err = capsys.readouterr()
     assert "\r" not in err  # no progress bar when stderr is not a terminal (a log file)
     rw.main(["--steps", "2", "--seeds", "0", "1"])
