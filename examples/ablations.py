@@ -14,45 +14,40 @@ resume, the others start. The learning curves of the whole grid, overlaid:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import itertools
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from metapl import distributed
-from metapl.training.recipe import cli
+from metapl.training.cli import parse
 from metapl.training.rundir import CHECKPOINT, CONFIG
 
 CIFAR_MPL = Path(__file__).resolve().parent / "cifar_mpl.py"
+MetaGrad = Literal["none", "first_order", "exact", "finite_difference"]
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="cifar10-4k")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument(
-        "--meta-grads",
-        nargs="+",
-        default=["none", "first_order", "exact"],
-        choices=["none", "first_order", "exact", "finite_difference"],
-    )
-    p.add_argument("--uda", nargs="+", default=["off", "on"], choices=["off", "on"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--wandb-project")
-    p.add_argument("--group", help="wandb group (default: ablation-<preset>)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted grid")
-    if argv is None:
-        argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)
-    return p.parse_args(argv[:split]), argv[split + 1 :]
+@dataclass(frozen=True)
+class Grid:
+    data_dir: Path  # the preset's data
+    output_dir: Path  # one folder per cell and seed below it
+    preset: str = "cifar10-4k"
+    meta_grads: tuple[MetaGrad, ...] = ("none", "first_order", "exact")
+    uda: tuple[Literal["off", "on"], ...] = ("off", "on")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    wandb_project: str | None = None
+    group: str | None = None  # wandb group (default: ablation-<preset>)
+    json: bool = False  # print the summary as JSON
+    resume: bool = False  # continue an interrupted grid
 
 
 def _cifar_mpl():
+    if str(CIFAR_MPL.parent) not in sys.path:
+        sys.path.insert(0, str(CIFAR_MPL.parent))  # its family's helpers (examples/_paper.py)
     spec = importlib.util.spec_from_file_location("cifar_mpl", CIFAR_MPL)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -61,7 +56,9 @@ def _cifar_mpl():
 
 
 def main(argv=None) -> dict[str, dict]:
-    args, passthrough = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, passthrough = parse(Grid, argv[:split], description=__doc__), argv[split + 1 :]
     example = _cifar_mpl()
     group = args.group or f"ablation-{args.preset}"
     summary = {}
@@ -81,7 +78,7 @@ def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda
             "--preset",
             args.preset,
             "--data-dir",
-            args.data_dir,
+            str(args.data_dir),
             "--output-dir",
             str(out),
             "--meta-grad",
@@ -97,7 +94,7 @@ def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda
         if args.wandb_project:
             run_argv += ["--wandb-project", args.wandb_project]
         if args.resume and any((out / f).exists() for f in (CONFIG, CHECKPOINT)):
-            run_argv.append("--resume")
+            run_argv += ["--resume", str(out)]
         accuracies.append(example.main(run_argv)["test/student"])
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     summary = {"mean": statistics.mean(accuracies), "std": std, "seeds": accuracies}
@@ -113,4 +110,4 @@ def table(summary: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    main()

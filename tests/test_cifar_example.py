@@ -20,7 +20,9 @@ SCRIPT = ROOT / "examples" / "cifar_mpl.py"
 TINY = [
     "--model",
     "mlp",
-    "--lr",
+    "--teacher-lr",
+    "1e-3",
+    "--student-lr",
     "1e-3",
     "--labels-per-class",
     "2",
@@ -83,7 +85,11 @@ def test_runs_and_resumes(tmp_path, cifar_dir, preset):
     assert all(0.0 <= v <= 1.0 for v in results.values())
     assert json.loads((out / "split.json").read_text())["meta"]["preset"] == preset
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
-    resumed = _run(*common, "--steps", "4", "--resume")
+    resumed = _run(*common, "--steps", "4", "--resume")  # the run in --output-dir
+    again = _run("--resume", str(out))  # its saved configuration: no flag typed again
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == json.loads(
+        resumed.stdout.strip().splitlines()[-1]
+    )
     assert json.loads(resumed.stdout.strip().splitlines()[-1]).keys() == results.keys()
 
 
@@ -111,7 +117,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cifar_dir):
     assert proc.wait() == -signal.SIGKILL
     step_at_kill = load_checkpoint(killed / "checkpoint.pt")["step"]
     assert 0 < step_at_kill < 200
-    _run(*args(killed), "--resume")
+    _run("--resume", str(killed))
 
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
     resumed = load_checkpoint(killed / "checkpoint.pt")
@@ -150,9 +156,7 @@ def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
     assert no_files.returncode == 1 and "cifar-10-batches-py" in no_files.stderr
     assert len(no_files.stderr.strip().splitlines()) == 1
     assert "Traceback" not in no_files.stderr and not list((tmp_path / "o").glob("*"))
-    no_ckpt = _run(
-        "--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o2"), "--resume", check=False
-    )
+    no_ckpt = _run("--resume", str(tmp_path / "o2"), check=False)
     assert no_ckpt.returncode != 0 and "no run to resume" in no_ckpt.stderr
     bad_steps = _run(
         "--data-dir",
@@ -163,7 +167,8 @@ def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
         "0",
         check=False,
     )
-    assert bad_steps.returncode == 2 and "--steps must be >= 1" in bad_steps.stderr
+    assert bad_steps.returncode == 2 and "steps must be >= 1" in bad_steps.stderr
+    assert len(bad_steps.stderr.strip().splitlines()) == 1
 
 
 def test_default_wideresnet_runs(tmp_path, cifar_dir):
@@ -222,7 +227,9 @@ def test_torchrun_two_processes(tmp_path, cifar_dir):
 
 
 def _example():
-    return load_script(SCRIPT, "cifar_mpl")
+    module = load_script(SCRIPT, "cifar_mpl")
+    module.parse_experiment = load_script(SCRIPT.parent / "_paper.py", "_paper").parse_experiment
+    return module
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -246,9 +253,7 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     final = torch.load(out / "final.pt", weights_only=False)
     assert final["final"]["net.3.bias"].shape == (12,)  # classes from the data
 
-    code, printed, _ = _cli(
-        ["--data-dir", str(data), *TINY, "--evaluate", str(out / "final.pt"), "--json"], capsys
-    )
+    code, printed, _ = _cli(["--evaluate", str(out / "final.pt"), "--json"], capsys)
     evaluated = json.loads(printed.strip().splitlines()[-1])
     assert code == 0 and set(evaluated) == {
         "test/final",
@@ -258,10 +263,10 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     }
     assert evaluated["test/final"] == results["test/student"]
     assert evaluated["test/teacher"] == results["test/teacher"]
-    code, printed, _ = _cli(
-        ["--data-dir", str(data), *TINY, "--evaluate", str(out / "checkpoint.pt")], capsys
-    )
+    code, printed, _ = _cli(["--evaluate", str(out / "checkpoint.pt"), "--no-json"], capsys)
     assert code == 0 and "| test/ema_student |" in printed and "test/final" not in printed
+    code, printed, _ = _cli(["--evaluate", str(out), "--json"], capsys)  # the run's folder
+    assert code == 0 and json.loads(printed.strip().splitlines()[-1]) == evaluated
 
     ft = tmp_path / "ft"
     code, printed, _ = _cli(
@@ -290,8 +295,13 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
 
     code, _, err = _cli([*base, "--resume", str(out)], capsys)
     assert code == 0, err
-    code, _, err = _cli([*base, "--resume", str(out), "--uda-threshold", "0.5"], capsys)
-    assert code == 1 and "--uda-threshold is 0.5 but the run" in err
+    code, _, err = _cli(["--resume", str(out), "--log-every", "1"], capsys)  # may change
+    assert code == 0, err
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["--resume", str(out), "--uda-threshold", "0.5"], capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--uda-threshold is 0.5 but the run" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
@@ -310,9 +320,13 @@ def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
         "2",
     ]
     for extra, n_unlabeled in ((True, 80 + 30), (False, 80)):
-        args = example.parse_args([*argv, "--svhn-extra" if extra else "--no-svhn-extra"])
-        spec = example.data_spec(args)
-        data, classes = example.load_data(spec, example.Recipe(), args, torch.device("cpu"))
+        exp, _ = example.parse_experiment(
+            example.Experiment,
+            [*argv, "--svhn-extra" if extra else "--no-svhn-extra"],
+            example.PRESETS,
+            "",
+        )
+        data, classes = example.Cifar.load_data(exp, torch.device("cpu"))
         (tmp_path / "o" / "split.json").unlink()
         assert classes == 10 and len(data.labeled_y) == 20 and len(data.val_y) == 20
         assert len(data.unlabeled_x) == n_unlabeled
@@ -321,16 +335,16 @@ def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        (["--model", "vgg"], 2, "invalid choice: 'vgg'"),
+        (["--model", "vgg"], 2, "invalid choice 'vgg' for argument '--model'"),
         (
             ["--labels-per-class", "9"],
             1,
             "error: --labels-per-class 9 and --val-per-class 2 need 11",
         ),
         (["--num-labeled", "25"], 1, "--num-labeled 25 is not a positive multiple of the 10"),
-        (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file"),
+        (["--evaluate", "nope.pt"], 2, "--evaluate nope.pt: no such file or run folder"),
         (["--resume", "a", "--evaluate", "b"], 2, "cannot be combined"),
-        (["--svhn-extra"], 2, "--svhn-extra is for SVHN presets, not cifar10-4k"),
+        (["--svhn-extra"], 2, "svhn_extra is for SVHN, not cifar10"),
     ],
 )
 def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message):
@@ -349,10 +363,10 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message
     ]
     try:
         got, _, err = _cli(argv, capsys)
-    except SystemExit as e:  # argparse: usage and one error line, status 2
+    except SystemExit as e:  # a command-line error: one line, status 2
         got, err = e.code, capsys.readouterr().err
     assert got == code and message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) <= 2  # argparse prints usage first
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_an_unreadable_batch_file_is_named_in_one_line(tmp_path, capsys):
@@ -373,10 +387,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys, 
     out = tmp_path / "o"
     base = ["--data-dir", str(tmp_path), *TINY, "--steps", "2", "--finetune-steps", "0"]
     assert _cli([*base, "--output-dir", str(out)], capsys)[0] == 0
-    tiny = [a for a in base if a != "mlp"]
-    code, _, err = _cli(
-        [*tiny[:2], "--model", "wrn28-2", "--evaluate", str(out / "final.pt")], capsys
-    )
+    code, _, err = _cli(["--model", "wrn28-2", "--evaluate", str(out / "final.pt")], capsys)
     assert code == 1 and "does not fit this model" in err and "--model" in err
 
 
@@ -403,14 +414,18 @@ def test_cifar100_preset_reads_the_cifar100_format(tmp_path, monkeypatch, capsys
     assert len(json.loads((out / "split.json").read_text())["labeled"]) == 200  # 2 x 100
     assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (100,)
     config = json.loads((out / "config.json").read_text())
-    assert config["data.dataset"] == "cifar100" and config["args.model"] == "mlp"
+    assert config["data.dataset"] == "cifar100" and config["settings.model"] == "mlp"
 
 
 def test_help_lists_presets_models_and_the_recipe(capsys):
     with pytest.raises(SystemExit) as done:
-        _example().parse_args(["--help"])
+        _example().main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0
-    assert "cifar10-4k wrn28-2, cifar100-10k wrn28-8, svhn-1k wrn28-2" in text
-    assert "--finetune-epochs FINETUNE_EPOCHS" in text and "(default: 625.0)" in text
-    assert "--evaluate CHECKPOINT" in text and "--student-bn {joint,unlabeled}" in text
+    assert "--preset {cifar10-4k, cifar100-10k, svhn-1k}" in text
+    assert "--finetune-epochs FLOAT" in text and "(default: 625.0)" in text
+    assert "--evaluate RUN_DIR_or_FILE" in text and "--student-bn {joint,unlabeled}" in text
+    assert "--model {wrn28-2,wrn28-8,resnet50,mlp}" in text and "--total-steps" in text
+    with pytest.raises(SystemExit):
+        _example().main(["--preset", "cifar100-10k", "--help"])
+    assert "(default: wrn28-8)" in capsys.readouterr().out  # the preset's model

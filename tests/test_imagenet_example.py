@@ -2,7 +2,6 @@
 the slow run) on a tiny fake ImageNet in the real layout: train/<class>/*.png and
 val/<class>/*.png."""
 
-import argparse
 import json
 import shutil
 import sys
@@ -47,7 +46,9 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys, model)
         "0.25",
         "--val-per-class",
         "1",
-        "--lr",
+        "--teacher-lr",
+        "1e-3",
+        "--student-lr",
         "1e-3",
         "--finetune-steps",
         "1",
@@ -90,16 +91,12 @@ def test_imagenet_example_rejects_a_folder_without_train_and_val(tmp_path):
 def test_val_images_keep_their_training_class_when_a_class_has_none(tmp_path):
     write_fake_imagefolder(tmp_path, num_classes=3, train_per_class=4, val_per_class=2)
     shutil.rmtree(tmp_path / "val" / "class_000")  # the first class: no validation images
-    args = argparse.Namespace(
-        data_dir=tmp_path,
-        image_size=32,
-        label_fraction=0.5,
-        val_per_class=1,
-        seed=0,
-        decode_threads=1,
-        output_dir=tmp_path / "run",
+    example = _example()
+    exp = example.Experiment(
+        data=example.Data(label_fraction=0.5, val_per_class=1, image_size=32, decode_threads=1),
+        settings=example.Settings(data_dir=tmp_path, output_dir=tmp_path / "run"),
     )
-    data, num_classes = _example().load_data(args, torch.device("cpu"))
+    data, num_classes = example.ImageNet.load_data(exp, torch.device("cpu"))
     assert num_classes == 3
     assert data.test_y.tolist() == [1, 1, 2, 2]  # class_001 and class_002, not shifted to 0, 1
 
@@ -137,14 +134,15 @@ def test_any_model_on_image_folders_then_evaluate(tmp_path, monkeypatch, capsys)
             "1",
             "--finetune-steps",
             "1",
-            "--randaug",
+            "--randaugment-ops",
             "1",
+            "--randaugment-magnitude",
             "5",
         ]
     )
     assert torch.load(out / "final.pt", weights_only=False)["final"]["net.3.bias"].shape == (4,)
     capsys.readouterr()
-    assert example.cli(example.main, [*common, "--evaluate", str(out / "final.pt")]) == 0
+    assert example.cli(example.main, ["--evaluate", str(out / "final.pt")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["test/final"] == results["test/student"]
 
@@ -164,7 +162,7 @@ def test_without_pillow_the_error_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_help_shows_the_imagenet_recipe(capsys):
     with pytest.raises(SystemExit):
-        _example().parse_args(["--help"])
+        _example().main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--model {wrn28-2,wrn28-8,resnet50,mlp}" in text
-    assert "RandAugment M (default: 17.0)" in text and "EMA_DECAY" in text
+    assert "--model {wrn28-2,wrn28-8,resnet50,mlp}" in text and "(default: resnet50)" in text
+    assert "RandAugment M (default: 17.0)" in text and "--ema-decay FLOAT" in text

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from metapl.training.rundir import (
     FINAL,
     PREVIOUS,
     RESULTS,
+    RESUMABLE,
     RunError,
     check_config,
     remove_temporaries,
@@ -58,10 +59,6 @@ __all__ = [
     "stream_indices",
     "train",
 ]
-
-# TrainConfig fields a resumed run may change: they decide what is logged and saved, not the
-# trained weights.
-RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "eval_batch")
 
 
 class DivergenceError(RunError):
@@ -119,6 +116,17 @@ class TrainConfig:
     finetune_weight_decay: float = 0.0
     finetune_label_smoothing: float = 0.0
     finetune_augment: str = "weak"
+
+    @classmethod
+    def take(cls, *sources: object, **values) -> TrainConfig:
+        """The fields in ``values``, the others from the first of ``sources`` (dataclasses of
+        a run's settings, e.g. a recipe) that has an attribute of the same name."""
+        for f in fields(cls):
+            if f.name not in values:
+                found = [getattr(s, f.name) for s in sources if hasattr(s, f.name)]
+                if found:
+                    values[f.name] = found[0]
+        return cls(**values)
 
     def __post_init__(self):
         for name in (
@@ -500,7 +508,7 @@ def _resume(
     missing = sorted({"mpl", "step", "config"} - state.keys())
     if missing:
         raise RunError(f"{path} is not a metapl training checkpoint (it has no {missing})")
-    check_config(state["config"], asdict(config), RESUMABLE_CHANGES, source=f"checkpoint {path}")
+    check_config(state["config"], asdict(config), RESUMABLE, source=f"checkpoint {path}")
     _load_fitting(mpl, state["mpl"], path)
     best = state.get("best")  # absent in checkpoints written before it was kept
     return int(state["step"]), (float(best[0]), int(best[1])) if best else None

@@ -33,6 +33,7 @@ __all__ = [
     "FINAL",
     "PREVIOUS",
     "RESULTS",
+    "RESUMABLE",
     "RUN_FILES",
     "RunError",
     "check_config",
@@ -52,6 +53,27 @@ RUN_FILES = (
     RESULTS,
     "metrics.jsonl",
     "wandb-run-id",
+)
+
+
+# What a resumed run may change, by field name (at any depth of the configuration): where it
+# reads and writes, how often it logs, evaluates and saves, and what it prints. None of them
+# changes the trained weights.
+RESUMABLE = frozenset(
+    {
+        "resume",
+        "data_dir",
+        "output_dir",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+        "eval_batch",
+        "json",
+        "download",
+        "decode_threads",
+        "wandb_project",
+        "wandb_group",
+    }
 )
 
 
@@ -76,10 +98,8 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _field_name(key: str) -> str:
-    """``args.labels_per_class`` -> ``--labels-per-class``; other keys as they are."""
-    if key.startswith("args."):
-        return "--" + key[len("args.") :].replace("_", "-")
-    return key
+    """``settings.labels_per_class`` -> ``--labels-per-class``: every field is a flag."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
 
 
 def check_config(
@@ -89,10 +109,13 @@ def check_config(
     source: str = "the saved run",
 ) -> None:
     """Raise RunError naming the first field (of the flattened configurations) on which
-    ``config`` differs from ``saved``, ignoring the fields in ``may_change``."""
+    ``config`` differs from ``saved``, ignoring the fields named in ``may_change`` (the last
+    part of a flattened key: ``log_every`` covers ``settings.log_every``)."""
     old, new = flatten(saved), flatten(config)
     for key in sorted(old.keys() | new.keys()):
-        if key in may_change or old.get(key, "<unset>") == new.get(key, "<unset>"):
+        if key.rsplit(".", 1)[-1] in may_change or old.get(key, "<unset>") == new.get(
+            key, "<unset>"
+        ):
             continue
         raise RunError(
             f"--resume: {_field_name(key)} is {new.get(key, '<unset>')!r} but {source} used "
