@@ -96,7 +96,7 @@ MPL_OPS = (
 )
 
 
-def _uniform(
+def uniform(
     shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """U[0, 1) float32 of `shape` on `device`, drawn on the generator's device."""
@@ -140,7 +140,7 @@ def weak_augment(
     n, c, h, w = x.shape
     if pad_mode == "reflect" and pad >= min(h, w):
         raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
-    u = _uniform((3, n), generator, x.device)
+    u = uniform((3, n), generator, x.device)
     dy, dx = _below(u[0], 2 * pad + 1) - pad, _below(u[1], 2 * pad + 1) - pad
     cols = torch.arange(w, device=x.device).expand(n, w)
     if flip:
@@ -179,7 +179,7 @@ def cutout(
     `fill` on the 0..255 scale (fill / 255 for float images). [N, C, H, W] -> same."""
     n, _, h, w = x.shape
     side = torch.full((n,), size, device=x.device)
-    mask = _random_squares(side, h, w, _uniform((2, n), generator, x.device))
+    mask = _random_squares(side, h, w, uniform((2, n), generator, x.device))
     value = fill if x.dtype == torch.uint8 else fill / 255
     return torch.where(mask, torch.tensor(value, dtype=x.dtype, device=x.device), x)
 
@@ -343,8 +343,8 @@ class RandAugment:
         n = x.shape[0]
         img = _to_255(x)
         op_index = _indices(self.ops, x.device)
-        u = _uniform((self.num_ops, 6, n), generator, x.device)
-        p = _uniform((n,), generator, x.device)
+        u = uniform((self.num_ops, 6, n), generator, x.device)
+        p = uniform((n,), generator, x.device)
         for layer in u:  # rows: op, magnitude, sign, apply, cutout-op center y, x
             op = op_index[_below(layer[0], len(self.ops))]
             # Levels in float64, so that op arguments round like PIL's Python-float ones.
@@ -419,7 +419,7 @@ def random_resized_crop(
     ImageNet training crop, batched. Crops that would not fit are shrunk to fit.
     [N, C, H, W] uint8 or float -> same shape and dtype."""
     n, _, h, w = x.shape
-    u = _uniform((n, 5), generator, x.device)
+    u = uniform((n, 5), generator, x.device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_lo, log_hi = torch.log(torch.tensor(ratio, device=x.device))
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])

@@ -24,7 +24,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-_CIFAR = {
+CIFAR_FILES = {
     "cifar10": (
         "cifar-10-batches-py",
         [f"data_batch_{i}" for i in range(1, 6)],
@@ -91,9 +91,9 @@ def load_cifar(
     planes row-major, and b"labels" / b"fine_labels"). The files are pickles: load only trusted
     copies.
     """
-    if name not in _CIFAR:
+    if name not in CIFAR_FILES:
         raise ValueError(f"unknown CIFAR name {name!r}; pass 'cifar10' or 'cifar100'")
-    folder, train_files, test_files, label_key, url = _CIFAR[name]
+    folder, train_files, test_files, label_key, url = CIFAR_FILES[name]
     paths = [Path(root) / folder / f for f in (train_files if train else test_files)]
 
     def fetch(tv: Any) -> None:

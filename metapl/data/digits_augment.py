@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metapl.data.augment import _uniform, cutout
+from metapl.data.augment import cutout, uniform
 
 __all__ = ["DigitAugment"]
 
@@ -97,7 +97,7 @@ class DigitAugment:
         else:
             raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
         n, c, h, w = img.shape
-        u = _uniform((9, n), generator, x.device)
+        u = uniform((9, n), generator, x.device)
         img = self._stroke(img, u[0], u[1])
         img = self._warp(img, u[2:7], generator)
         lo, hi = self.contrast

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metapl.data.datasets import _CIFAR
+from metapl.data.datasets import CIFAR_FILES
 
 
 def _class_images(
@@ -51,7 +51,7 @@ def write_fake_cifar(
 
     Returns {"train": (images uint8 [N, 3, 32, 32], targets int64 [N]), "test": (...)}.
     """
-    folder, train_files, test_files, label_key, _ = _CIFAR[name]
+    folder, train_files, test_files, label_key, _ = CIFAR_FILES[name]
     out = Path(root) / folder
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -239,7 +239,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=torch.device(device), weights_only=False)
     except Exception as e:  # torch raises many types for a damaged zip or pickle
         raise RunError(
             f"cannot read checkpoint {path} ({_first_line(e)}): the file is empty, truncated or "
@@ -247,7 +247,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         ) from None
     if not isinstance(state, dict):
         raise RunError(f"{path} is not a checkpoint: it holds a {type(state).__name__}")
-    return _to_device(state, torch.device(device))
+    return state
 
 
 def _previous_hint(path: Path) -> str:
@@ -262,16 +262,6 @@ def _previous_hint(path: Path) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-def _to_device(tree, device: torch.device):
-    if isinstance(tree, Tensor):
-        return tree if tree.device == device else tree.to(device)
-    if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_device(v, device) for v in tree)
-    return tree
 
 
 def _seed_globals(seed: int, step: int, phase: int = 0) -> None:
