@@ -24,11 +24,9 @@ full            ``full_steps`` minibatch SGD-momentum steps on the whole trainin
 Data: 1797 digits split into 997 train / 300 validation / 500 test (``--seed`` picks the split,
 the initial images and every init and batch).
 
-Measured (seed 0, the fast preset, test accuracy over 20 fresh inits): 10 synthetic images
-91.1 ± 1.6% against 64.2 ± 4.5% for 10 real ones and 96.1 ± 0.5% for the whole training set;
-with ``--per-class 3``, 94.3 ± 0.6% against 72.5 ± 4.6%. Reading: docs/examples_meta.md.
+Results and reading: docs/examples_meta.md.
 
-    python examples/distill.py                    # table + figure of the images (~2 min)
+    python examples/distill.py                    # table + figure of the images
     python examples/distill.py --per-class 3      # 30 images
     python examples/distill.py --preset smoke --json
     python examples/distill.py --help             # every field is a flag

@@ -22,12 +22,9 @@ steps only) next to the same row untruncated: the truncated hypergradient is che
 Data: 1797 digits split into 997 train / 300 validation / 500 test (``--seed`` picks the
 split and every init and batch order).
 
-Measured (seed 0, the fast preset; val loss after K steps, learned vs grid best): SGD-momentum
-K=50 0.267 vs 0.278, Adam 0.268 vs 0.232, AdamW 0.234 vs 0.221, SGD K=100 0.192 vs 0.179 and
-with truncate=20 0.206 (a smaller learned lr, at 0.38x the time per hypergradient). Tables and
-reading: docs/examples_meta.md.
+Tables and reading: docs/examples_meta.md.
 
-    python examples/hyperparameters.py                    # table + figure (~4 min on 2 cores)
+    python examples/hyperparameters.py                    # table + figure
     python examples/hyperparameters.py --preset smoke     # seconds
     python examples/hyperparameters.py --optimizers adam --steps 100 --json
     python examples/hyperparameters.py --help             # every field is a flag

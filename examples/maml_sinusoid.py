@@ -5,8 +5,7 @@ The setting of Finn et al. (ICML 2017, Sec. 5.1): a task is ``y = A sin(x + b)``
 adapts an MLP 1-40-40-1 (ReLU) by gradient descent on their mean squared error. Meta-training
 takes 25 tasks per meta-iteration (batched with ``torch.func.vmap``; 10 support and 10 query
 points each) and one Adam step (lr 1e-3) on the meta parameters. The paper trains 70k
-meta-iterations; the default here is 10k: under 4 minutes per row on a 2-core CPU, except
-iMAML (eager, ~15 minutes of CPU).
+meta-iterations; the default here is 10k (times: docs/maml.md).
 
 Rows: every one starts from the same initialisation and sees the same task stream.
 

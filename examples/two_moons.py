@@ -19,12 +19,9 @@ never see a label: everything they know comes from the teacher's pseudo labels. 
 as dots coloured by their true class, which no model sees, and as background the reported
 model's probability of moon 1 with its decision boundary.
 
-Measured (2000 steps, seeds 0-4, mean test accuracy): supervised 0.843, pseudo_label 0.843,
-mpl 0.853, uda 0.950 (one seed stuck at 0.756), mpl_uda 0.999. The noise consistency (UDA)
-is what follows the moons; the exact MPL term alone stays at the supervised level, and on the
-hard labeled set (seed 1) both uda and mpl_uda land at ~0.75 or ~1.0 depending on the init.
+Results and reading: docs/mpl.md (two moons).
 
-    python examples/two_moons.py                    # one seed (~25 s), table + figure
+    python examples/two_moons.py                    # one seed, table + figure
     python examples/two_moons.py --seed 3 --json    # {"supervised": acc, ...}
     python examples/two_moons.py --preset small     # half the steps
     python examples/two_moons.py --help             # every field of Config is a flag
