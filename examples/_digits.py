@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import metapl
 from metapl import optim
+from metapl.mpl import MPLConfig
 from metapl.training.bounds import check_bounds
 from metapl.training.tracking import Tracker
 
@@ -129,25 +130,19 @@ def method_of(row: str) -> str | None:
     return "first_order" if row.endswith("first_order") else "exact"
 
 
-def build_mpl(r: Recipe, task: Task, seed: int, row: str) -> metapl.MPL:
-    """Teacher (the CNN at ``seed``) and student (at ``seed + 1``) for ``row``."""
+def mpl_options(r: Recipe, row: str) -> dict:
+    """``metapl.MPL``'s options for ``row`` (the method, UDA, VAT) under recipe ``r``."""
     method = method_of(row)
     uda = None
     if "uda" in row:
         uda = metapl.UDA(r.uda_weight, r.uda_temperature, r.uda_threshold, r.uda_ramp_steps)
-    vat = metapl.VAT(r.vat_weight, r.vat_epsilon) if uda and r.vat_weight else None
-    return metapl.MPL(
-        task.cnn(seed),
-        task.cnn(seed + 1),
-        sgd(r, r.lr_teacher),
-        sgd(r, r.lr_student),
+    return dict(
         meta_grad=method,
-        pseudo_labels="hard" if method == "first_order" else "soft",
         uda=uda,
-        vat=vat,
+        vat=metapl.VAT(r.vat_weight, r.vat_epsilon) if uda and r.vat_weight else None,
         temperature=r.temperature,
         ema_decay=r.ema_decay,
-        h_baseline_decay=0.9 if method == "first_order" else None,
+        h_baseline_decay=0.9,
         student_view=r.student_view,
         student_bn=r.student_bn,
         lookahead_steps=r.lookahead_steps,
@@ -156,14 +151,22 @@ def build_mpl(r: Recipe, task: Task, seed: int, row: str) -> metapl.MPL:
     )
 
 
+def build_mpl(r: Recipe, task: Task, seed: int, row: str) -> metapl.MPL:
+    """Teacher (the CNN at ``seed``) and student (at ``seed + 1``) for ``row``."""
+    teacher, student = task.cnn(seed), task.cnn(seed + 1)
+    return metapl.MPL(
+        teacher, student, sgd(r, r.lr_teacher), sgd(r, r.lr_student), **mpl_options(r, row)
+    )
+
+
 def check(r: Recipe, rows: tuple[str, ...], labels_per_class: int) -> None:
     """A one-line ValueError for a recipe MPL would refuse, before any run starts."""
     if r.mpl_labels == "held_out":
         split_labels(torch.zeros(labels_per_class, dtype=torch.long))  # one class, its labels
     for row in rows:
-        if row != "supervised":
-            cnn = lambda seed: nn.Linear(1, 2)  # noqa: E731 (MPL checks its options only)
-            build_mpl(r, Task(cnn, None, None, None), 0, row)
+        if row != "supervised":  # the options alone: the networks' structure is not checked
+            opt = sgd(r, r.lr_teacher)
+            MPLConfig(nn.Identity(), nn.Identity(), opt, opt, **mpl_options(r, row))
 
 
 def schedule(r: Recipe, lr: float):

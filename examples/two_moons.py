@@ -206,7 +206,6 @@ def train_mpl(cfg: Config, data: Data, seed: int, row: str, bar: tqdm) -> nn.Mod
         meta_grad=cfg.meta_grad if use_mpl else None,
         uda=uda,
         temperature=cfg.temperature,
-        pseudo_labels="hard" if use_mpl and cfg.meta_grad == "first_order" else "soft",
     )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(cfg.steps):

@@ -8,7 +8,7 @@ the same steps, and N processes give the parameters one process gets on the whol
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -26,13 +26,13 @@ if dist.is_available():
 
 __all__ = [
     "all_reduce_mean",
-    "all_reduce_mean_floats",
     "barrier",
     "broadcast_module",
     "init_from_env",
     "is_distributed",
     "process_group",
     "rank",
+    "reduce_mean",
     "shutdown",
     "world_size",
 ]
@@ -117,11 +117,10 @@ def all_reduce_mean(tree: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def all_reduce_mean_floats(buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``all_reduce_mean`` of the floating-point entries (e.g. BatchNorm running statistics);
-    integer counters are left as they are (every process counts the same steps)."""
-    floats = all_reduce_mean({k: v for k, v in buffers.items() if v.is_floating_point()})
-    return {**buffers, **floats}
+def reduce_mean() -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None:
+    """What the core's ``reduce=`` takes under ``torchrun``: ``all_reduce_mean`` when this
+    process is one of several, else None (one process: nothing to average)."""
+    return all_reduce_mean if is_distributed() else None
 
 
 @torch.no_grad()

@@ -6,14 +6,13 @@ baselines.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
-from metapl.distributed import all_reduce_mean, all_reduce_mean_floats
-from metapl.functional import buffers_of, forward, params_of, write_back
+from metapl.functional import buffers_of, forward, params_of, reduce_float_buffers, write_back
 from metapl.optim import Optimizer
 
 __all__ = ["finetune"]
@@ -25,11 +24,13 @@ def finetune(
     optimizer: Optimizer,
     label_smoothing: float = 0.0,
     dropout: bool = True,
+    reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> list[float]:
     """Train ``model`` in place on ``(x [B, ...], y [B])`` batches with cross-entropy, one
-    optimizer step per batch (gradients and BatchNorm running statistics averaged across
-    processes when distributed). ``dropout=False`` switches its dropout layers off for the
-    duration (BatchNorm still trains). Returns the loss of every step."""
+    optimizer step per batch. ``dropout=False`` switches its dropout layers off for the
+    duration (BatchNorm still trains). ``reduce`` (data parallel) averages a flat dict of
+    tensors across processes: the gradients and the floating-point BatchNorm statistics of
+    every step. Returns the loss of every step."""
     params, buffers = params_of(model), buffers_of(model)
     state = optimizer.init(params)
     model.train()
@@ -46,8 +47,10 @@ def finetune(
     losses = []
     for x, y in batches:
         grads, (buffers, loss) = grad(loss_fn, has_aux=True)(params, buffers, x, y)
-        params, state = optimizer.step(params, all_reduce_mean(grads), state)
-        buffers = all_reduce_mean_floats(buffers)
+        if reduce is not None:
+            grads = reduce(grads)
+            buffers = reduce_float_buffers(reduce, buffers)
+        params, state = optimizer.step(params, grads, state)
         losses.append(float(loss))
     write_back(model, params, buffers)
     model.train()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +76,11 @@ def write_back(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping
         p.copy_(params[k])
     for k, b in module.named_buffers():
         b.copy_(buffers[k])
+
+
+def reduce_float_buffers(
+    reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]], buffers: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``buffers`` with the floating-point ones (BatchNorm statistics) passed through
+    ``reduce`` (an average across processes); integer counters kept as they are."""
+    return {**buffers, **reduce({k: v for k, v in buffers.items() if v.is_floating_point()})}

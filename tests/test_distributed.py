@@ -17,7 +17,7 @@ STEPS, B_L, B_U = 3, 8, 16
 CONFIGS = {
     "exact": dict(meta_grad="exact", uda=metapl.UDA(1.0, 0.5, 0.4)),
     "finite_difference": dict(meta_grad="finite_difference"),
-    "first_order": dict(meta_grad="first_order", pseudo_labels="hard", h_baseline_decay=0.9),
+    "first_order": dict(meta_grad="first_order", h_baseline_decay=0.9),
     "none": dict(meta_grad=None),
 }
 
@@ -47,15 +47,20 @@ def _train(config: str, rank: int, world: int) -> dict[str, torch.Tensor]:
         ).double()
 
     mpl = metapl.MPL(
-        mlp(), mlp(), optim.sgd(0.2, momentum=0.9), optim.adam(0.05), **CONFIGS[config]
+        mlp(),
+        mlp(),
+        optim.sgd(0.2, momentum=0.9),
+        optim.adam(0.05),
+        **CONFIGS[config],
+        reduce=distributed.reduce_mean(),
     )
     # Processes draw different random streams than one process does; label every example by
     # its argmax instead of sampling so that only the averaging is under test.
-    with mock.patch.object(metapl.mpl, "_sample_categorical", _argmax_labels):
+    with mock.patch.object(metapl.mpl.step, "sample_categorical", _argmax_labels):
         for x_l, y_l, x_u, x_us in _batches():
             part = lambda x: x.chunk(world)[rank]  # noqa: E731
             metrics = mpl.step(part(x_l), part(y_l), part(x_u), part(x_us), sync=False)
-    # Metrics are of the whole batch too (the logit-gradient norm averaged per-shard norms).
+    # Metrics are of the whole batch too (the logit-gradient RMS averages per-shard means).
     logged = {f"m.{k}": v for k, v in metrics.items() if k.startswith(("mpl/", "student/"))}
     return {
         **mpl.teacher.state_dict(),
@@ -74,7 +79,7 @@ def _finetune(rank: int, world: int) -> dict[str, torch.Tensor]:
     ).double()
     x_l, y_l, *_ = next(_batches())
     batches = [(x_l.chunk(world)[rank], y_l.chunk(world)[rank])]
-    metapl.finetune(model, batches, optim.sgd(0.1))
+    metapl.finetune(model, batches, optim.sgd(0.1), reduce=distributed.reduce_mean())
     return {k: v for k, v in model.state_dict().items() if k.endswith("running_mean")}
 
 

@@ -22,7 +22,7 @@ from torch.func import vmap
 import metapl
 from metapl import optim
 from metapl.functional import forward, forward_batch_stats
-from metapl.mpl import _sample_categorical
+from metapl.mpl import sample_categorical
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
@@ -261,7 +261,7 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
         pseudo_loss = lambda lg: -(probs * torch.log_softmax(lg, dim=-1)).sum(-1).mean()  # noqa: E731
     else:
         torch.manual_seed(seed)
-        y_hat = _sample_categorical(z.detach() / cfg.temperature)
+        y_hat = sample_categorical(z.detach() / cfg.temperature)
         pseudo_loss = lambda lg: F.cross_entropy(lg, y_hat)  # noqa: E731
     exact = cfg.meta_grad == "exact"
     new_s = sp  # K lookahead steps on the same batch, unrolled with plain autograd
@@ -283,7 +283,10 @@ def hand_step(t, s, t_state, s_state, batch: Batch, cfg: Config, step: int, seed
     elif exact:
         loss_l = labeled_ce(new_s)  # depends on the teacher through the pseudo labels
         (dz,) = torch.autograd.grad(loss_l, z, retain_graph=True)
-        metrics |= {"student/loss_l": loss_l, "mpl/grad_norm_logits": dz.norm()}
+        metrics |= {
+            "student/loss_l": loss_l,
+            "mpl/grad_rms_logits": (dz * dz.shape[0]).norm(dim=-1).square().mean().sqrt(),
+        }
         total = total + weight * loss_l
     else:  # first_order: (L_l(s') - L_l(s) - baseline) * grad mean_i log p_T(y_hat_i)
         loss_l = labeled_ce(new_s)
@@ -323,8 +326,8 @@ def assert_matches_hand(mpl: metapl.MPL, hand, rtol=1e-10, atol=1e-12):
     t, s, t_state, s_state, _ = hand
     assert_tree_close(params(mpl.teacher), t, rtol, atol, "teacher")
     assert_tree_close(params(mpl.student), s, rtol, atol, "student")
-    assert_tree_close(mpl.teacher_state, t_state, rtol, atol, "teacher_state")
-    assert_tree_close(mpl.student_state, s_state, rtol, atol, "student_state")
+    assert_tree_close(mpl.state.teacher.opt, t_state, rtol, atol, "teacher_state")
+    assert_tree_close(mpl.state.student.opt, s_state, rtol, atol, "student_state")
 
 
 def uda_for(threshold_split=True, **kwargs) -> metapl.UDA:
@@ -483,18 +486,18 @@ def test_finite_difference_step_approximates_exact(bn):
         runs[name] = (mpl, mpl.step(*batch.args()))
     (exact, m_exact), (fd, m_fd), (coarse, _) = runs["exact"], runs["fd"], runs["coarse"]
     # the teacher's gradient is its momentum buffer after one step
-    g_exact, g_fd = exact.teacher_state["momentum"], fd.teacher_state["momentum"]
+    g_exact, g_fd = exact.state.teacher.opt["momentum"], fd.state.teacher.opt["momentum"]
     assert_tree_close(g_fd, g_exact, rtol=1e-6, atol=1e-9, path="teacher grad")
     assert_tree_close(params(fd.teacher), params(exact.teacher), rtol=1e-8, atol=1e-10)
     # the student's step does not depend on the method
     assert_tree_close(params(fd.student), params(exact.student), **TIGHT)
     assert_tree_close(buffers(fd.student), buffers(exact.student), **TIGHT)
     assert_tree_close(buffers(fd.teacher), buffers(exact.teacher), **TIGHT)
-    for k in ("student/loss_l", "teacher/loss", "mpl/grad_norm_logits"):
+    for k in ("student/loss_l", "teacher/loss", "mpl/grad_rms_logits"):
         assert m_fd[k] == pytest.approx(m_exact[k], rel=1e-6), k
     # fd_radius reaches the difference: a coarse radius is visibly less accurate
     err = lambda g: max((g[k] - g_exact[k]).abs().max().item() for k in g)  # noqa: E731
-    assert err(coarse.teacher_state["momentum"]) > 100 * err(g_fd)
+    assert err(coarse.state.teacher.opt["momentum"]) > 100 * err(g_fd)
 
 
 def test_finite_difference_with_student_dropout_does_not_scale_with_one_over_radius():
@@ -503,7 +506,7 @@ def test_finite_difference_with_student_dropout_does_not_scale_with_one_over_rad
         cfg = Config(meta_grad="finite_difference")
         mpl = cfg.mpl(mlp(seed=1), mlp(seed=2, dropout=0.3), fd_radius=radius)
         torch.manual_seed(0)
-        norms.append(mpl.step(*make_batch(0).args())["mpl/grad_norm_logits"])
+        norms.append(mpl.step(*make_batch(0).args())["mpl/grad_rms_logits"])
     assert norms[1] == pytest.approx(norms[0], rel=1e-2)
 
 
@@ -513,7 +516,7 @@ def test_finite_difference_with_student_dropout_does_not_scale_with_one_over_rad
 def test_sampler_draws_from_the_softmax():
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=F64).expand(40000, 4)
     torch.manual_seed(0)
-    freq = torch.bincount(_sample_categorical(logits), minlength=4).to(F64) / len(logits)
+    freq = torch.bincount(sample_categorical(logits), minlength=4).to(F64) / len(logits)
     p = torch.softmax(logits[0], dim=-1)
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(logits)).sqrt().max()
 
@@ -534,7 +537,7 @@ def test_sampler_draws_in_float32_under_bfloat16_autocast():
     logits = torch.tensor([[4.0, 0.0, 0.0]]).expand(400_000, 3)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = _sample_categorical(logits.to(torch.bfloat16))
+        y = sample_categorical(logits.to(torch.bfloat16))
     freq = torch.bincount(y, minlength=3).to(F64) / len(y)
     p = torch.softmax(logits[0].to(F64), dim=-1)
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(y)).sqrt().max()
@@ -554,19 +557,19 @@ def test_first_order_step_equals_its_formula(decay):
     assert_matches_hand(mpl, hand)
     h_b = hand[-1]
     if decay is None:
-        assert float(mpl.counters["h_baseline"]) == 0.0
+        assert float(mpl.state.h_baseline) == 0.0
     else:
         assert abs(float(h_b)) > 1e-6
-        assert float(mpl.counters["h_baseline"]) == pytest.approx(float(h_b), rel=1e-10)
+        assert float(mpl.state.h_baseline) == pytest.approx(float(h_b), rel=1e-10)
 
 
 def test_first_order_samples_at_the_temperature():
     """The formula test is only sharp if the temperature changes the samples it reproduces."""
     z = hand_mlp(params(mlp(seed=1)), make_batch(0).x_us)
     torch.manual_seed(11)
-    at_t = _sample_categorical(z / 2.0)
+    at_t = sample_categorical(z / 2.0)
     torch.manual_seed(11)
-    assert not torch.equal(at_t, _sample_categorical(z))
+    assert not torch.equal(at_t, sample_categorical(z))
 
 
 def test_first_order_sign_by_enumeration():
@@ -581,7 +584,7 @@ def test_first_order_sign_by_enumeration():
     seeds = {}  # a seed that samples each class
     for seed in range(10000):
         torch.manual_seed(seed)
-        seeds.setdefault(int(_sample_categorical(z / temperature)), seed)
+        seeds.setdefault(int(sample_categorical(z / temperature)), seed)
         if len(seeds) == 3:
             break
     expected_sum, mpl_avg = 0.0, None
@@ -609,7 +612,7 @@ def test_first_order_sign_by_enumeration():
         torch.manual_seed(seed)
         loss_l = mpl.step(*batch.args())["student/loss_l"]  # L_l(s'(c))
         expected_sum = expected_sum + p[c] * loss_l
-        g_mpl = {k: mpl.teacher_state["momentum"][k] - g_sup[k] for k in tp}
+        g_mpl = {k: mpl.state.teacher.opt["momentum"][k] - g_sup[k] for k in tp}
         p_c = p[c].detach()
         mpl_avg = {k: (mpl_avg[k] if mpl_avg else 0) + p_c * g_mpl[k] for k in tp}
     g_expected = torch.autograd.grad(expected_sum, list(tp.values()))
@@ -709,7 +712,7 @@ def test_lookahead_finite_difference_approximates_exact():
         )
         mpl = cfg.mpl(copy.deepcopy(teacher), copy.deepcopy(student))
         mpl.step(*batch.args())
-        grads[method] = mpl.teacher_state["momentum"]  # the teacher's gradient after one step
+        grads[method] = mpl.state.teacher.opt["momentum"]  # the teacher's gradient after one step
     assert_tree_close(grads["finite_difference"], grads["exact"], rtol=1e-6, atol=1e-9)
 
 
@@ -811,9 +814,9 @@ def test_state_dict_round_trip_resumes_bitwise(method, via_file, tmp_path):
     assert metrics_a == metrics_b
     for net in ("teacher", "student", "ema_student"):
         assert_tree_equal(getattr(b, net).state_dict(), getattr(a, net).state_dict(), net)
-    assert_tree_equal(b.teacher_state, a.teacher_state, "teacher_state")
-    assert_tree_equal(b.student_state, a.student_state, "student_state")
-    assert_tree_equal(b.counters, a.counters, "counters")
+    assert_tree_equal(b.state.teacher.opt, a.state.teacher.opt, "teacher_state")
+    assert_tree_equal(b.state.student.opt, a.state.student.opt, "student_state")
+    assert_tree_equal(_counters(b), _counters(a), "counters")
     assert b.num_steps == 5
 
 
@@ -835,7 +838,7 @@ def test_step_state_keeps_its_dtypes_and_shapes(dtype):
         teacher_opt="adamw",
     )
     mpl = cfg.mpl(mlp(seed=1, bn=True, dtype=dtype), mlp(seed=2, bn=True, dtype=dtype))
-    state = lambda: {"t": mpl.teacher_state, "s": mpl.student_state, "c": mpl.counters}  # noqa: E731
+    state = lambda: {"t": mpl.state.teacher.opt, "s": mpl.state.student.opt, "c": _counters(mpl)}  # noqa: E731
     before = leaf_specs(state())
     for k in range(2):
         mpl.step(*make_batch(k, dtype=dtype).args())
@@ -1021,7 +1024,6 @@ class _Wrong:
         ({"meta_grad": "first_order", "pseudo_labels": "soft"}, ValueError, "pseudo_labels='hard'"),
         ({"meta_grad": "second_order"}, ValueError, "unknown meta_grad 'second_order'"),
         ({"pseudo_labels": "sharp"}, ValueError, "'soft' or 'hard'"),
-        ({"h_baseline_decay": 0.9}, ValueError, "needs meta_grad='first_order'"),
         (
             {"meta_grad": "first_order", "pseudo_labels": "hard", "h_baseline_decay": 1.5},
             ValueError,
@@ -1174,18 +1176,18 @@ def test_student_with_other_number_of_classes_raises_and_changes_nothing():
 # --------------------------------------------------------------------------- 11. finetune
 
 
-def test_finetune_switches_dropout_off_by_default():
-    """As the paper's code: the finetuned student equals the same network without its dropout
-    layer finetuned alike; dropout=True keeps it (and the result differs). Dropout is back on
-    afterwards."""
+def test_finetune_without_dropout():
+    """As the paper's code finetunes: with dropout=False the finetuned student equals the same
+    network without its dropout layer finetuned alike; dropout=True keeps it (and the result
+    differs). Dropout is back on afterwards."""
     batches = [(b.x_l, b.y_l) for b in map(make_batch, range(3))]
     opt = optim.sgd(0.3, momentum=0.9)
     finetuned = {}
     for dropout in (False, True):
-        mpl = Config().mpl(mlp(seed=1), mlp(seed=2, dropout=0.5), ema_decay=None)
-        mpl.finetune(batches, opt, dropout=dropout) if dropout else mpl.finetune(batches, opt)
-        assert mpl.student.training and mpl.student[2].training
-        finetuned[dropout] = params(mpl.student)
+        student = mlp(seed=2, dropout=0.5)
+        metapl.finetune(student, batches, opt, dropout=dropout)
+        assert student.training and student[2].training
+        finetuned[dropout] = params(student)
     plain = mlp(seed=2)  # the same weights, no dropout layer
     metapl.finetune(plain, batches, opt)
     renamed = {k.replace("3.", "2.", 1): v for k, v in finetuned[False].items()}
@@ -1194,18 +1196,18 @@ def test_finetune_switches_dropout_off_by_default():
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("ema_decay", [None, 0.9])
-def test_finetune_equals_torch_optim_sgd(label_smoothing, ema_decay):
-    """The EMA student (the model MPL reports) is finetuned when there is one, else the student;
-    both hold the result."""
-    student = mlp(seed=2, bn=True)
-    mpl = Config().mpl(mlp(seed=1, bn=True), student, ema_decay=ema_decay)
+def test_finetune_equals_torch_optim_sgd(label_smoothing):
+    """MPL's last phase, ``metapl.finetune`` on the EMA student of an MPL run, is SGD with
+    cross-entropy step for step (running statistics included)."""
+    mpl = Config().mpl(mlp(seed=1, bn=True), mlp(seed=2, bn=True), ema_decay=0.9)
     for k in range(2):  # finetuning starts from an MPL-trained student (EMA != student)
         mpl.step(*make_batch(k).args())
-    reference = copy.deepcopy(mpl.ema_student if ema_decay else mpl.student).requires_grad_(True)
+    final = mpl.ema_student.requires_grad_(True)
+    reference = copy.deepcopy(final)
     batches = [(b.x_l, b.y_l) for b in map(make_batch, range(2, 6))]
 
-    losses = mpl.finetune(
+    losses = metapl.finetune(
+        final,
         batches,
         optim.sgd(0.3, momentum=0.9, nesterov=True, weight_decay=1e-3),
         label_smoothing=label_smoothing,
@@ -1223,7 +1225,36 @@ def test_finetune_equals_torch_optim_sgd(label_smoothing, ema_decay):
         opt.step()
         expected.append(loss.item())
     assert losses == pytest.approx(expected, rel=1e-10)
-    assert_tree_close(params(mpl.student), params(reference), **TIGHT)
-    assert_tree_close(buffers(mpl.student), buffers(reference), **TIGHT)
-    if ema_decay:
-        assert_tree_close(mpl.ema_student.state_dict(), reference.state_dict(), **TIGHT)
+    assert_tree_close(params(final), params(reference), **TIGHT)
+    assert_tree_close(buffers(final), buffers(reference), **TIGHT)
+
+
+def _counters(mpl) -> dict:
+    return {"step": mpl.state.step, "h_baseline": mpl.state.h_baseline}
+
+
+# --------------------------------------------------------------------------- method names
+
+
+def test_the_method_decides_the_labels_and_the_baseline():
+    """ "score_function" and the paper's "first_order" are one estimator with sampled labels by
+    default; a baseline decay is the score function's alone (the other methods have no h), so
+    one recipe serves every method and leaves exact's step unchanged."""
+    runs = {}
+    for name, kwargs in {
+        "first_order": {"meta_grad": "first_order", "h_baseline_decay": 0.9},
+        "score_function": {"meta_grad": "score_function", "h_baseline_decay": 0.9},
+        "exact": {"meta_grad": "exact"},
+        "exact_with_decay": {"meta_grad": "exact", "h_baseline_decay": 0.9},
+    }.items():
+        torch.manual_seed(0)
+        mpl = metapl.MPL(mlp(seed=1), mlp(seed=2), optim.sgd(0.1), optim.sgd(0.1), **kwargs)
+        for k in range(2):
+            mpl.step(*make_batch(k).args())
+        runs[name] = (mpl, params(mpl.teacher))
+    assert runs["first_order"][0].config.pseudo_labels == "hard"
+    assert runs["first_order"][0].config.meta_grad == "score_function"
+    assert runs["exact"][0].config.pseudo_labels == "soft"
+    assert_tree_equal(runs["first_order"][1], runs["score_function"][1], "teacher")
+    assert_tree_equal(runs["exact"][1], runs["exact_with_decay"][1], "teacher")
+    assert float(runs["exact_with_decay"][0].state.h_baseline) == 0.0

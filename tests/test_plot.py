@@ -26,7 +26,7 @@ def write_run(folder: Path, scale: float) -> dict[int, dict[str, float]]:
             "student/loss_l": 2 * scale / step,
             "mpl/h": scale * (step - 4),
             "mpl/h_baseline": 0.1 * step,
-            "mpl/grad_norm_logits": scale * step,
+            "mpl/grad_rms_logits": scale * step,
             "teacher/lr": 0.1 / step,
             "student/lr": 0.2 / step,
             "images_per_s": 100.0 * step,

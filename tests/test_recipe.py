@@ -166,9 +166,11 @@ def test_the_recipe_reaches_randaugment_and_mpl():
 
     nets = [torch.nn.Linear(4, 3) for _ in range(2)]
     mpl = build_mpl(*nets, Recipe(), Settings(meta_grad="first_order"))
-    assert mpl.uda == UDA(8.0, 0.7, 0.6, 5000, "sharpened")
-    assert (mpl.student_bn, mpl.log_prob_reduction, mpl.label_smoothing) == ("joint", "mean", 0.15)
-    assert (mpl.ema_decay, mpl.h_baseline_decay, mpl.pseudo_labels) == (0.995, 0.99, "hard")
+    c = mpl.config
+    assert c.uda == UDA(8.0, 0.7, 0.6, 5000, "sharpened")
+    assert (c.student_bn, c.log_prob_reduction, c.label_smoothing) == ("joint", "mean", 0.15)
+    assert (c.ema_decay, c.h_baseline_decay, c.pseudo_labels) == (0.995, 0.99, "hard")
+    assert c.meta_grad == "score_function"  # the paper's "first_order" is the score function
     recipe = Recipe(
         ema_decay=0.0,
         log_prob_reduction="sum",
@@ -177,9 +179,10 @@ def test_the_recipe_reaches_randaugment_and_mpl():
         pseudo_label_temperature=0.5,
     )
     mpl = build_mpl(*nets, recipe, Settings(uda=False))
-    assert mpl.uda is None and mpl.ema_student is None and mpl.meta_grad == "exact"
-    assert (mpl.student_bn, mpl.temperature) == ("unlabeled", 0.5)
+    c = mpl.config
+    assert c.uda is None and mpl.ema_student is None and c.meta_grad == "exact"
+    assert (c.student_bn, c.temperature, c.pseudo_labels) == ("unlabeled", 0.5, "soft")
     recipe = Recipe(student_lr=0.2, warmup_steps=0, student_wait_steps=0)
     s = build_mpl(*nets, recipe, Settings(meta_grad="score_function"))
-    assert float(s.student_optimizer.lr_at(s.student_state)) == pytest.approx(0.2)
-    assert s.pseudo_labels == "hard"
+    assert float(s.config.student_optimizer.lr_at(s.state.student.opt)) == pytest.approx(0.2)
+    assert s.config.pseudo_labels == "hard"

@@ -439,7 +439,14 @@ def _finetune_final(
     )
     _seed_globals(config.seed, 0, phase=1)
     with _autocast(device, config.bf16):
-        losses = finetune(final, batches, optimizer, config.finetune_label_smoothing, dropout=False)
+        losses = finetune(
+            final,
+            batches,
+            optimizer,
+            config.finetune_label_smoothing,
+            dropout=False,
+            reduce=distributed.reduce_mean(),
+        )
     ft_bar.close()
     for k, loss in enumerate(losses, 1):
         if k % config.log_every == 0 or k == len(losses):

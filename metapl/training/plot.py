@@ -4,7 +4,8 @@
 
 One panel per quantity: accuracies (``val/*``, ``test/*``), each loss term (every metric whose
 name holds ``loss``), MPL's ``h`` (``mpl/h``, ``mpl/h_baseline``), the meta-gradient norm
-(``mpl/grad_norm_logits``: the norm of the teacher-logit gradient of the MPL term), the
+(``mpl/grad_rms_logits``: the root mean square over the examples of the MPL term's
+per-example gradient with respect to the teacher's logits), the
 learning rates (``*/lr``), then one panel for each other metric. Several runs are overlaid,
 one colour per run, labelled by their folders (e.g. every cell and seed of
 ``examples/ablations.py``'s grid). Panels without data are left out.
@@ -61,7 +62,7 @@ GROUPS: list[tuple[str, str, Callable[[str], bool]]] = [
     (
         "meta-gradient norm (teacher logits)",
         "meta_grad_norm",
-        lambda k: k == "mpl/grad_norm_logits",
+        lambda k: k == "mpl/grad_rms_logits",
     ),
     ("learning rate", "lr", lambda k: k.split("/")[-1] == "lr"),
 ]

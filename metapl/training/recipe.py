@@ -14,7 +14,7 @@ import torch
 import tyro
 from torch import nn
 
-from metapl import optim
+from metapl import distributed, optim
 from metapl.data import RandAugment
 from metapl.models import build_model, resnet50
 from metapl.mpl import MPL, UDA
@@ -207,8 +207,6 @@ def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, settings: 
             decay_mask=optim.matrices_only,
         )
 
-    method = None if settings.meta_grad == "none" else settings.meta_grad
-    score = method in ("first_order", "score_function")
     uda = None
     if settings.uda:
         uda = UDA(
@@ -223,14 +221,14 @@ def build_mpl(teacher: nn.Module, student: nn.Module, recipe: Recipe, settings: 
         student,
         sgd(recipe.teacher_lr, 0),
         sgd(recipe.student_lr, recipe.student_wait_steps),
-        meta_grad="first_order" if score else method,
-        pseudo_labels="hard" if score else "soft",
+        meta_grad=None if settings.meta_grad == "none" else settings.meta_grad,
         uda=uda,
         label_smoothing=recipe.label_smoothing,
         compile=settings.compile,
         temperature=recipe.pseudo_label_temperature,
         ema_decay=recipe.ema_decay or None,
-        h_baseline_decay=recipe.h_baseline_decay if score else None,
+        h_baseline_decay=recipe.h_baseline_decay,
         log_prob_reduction=recipe.log_prob_reduction,
         student_bn=recipe.student_bn,
+        reduce=distributed.reduce_mean(),
     )
