@@ -1258,3 +1258,29 @@ def test_the_method_decides_the_labels_and_the_baseline():
     assert_tree_equal(runs["first_order"][1], runs["score_function"][1], "teacher")
     assert_tree_equal(runs["exact"][1], runs["exact_with_decay"][1], "teacher")
     assert float(runs["exact_with_decay"][0].state.h_baseline) == 0.0
+
+
+def test_mpl_step_is_pure_and_is_what_the_wrapper_runs():
+    """``mpl_step(config, state, batch)`` returns the state ``MPL.step`` leaves in the modules
+    (BatchNorm, EMA and a score-function baseline included) and mutates none of its inputs."""
+    kwargs = dict(meta_grad="score_function", h_baseline_decay=0.9, ema_decay=0.5)
+    nets = lambda: (mlp(seed=1, bn=True), mlp(seed=2, bn=True))  # noqa: E731
+    wrapper = metapl.MPL(*nets(), optim.sgd(0.1, momentum=0.9), optim.adam(0.01), **kwargs)
+    pure = metapl.MPL(*nets(), optim.sgd(0.1, momentum=0.9), optim.adam(0.01), **kwargs)
+    state = pure.state
+    before = copy.deepcopy(state)
+    for k in range(2):
+        b = make_batch(k)
+        torch.manual_seed(k)
+        wrapper.step(*b.args())
+        torch.manual_seed(k)
+        state, metrics = metapl.mpl_step(pure.config, state, metapl.mpl.Batch(*b.args()))
+
+    def leaves(tree):
+        return [x for x in torch.utils._pytree.tree_leaves(tree) if x is not None]
+
+    assert all(map(torch.equal, leaves(pure.state), leaves(before)))  # inputs untouched
+    assert len(leaves(state)) == len(leaves(wrapper.state)) > 20
+    assert all(map(torch.equal, leaves(state), leaves(wrapper.state)))
+    assert float(state.step) == 2 and float(state.h_baseline) != 0
+    assert set(metrics) >= {"teacher/loss", "student/loss_l", "mpl/h", "mpl/grad_rms_logits"}
