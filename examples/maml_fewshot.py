@@ -22,7 +22,7 @@ running       the running statistics start at (0, 1) for every task, accumulate 
 ============  ===============================================================================
 
     make mnist                                   # the data, once
-    python examples/maml_fewshot.py              # both rows, 1-shot and 5-shot
+    python examples/maml_fewshot.py              # both rows, 1-shot
     python examples/maml_fewshot.py --shots 5 --rows running --iterations 500 --json
 """
 
