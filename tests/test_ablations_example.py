@@ -1,16 +1,15 @@
 """examples/ablations.py: a grid of tiny runs, one wandb group, a summary table."""
 
 import json
-from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from support import ROOT, TINY_PAPER, load_script
 
 from metapl.data.fake import write_fake_cifar
 from metapl.training import plot
 from metapl.training.rundir import RunError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ablations.py"
+SCRIPT = ROOT / "examples" / "ablations.py"
 
 
 def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
@@ -37,21 +36,8 @@ def test_grid_runs_every_cell_and_seed(tmp_path, monkeypatch, capsys):
         "test",
         "--json",
         "--",
-        "--model",
-        "mlp",
-        "--teacher-lr",
-        "1e-3",
-        "--student-lr",
-        "1e-3",
+        *TINY_PAPER,
         "--steps",
-        "2",
-        "--labels-per-class",
-        "2",
-        "--val-per-class",
-        "2",
-        "--labeled-batch",
-        "4",
-        "--unlabeled-ratio",
         "2",
         "--finetune-steps",
         "0",

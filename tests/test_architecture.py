@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "metapl"
 
 CORE = ("metapl/__init__.py", "metapl/_tree.py", "metapl/optim.py", "metapl/functional.py",

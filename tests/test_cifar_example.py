@@ -6,32 +6,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from support import ROOT, TINY_PAPER, load_script
 
 from metapl.data.fake import write_fake_cifar, write_fake_svhn
 from metapl.training.loop import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar_mpl.py"
 TINY = [
-    "--model",
-    "mlp",
-    "--teacher-lr",
-    "1e-3",
-    "--student-lr",
-    "1e-3",
-    "--labels-per-class",
-    "2",
-    "--val-per-class",
-    "2",
-    "--labeled-batch",
-    "4",
-    "--unlabeled-ratio",
-    "2",
+    *TINY_PAPER,
     "--eval-every",
     "5",
     "--log-every",
@@ -51,13 +36,6 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         check=check,
         timeout=300,
     )
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, n_train=100, n_test=20)
-    return root
 
 
 @pytest.mark.parametrize("preset", ["cifar10-4k", "svhn-1k"])
@@ -350,7 +328,10 @@ def test_svhn_extra_joins_the_unlabeled_images_only(tmp_path):
 def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message):
     data = tmp_path / "data"
     write_fake_cifar(data, n_train=100, n_test=20)  # 10 images per class
-    tiny = TINY[:4] + TINY[6:] if "--num-labeled" in extra else TINY  # no --labels-per-class
+    tiny = TINY
+    if "--num-labeled" in extra:  # instead of --labels-per-class
+        at = TINY.index("--labels-per-class")
+        tiny = TINY[:at] + TINY[at + 2 :]
     argv = [
         "--data-dir",
         str(data),

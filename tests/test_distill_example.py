@@ -4,15 +4,14 @@ reference), the vmap over inits equals a loop, and a smoke run writes its output
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import one_thread  # noqa: F401  (fixture: single-threaded module)
-from script_loader import load_script
+from support import ROOT, load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "distill.py"
+_PATH = ROOT / "examples" / "distill.py"
 F64 = torch.float64
 
 

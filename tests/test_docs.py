@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted(p for p in (ROOT / "docs").glob("*.md") if "```python" in p.read_text())
 OWN_TESTS = {"own_data.md"}  # tests/test_own_data_doc.py
 

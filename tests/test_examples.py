@@ -4,33 +4,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
-from wandb_logs import wandb_log_has
+from support import load_example, wandb_log_has
 
 from metapl.training.tracking import read_metrics
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """An empty working directory, and every wandb directory inside tmp_path."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
 
 
 def test_two_moons(isolated, capsys):

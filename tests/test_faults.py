@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from faulty_run import tiny_data, tiny_mpl, tiny_train
+from support import TINY_PAPER
 
 from metapl.data import ImageFolderDataset
-from metapl.data.fake import write_fake_cifar, write_fake_imagefolder
+from metapl.data.fake import write_fake_imagefolder
 from metapl.training.loop import DivergenceError, load_checkpoint
 from metapl.training.rundir import RunError
 
@@ -171,28 +172,8 @@ def test_a_huge_learning_rate_is_refused_not_saved(tmp_path):
 # ------------------------------------------------------------------ the command line
 
 
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(root, n_train=100, n_test=20)
-    return root
-
-
 TINY = [
-    "--model",
-    "mlp",
-    "--teacher-lr",
-    "1e-3",
-    "--student-lr",
-    "1e-3",
-    "--labels-per-class",
-    "2",
-    "--val-per-class",
-    "2",
-    "--labeled-batch",
-    "4",
-    "--unlabeled-ratio",
-    "2",
+    *TINY_PAPER,
     "--eval-every",
     "2",
     "--log-every",

@@ -2,11 +2,10 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from support import ROOT, load_script
 
 import metapl
 from metapl import optim
@@ -104,7 +103,7 @@ def test_wideresnet_bf16_autocast_channels_last_step(compile):
 def test_cifar_example_on_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_fake_cifar(tmp_path / "data", n_train=100, n_test=20)
-    script = Path(__file__).resolve().parents[1] / "examples" / "cifar_mpl.py"
+    script = ROOT / "examples" / "cifar_mpl.py"
     module = load_script(script, "cifar_mpl_gpu")
     argv = [
         "--data-dir",

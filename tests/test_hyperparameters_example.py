@@ -4,15 +4,14 @@ writes its outputs."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import one_thread  # noqa: F401  (fixture: single-threaded module)
-from script_loader import load_script
+from support import ROOT, load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "hyperparameters.py"
+_PATH = ROOT / "examples" / "hyperparameters.py"
 F64 = torch.float64
 
 

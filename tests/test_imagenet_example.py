@@ -5,16 +5,15 @@ val/<class>/*.png."""
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from support import ROOT, load_script
 
 from metapl.data.fake import write_fake_imagefolder
 from metapl.training.loop import load_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "imagenet_mpl.py"
+SCRIPT = ROOT / "examples" / "imagenet_mpl.py"
 
 
 def _example():

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script
+from support import ROOT, load_script
 
 from metapl.training.tracking import read_metrics
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "maml_sinusoid.py"
+_PATH = ROOT / "examples" / "maml_sinusoid.py"
 F64 = torch.float64
 
 

@@ -5,16 +5,15 @@ statistics, and a tiny end-to-end run on small IDX files written here."""
 import copy
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from script_loader import load_script
+from support import ROOT, load_script
 from test_mnist import write_set
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "maml_fewshot.py"
+_PATH = ROOT / "examples" / "maml_fewshot.py"
 F64 = torch.float64
 
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from script_loader import load_script
-from wandb_logs import wandb_log_has
+from support import ROOT, load_script, wandb_log_has
 
 import metapl
 from metapl.data import load_manifest
 from metapl.data.fake import write_fake_mnist
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mnist_mpl.py"
+SCRIPT = ROOT / "examples" / "mnist_mpl.py"
 
 SMALL = [
     "--steps",
@@ -39,19 +37,6 @@ SMALL = [
 
 def load_example():
     return load_script(SCRIPT, "example_mnist_mpl")
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """An empty working directory, and every wandb directory inside tmp_path."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
 
 
 @pytest.fixture

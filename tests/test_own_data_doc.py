@@ -1,11 +1,12 @@
 """docs/own_data.md's code runs as written and leaves the run folder it describes."""
 
 import re
-from pathlib import Path
+
+from support import ROOT
 
 from metapl.training.tracking import read_metrics
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "own_data.md"
+PAGE = ROOT / "docs" / "own_data.md"
 
 
 def test_own_data_page_runs(tmp_path, monkeypatch, capsys):

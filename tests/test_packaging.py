@@ -1,9 +1,10 @@
 """pyproject.toml's extras never bring a torch build of their own."""
 
 import re
-from pathlib import Path
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+from support import ROOT
+
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def _extras() -> dict[str, list[str]]:

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from metapl.training import plot
 from metapl.training.tracking import Tracker
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

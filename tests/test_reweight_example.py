@@ -3,16 +3,15 @@ matches a hand-written autograd computation, and a short run is deterministic pe
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from script_loader import load_script
+from support import ROOT, load_script
 
 from metapl import optim
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "reweight.py"
+_PATH = ROOT / "examples" / "reweight.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,9 @@
 """benchmarks/wrn_step.py prints a table on the CPU without NaN (peak memory: n/a, with why)."""
 
-from pathlib import Path
-
 import pytest
-from script_loader import load_script
+from support import ROOT, load_script
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wrn_step.py"
+PATH = ROOT / "benchmarks" / "wrn_step.py"
 
 
 @pytest.mark.slow
