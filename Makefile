@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean mnist bench-env
+.PHONY: install test test-all lint demo clean mnist bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fast set plus the slow one (compile-heavy, multi-process, long runs); `-m gpu` needs CUDA.
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Wide ResNet (Zagoruyko & Komodakis, 2016) as used by FixMatch, UDA and MPL on CIFAR / SVHN.
 
 WRN-28-2 has 1,467,610 parameters for 10 classes: stem conv 432, groups 70,112 + 279,488 +
-1,116,032, final BN 256, classifier 1,290 (see tests/test_models.py).
+1,116,032, final BN 256, classifier 1,290 (see tests/data/test_models.py).
 
 Pre-activation blocks (BN -> LeakyReLU -> conv). Where a block changes shape, the 1x1 shortcut
 takes the activated input like the main branch (Zagoruyko's and MPL's official code; the

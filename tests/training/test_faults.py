@@ -1,8 +1,8 @@
 """Fault injection: kills, damaged checkpoints, NaN data, stale folders, changed flags.
 
 Every fault ends in a clear error or in the result an uninterrupted run gets, and no file that
-was good before the fault is lost. The tiny run lives in tests/faulty_run.py; the command-line
-faults run examples/cifar_mpl.py on a fake CIFAR-10.
+was good before the fault is lost. The tiny run lives in tests/training/faulty_run.py; the
+command-line faults run examples/cifar_mpl.py on a fake CIFAR-10.
 """
 
 import hashlib
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from faulty_run import tiny_data, tiny_mpl, tiny_train
-from support import TINY_PAPER
+from support import EXAMPLES, TINY_PAPER
 
 from metapl.data import ImageFolderDataset
 from metapl.data.fake import write_fake_imagefolder
 from metapl.training.loop import DivergenceError, load_checkpoint
 from metapl.training.rundir import RunError
 
-TESTS = Path(__file__).resolve().parent
-CIFAR = TESTS.parent / "examples" / "cifar_mpl.py"
+HERE = Path(__file__).resolve().parent
+CIFAR = EXAMPLES / "cifar_mpl.py"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
@@ -51,7 +51,7 @@ def _assert_equal(a, b, path="state"):
 
 
 def _driver(out: Path, *flags: str, killed: bool = False) -> None:
-    cmd = [sys.executable, str(TESTS / "faulty_run.py"), str(out), *flags]
+    cmd = [sys.executable, str(HERE / "faulty_run.py"), str(out), *flags]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     if killed:
         assert done.returncode == -9, done.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 from support import ROOT
 
 PAGES = sorted(p for p in (ROOT / "docs").glob("*.md") if "```python" in p.read_text())
-OWN_TESTS = {"own_data.md"}  # tests/test_own_data_doc.py
+OWN_TESTS = {"own_data.md"}  # tests/examples/test_own_data_doc.py
 
 
 def blocks(page: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """A tiny MPL training run for the fault-injection tests, in process or as a script that can
 SIGKILL itself at a chosen point:
 
-    python tests/faulty_run.py OUT --steps 12 [--resume] [--die-at-step K]
+    python tests/training/faulty_run.py OUT --steps 12 [--resume] [--die-at-step K]
         [--die-in-save N --die-while {torch_save,keeping_previous}]
 
 ``--die-at-step K``: SIGKILL inside the K-th MPL step this process takes. ``--die-in-save N``:
