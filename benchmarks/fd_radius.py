@@ -49,7 +49,7 @@ def meta_grad(dtype, batch, method, autocast, **kwargs):
         res = metapl.meta_grad(
             inner, outer, s, z, optim.sgd(0.05, momentum=0.9), method=method, **kwargs
         )
-    return res.teacher_grads["z"].double()
+    return res.meta_grads["z"].double()
 
 
 def main(argv=None) -> None:

@@ -84,7 +84,7 @@ def metapl_maml(model: nn.Module, checkpoint: bool | int | None = None) -> Calla
 
         return metapl.meta_grad(
             inner, outer, lambda m: m, theta, opt, steps=MAML_STEPS, checkpoint=checkpoint
-        ).teacher_grads
+        ).meta_grads
 
     return task_grad
 
@@ -218,7 +218,7 @@ def metapl_hyper(
             method=method,
             compile=compile,
             checkpoint=checkpoint,
-        ).teacher_grads["log_lr"]
+        ).meta_grads["log_lr"]
 
     return torch.compile(run, fullgraph=True) if whole else run
 
@@ -326,7 +326,7 @@ def metapl_long(model, xs, ys, x_v, y_v, **kwargs) -> Callable:
             steps=len(xs),
             inner_batches=(xs, ys),
             **kwargs,
-        ).teacher_grads["log_lr"]
+        ).meta_grads["log_lr"]
 
     return run
 
@@ -433,7 +433,7 @@ def metapl_ridge(meta, inner, solve, outer) -> Callable:
         res = metapl.implicit_grad(
             lambda s, m: inner(s, m["theta"], m["log_lam"]), outer, w, meta, solver=solver
         )
-        return res.teacher_grads["theta"], res.teacher_grads["log_lam"]
+        return res.meta_grads["theta"], res.meta_grads["log_lam"]
 
     return run
 
@@ -517,7 +517,7 @@ def metapl_bn_maml(model: nn.Module, **kwargs) -> Callable:
         res = metapl.meta_grad(
             inner, outer, lambda m: m, theta, opt, steps=BN_STEPS, state=buffers, **kwargs
         )
-        return res.teacher_grads
+        return res.meta_grads
 
     return task_grad
 

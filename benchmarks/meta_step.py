@@ -165,7 +165,7 @@ def mpl_step_fn(teacher: nn.Module, student: nn.Module, method: str) -> tuple[Ca
             return F.cross_entropy(functional_call(teacher, t_, (x_l,)), y_l)
 
         sup = grad(supervised)(t)
-        t_grads = {k: res.teacher_grads[k] + sup[k] for k in t}
+        t_grads = {k: res.meta_grads[k] + sup[k] for k in t}
         new_t, new_t_state = t_opt.step(t, t_grads, t_state)
         return new_t, res.student_params, new_t_state, res.opt_state
 

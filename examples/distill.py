@@ -154,7 +154,7 @@ def batched_hypergradient(
 
     def one(start: Params) -> tuple[Params, Tensor]:
         res = hypergradient(meta, start, labels, x_real, y_real, steps)
-        return res.teacher_grads, res.outer_loss
+        return res.meta_grads, res.outer_loss
 
     grads, losses = vmap(one)(starts)
     return {k: g.mean(0) for k, g in grads.items()}, losses.mean()

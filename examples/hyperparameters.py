@@ -266,7 +266,7 @@ def learn(
         init = init_mlp(generator(seed, 3, 0) if cfg.init == "same" else gen, cfg.hidden)
         inner_batches = batches(data, gen, steps, cfg.batch_size)
         res = hypergradient(name, meta, init, inner_batches, data.x_val, data.y_val, truncate)
-        meta, state = meta_opt.step(meta, res.teacher_grads, state)
+        meta, state = meta_opt.step(meta, res.meta_grads, state)
         trajectory.append(values_of(name, meta))
         losses.append(float(res.outer_loss))
         bar.update()

@@ -213,8 +213,7 @@ class Inner(NamedTuple):
     loss: Callable[..., Tensor]  # (student, meta) -> 0-d, or with state: -> (0-d, new state)
     optimizer: optim.Optimizer | Callable[[Params], optim.Optimizer]
     steps: int  # in meta-training
-    method: str
-    solver: metapl.CG | None = None
+    method: metapl.MethodSpec
     state: Params | None = None  # carried through the steps (BatchNorm statistics)
     predict: Callable[..., Tensor] = lambda s, x: mlp(s, x)  # (student[, state], x) -> y
 
@@ -233,19 +232,19 @@ def inner_problem(row: str, cfg: Config, x: Tensor, y: Tensor) -> Inner:
         def optimizer(m: Params) -> optim.Optimizer:  # one learned rate per weight
             return optim.sgd({k: m[f"lr_{k}"] for k in NAMES})
 
-        return Inner(start, task_loss, optimizer, 1, "exact")
+        return Inner(start, task_loss, optimizer, 1, metapl.Exact())
     if row == "imaml":
 
         def proximal_loss(s: Params, m: Params) -> Tensor:
             distance = sum((s[k] - m[k]).square().sum() for k in s)
             return task_loss(s, m) + cfg.imaml_lam / 2 * distance
 
-        solver = metapl.CG(iterations=cfg.imaml_cg)
+        implicit = metapl.Implicit(solver=metapl.CG(iterations=cfg.imaml_cg))
         # Adam, not SGD: the implicit gradient assumes the inner problem is solved, so nothing
         # stops meta-training from sharpening the loss until SGD at a fixed lr diverges
         # (docs/maml.md); Adam's steps stay bounded.
         opt = optim.adam(cfg.imaml_lr)
-        return Inner(_identity, proximal_loss, opt, cfg.imaml_steps, "implicit", solver)
+        return Inner(_identity, proximal_loss, opt, cfg.imaml_steps, implicit)
     if row == "maml_bn":
 
         def bn_loss(s: Params, m: Params, stats: Params) -> tuple[Tensor, Params]:
@@ -261,11 +260,11 @@ def inner_problem(row: str, cfg: Config, x: Tensor, y: Tensor) -> Inner:
             bn_loss,
             optim.sgd(cfg.inner_lr),
             cfg.bn_steps,
-            "exact",
+            metapl.Exact(),
             state=state,
             predict=predict,
         )
-    method = "first_order" if row == "fomaml" else "exact"
+    method = metapl.FirstOrder() if row == "fomaml" else metapl.Exact()
     return Inner(_identity, task_loss, optim.sgd(cfg.inner_lr), 1, method)
 
 
@@ -278,11 +277,9 @@ def task_meta_grad(
 ) -> metapl.MetaGradResult:
     """d (query MSE after the row's inner loop on the support set) / d meta, for one task."""
     inner = inner_problem(row, cfg, x_s, y_s)
-    options = {"solver": inner.solver} if inner.solver is not None else {}
     if inner.state is None:
         query_loss = lambda s: mse(s, x_q, y_q)  # noqa: E731
     else:
-        options["state"] = inner.state
         query_loss = lambda s, state: (inner.predict(s, state, x_q) - y_q).square().mean()  # noqa: E731
     return metapl.meta_grad(
         inner.loss,
@@ -292,7 +289,7 @@ def task_meta_grad(
         inner.optimizer,
         steps=inner.steps,
         method=inner.method,
-        **options,
+        state=inner.state,
     )
 
 
@@ -340,7 +337,7 @@ def make_meta_step(row: str, cfg: Config, meta_opt: optim.Optimizer) -> Callable
             x, y = torch.cat([x_s, x_q]), torch.cat([y_s, y_q])
             return grad_and_value(lambda m: mse(m, x, y))(meta)
         res = task_meta_grad(row, cfg, meta, x_s, y_s, x_q, y_q)
-        return res.teacher_grads, res.outer_loss
+        return res.meta_grads, res.outer_loss
 
     def step(meta, opt_state, x_s, y_s, x_q, y_q):
         grads, losses = vmap(per_task, in_dims=(None, 0, 0, 0, 0))(meta, x_s, y_s, x_q, y_q)

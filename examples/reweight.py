@@ -120,7 +120,7 @@ def reweight(
 
     eps = {"eps": torch.zeros(len(y), dtype=x.dtype)}
     res = metapl.meta_grad(inner_loss, outer_loss, params, eps, optimizer, opt_state, steps=1)
-    eps_grad = res.teacher_grads["eps"]
+    eps_grad = res.meta_grads["eps"]
     return weights_from_grad(eps_grad), eps_grad
 
 

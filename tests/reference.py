@@ -225,7 +225,7 @@ REFERENCE = {
 
 
 class RefResult(NamedTuple):
-    teacher_grads: Params
+    meta_grads: Params
     student_params: Params
     opt_state: dict
     outer_loss: Tensor

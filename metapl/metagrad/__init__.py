@@ -39,6 +39,15 @@ from metapl.metagrad.check import (
     explained_batchnorm_errors,
 )
 from metapl.metagrad.implicit import CG, Neumann, Solver, implicit_at
+from metapl.metagrad.methods import (
+    Exact,
+    FiniteDifference,
+    FirstOrder,
+    Implicit,
+    MethodSpec,
+    ScoreFunction,
+    method_spec,
+)
 from metapl.metagrad.problem import NO_STATE, Schedule, make_problem, positional_arity, scalar_loss
 from metapl.metagrad.reverse import reverse, run_forward
 from metapl.metagrad.score import score_function
@@ -47,14 +56,27 @@ from metapl.optim import Optimizer, State
 Tree = Any  # a dict of tensors, or nested dicts / lists / tuples of tensors
 Method = Literal["exact", "finite_difference", "first_order", "implicit", "score_function"]
 METHODS: tuple[str, ...] = get_args(Method)
-DEFAULT_FD_RADIUS = 3e-4
-DEFAULT_STATIONARY_TOL = 1e-2
+DEFAULT_STATIONARY_TOL = Implicit.stationary_tol
 
-__all__ = ["CG", "METHODS", "Method", "MetaGradResult", "Neumann", "implicit_grad", "meta_grad"]
+__all__ = [
+    "CG",
+    "METHODS",
+    "Exact",
+    "FiniteDifference",
+    "FirstOrder",
+    "Implicit",
+    "Method",
+    "MetaGradResult",
+    "MethodSpec",
+    "Neumann",
+    "ScoreFunction",
+    "implicit_grad",
+    "meta_grad",
+]
 
 
 class MetaGradResult(NamedTuple):
-    teacher_grads: Tree  # d outer / d teacher_params (the meta parameters), same structure
+    meta_grads: Tree  # d outer / d teacher_params (the meta parameters), same structure
     student_params: Tree  # the student after the inner steps (detached)
     opt_state: State | None  # the optimizer state after the inner steps (None: implicit_grad)
     outer_loss: Tensor  # 0-d, the outer loss at the final student
@@ -64,9 +86,9 @@ class MetaGradResult(NamedTuple):
     state: Tree | None = None  # state=: the carried state after the K steps
 
     @property
-    def meta_grads(self) -> Tree:
-        """``teacher_grads`` under the general name: d outer / d meta parameters."""
-        return self.teacher_grads
+    def teacher_grads(self) -> Tree:
+        """``meta_grads`` under MPL's name (the teacher's parameters are its meta parameters)."""
+        return self.meta_grads
 
 
 def meta_grad(
@@ -77,7 +99,7 @@ def meta_grad(
     optimizer: Optimizer | Callable[[Tree], Optimizer],
     opt_state: State | None = None,
     steps: int = 1,
-    method: Method = "exact",
+    method: Method | MethodSpec = "exact",
     log_prob: Callable[[Tree], Tensor] | None = None,
     *,
     state: Tree | None = None,
@@ -115,20 +137,24 @@ def meta_grad(
             student: Meta-SGD) are functions of the meta parameters. ``opt_state`` defaults
             to ``optimizer.init(s_0)``.
         steps: number of inner steps K >= 1.
-        method: ``"exact"`` (reverse mode through the steps, second order; memory-lean by
-            checkpointing), ``"finite_difference"`` (the same reverse pass with the
-            second-order products taken by central differences of first-order gradients at
-            ``s ± eps a``, each perturbation of norm ``fd_radius``, as in DARTS; it assumes
-            the inner loss has no stop-gradient: a ``.detach()`` of something that depends on
-            the student changes its answer, not exact's), ``"first_order"`` (the reverse
-            pass with the second-order terms dropped: first-order MAML and its analogue for
-            the optimizer's hyperparameters), ``"implicit"`` (the implicit function theorem
-            at the final student: ``implicit_grad`` after the unroll) or
-            ``"score_function"`` (REINFORCE for inner losses on sampled targets:
-            ``(outer(s_K) - outer(s_0) - baseline) * grad log_prob(m)``; what MPL calls
-            "first order").
-        log_prob: ``"score_function"`` only: ``(meta) -> 0-d`` log-probability of the sampled
-            targets the inner loss used.
+        method: a spec carrying its own options, or its name (the spec with its defaults,
+            the options then given as the keywords below): ``Exact(checkpoint)`` /
+            ``"exact"`` (reverse mode through the steps, second order; memory-lean by
+            checkpointing), ``FiniteDifference(radius, checkpoint)`` /
+            ``"finite_difference"`` (the same reverse pass with the second-order products
+            taken by central differences of first-order gradients at ``s ± eps a``, each
+            perturbation of norm ``radius``, as in DARTS; it assumes the inner loss has no
+            stop-gradient: a ``.detach()`` of something that depends on the student changes
+            its answer, not exact's), ``FirstOrder(checkpoint)`` / ``"first_order"`` (the
+            reverse pass with the second-order terms dropped: first-order MAML and its
+            analogue for the optimizer's hyperparameters), ``Implicit(solver,
+            stationary_tol)`` / ``"implicit"`` (the implicit function theorem at the final
+            student: ``implicit_grad`` after the unroll) or ``ScoreFunction(log_prob,
+            baseline)`` / ``"score_function"`` (REINFORCE for inner losses on sampled
+            targets: ``(outer(s_K) - outer(s_0) - baseline) * grad log_prob(m)``; what MPL
+            calls "first order").
+        log_prob: the score function's ``(meta) -> 0-d`` log-probability of the sampled
+            targets the inner loss used (here or on the ``ScoreFunction`` spec).
         state: a tree of tensors carried through the steps and never differentiated
             (BatchNorm running statistics: ``dict(model.named_buffers())``). Each evaluation
             of a loss receives a fresh copy (in-place updates are safe); a step recomputed
@@ -140,44 +166,45 @@ def meta_grad(
             backpropagation; the start then gets no gradient). Default: all K.
         has_aux: ``inner_loss`` returns ``(loss, aux)``; the aux of its first evaluation comes
             back as ``result.inner_aux`` (not with ``state``).
-        fd_radius: ``"finite_difference"`` only: the norm of each perturbation (default 3e-4:
-            within 1% of exact on a WRN-28-2 student in float32; see benchmarks/fd_radius.py).
-        baseline: ``"score_function"`` only: subtracted from ``h = outer(s_K) - outer(s_0)``
-            (a control variate; it leaves the estimator unbiased). Default 0.
-        solver: ``"implicit"`` only: see ``implicit_grad``.
-        stationary_tol: ``"implicit"`` only: see ``implicit_grad``.
+        fd_radius, baseline, solver, stationary_tol, checkpoint: with a method name only
+            (a spec carries its own): ``FiniteDifference.radius`` (default 3e-4: within 1% of
+            exact on a WRN-28-2 student in float32; see benchmarks/fd_radius.py),
+            ``ScoreFunction.baseline`` (a control variate subtracted from ``h = outer(s_K) -
+            outer(s_0)``; it leaves the estimator unbiased; default 0), ``Implicit.solver`` and
+            ``Implicit.stationary_tol`` (see ``implicit_grad``), and the reverse-mode methods'
+            ``checkpoint``: which steps the reverse pass recomputes instead of keeping their
+            graphs from the forward pass. An int ``n``: keep at most n steps' graphs at a time,
+            recomputing the others once (memory grows with K by the trajectory and at most n
+            steps' activations); ``True``: n = 1 (the least memory); ``False``: keep every
+            step's graph (no recomputation). Default: n = max(10, ceil(K / 2)) (short unrolls
+            such as MAML's recompute nothing; long ones half their steps, for half the
+            memory). Eager ``"exact"`` calls without ``reduce`` backpropagate through
+            segments of n steps with plain autograd (keeping only each segment's start:
+            memory grows by K / n students); under vmap or torch.compile the step-by-step
+            reverse pass runs.
         reduce: data parallelism: a function averaging a tree of tensors across processes
             (e.g. an all-reduce). It is applied to the student gradients before every inner
             step, to the outer gradient and losses, and to the student-side Hessian products,
-            so every process takes the same student steps. The returned ``teacher_grads`` are
+            so every process takes the same student steps. The returned ``meta_grads`` are
             this process's share: average them across processes too.
-        checkpoint: ``"exact"``, ``"finite_difference"``, ``"first_order"``: which steps the
-            reverse pass recomputes instead of keeping their graphs from the forward pass.
-            An int ``n``: keep at most n steps' graphs at a time, recomputing the others once
-            (memory grows with K by the trajectory and at most n steps' activations);
-            ``True``: n = 1 (the least memory); ``False``: keep every step's graph (no
-            recomputation). Default: n = max(10, ceil(K / 2)) (short unrolls such as MAML's
-            recompute nothing; long ones half their steps, for half the memory). Eager
-            ``"exact"`` calls without ``reduce`` backpropagate through segments of n steps
-            with plain autograd (keeping only each segment's start: memory grows by K / n
-            students); under vmap or torch.compile the step-by-step reverse pass runs.
         compile: ``"exact"`` and ``"first_order"``: run each inner step's forward and reverse
             as one ``torch.compile``'d graph, compiled once for every step (compile time does
             not grow with K; later calls with the same shapes reuse it). To compile a whole
             short unroll into one graph instead, ``torch.compile`` a function that calls
             ``meta_grad``.
 
-    Options a method does not use (``fd_radius`` with ``"exact"``, ...) are refused.
+    Options a method does not use (``fd_radius`` with ``"exact"``, ...) are refused, and so
+    is a method option given as a keyword beside a spec.
     """
-    options = {
-        "log_prob": log_prob,
-        "baseline": baseline,
-        "fd_radius": fd_radius,
-        "solver": solver,
-        "stationary_tol": stationary_tol,
-        "checkpoint": checkpoint,
-        "truncate": truncate,
-    }
+    spec = method_spec(
+        method,
+        log_prob=log_prob,
+        baseline=baseline,
+        fd_radius=fd_radius,
+        solver=solver,
+        stationary_tol=stationary_tol,
+        checkpoint=checkpoint,
+    )
     check_arguments(
         inner_loss=inner_loss,
         outer_loss=outer_loss,
@@ -186,20 +213,19 @@ def meta_grad(
         optimizer=optimizer,
         opt_state=opt_state,
         steps=steps,
-        method=method,
+        method=spec,
+        truncate=truncate,
         inner_batches=inner_batches,
         state=state,
         has_aux=has_aux,
-        options=options,
-        methods=METHODS,
     )
-    if method == "implicit" and reduce is not None:
+    if isinstance(spec, Implicit) and reduce is not None:
         raise ValueError("method='implicit' does not support reduce (data parallelism) yet")
-    if compile and (method not in ("exact", "first_order") or reduce is not None):
+    if compile and (not isinstance(spec, Exact | FirstOrder) or reduce is not None):
         raise ValueError(
             "compile=True compiles the reverse pass' step of method='exact' or 'first_order' "
-            f"without reduce (got method={method!r}, reduce={reduce is not None}); otherwise "
-            "torch.compile a function that calls meta_grad"
+            f"without reduce (got method={spec.name!r}, reduce={reduce is not None}); "
+            "otherwise torch.compile a function that calls meta_grad"
         )
     meta = tree.detach(teacher_params)
     carried = NO_STATE if state is None else tree.detach(state)
@@ -215,54 +241,46 @@ def meta_grad(
     schedule = Schedule(steps, inner_batches)
     check_truncation_reaches_meta(problem, schedule, meta, carried, truncate)
     truncate = truncate or steps
-    kept_graphs = kept_steps(checkpoint, truncate)
     h, outer_grads = None, None
     with explained_batchnorm_errors():
-        if method == "score_function":
-            log_prob = scalar_loss("log_prob", log_prob, False)
+        if isinstance(spec, ScoreFunction):
             grads, s, st, c, loss, aux, h = score_function(
                 problem,
                 schedule,
                 meta,
                 opt_state,
                 carried,
-                log_prob,
-                0.0 if baseline is None else baseline,
+                scalar_loss("log_prob", spec.log_prob, False),
+                spec.baseline,
                 reduce or tree.identity,
             )
-        elif method == "implicit":
+        elif isinstance(spec, Implicit):
             s, st, c, aux = run_forward(problem, schedule, meta, opt_state, carried)
             grads, loss, outer_grads = implicit_at(
-                problem,
-                s,
-                c,
-                meta,
-                solver or CG(),
-                DEFAULT_STATIONARY_TOL if stationary_tol is None else stationary_tol,
+                problem, s, c, meta, spec.solver, spec.stationary_tol
             )
-        elif unrolled.applies(method, reduce, compile):
+        elif unrolled.applies(spec.name, reduce, compile):
             grads, s, st, c, loss, aux, outer_grads = unrolled.unrolled(
-                problem, schedule, meta, opt_state, carried, truncate, kept_graphs
+                problem,
+                schedule,
+                meta,
+                opt_state,
+                carried,
+                truncate,
+                kept_steps(spec.checkpoint, truncate),
             )
         else:
             reduce = reduce or tree.identity
-            if method == "exact":
-                stepper = curvature.Exact(problem, reduce)
-            elif method == "finite_difference":
-                radius = DEFAULT_FD_RADIUS if fd_radius is None else fd_radius
-                stepper = curvature.FiniteDifference(problem, reduce, radius)
-            else:
-                stepper = curvature.FirstOrder(problem, reduce)
             grads, s, st, c, loss, aux, outer_grads = reverse(
                 problem,
                 schedule,
                 meta,
                 opt_state,
                 carried,
-                stepper,
+                curvature.for_method(spec, problem, reduce),
                 reduce,
                 truncate,
-                kept_graphs,
+                kept_steps(spec.checkpoint, truncate),
                 compile,
             )
     result = MetaGradResult(
@@ -312,7 +330,7 @@ def implicit_grad(
         state: the state (e.g. BatchNorm statistics) at the solution.
         stationary_tol: see above (default 1e-2).
 
-    Returns a ``MetaGradResult`` with ``teacher_grads``, ``student_params`` (the solution),
+    Returns a ``MetaGradResult`` with ``meta_grads``, ``student_params`` (the solution),
     ``outer_loss`` and ``outer_grads``.
     """
     check_tree("teacher_params", teacher_params)

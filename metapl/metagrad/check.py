@@ -10,27 +10,13 @@ import torch
 
 from metapl import _tree as tree
 from metapl.metagrad import rng
-from metapl.metagrad.implicit import CG, Neumann, can_branch
+from metapl.metagrad.implicit import can_branch
+from metapl.metagrad.methods import MethodSpec
 from metapl.metagrad.problem import Problem, Schedule, positional_arity
 from metapl.optim import Optimizer
 
-METHOD_HELP = (
-    "'exact' (second order), 'finite_difference' (the same from first-order gradients), "
-    "'first_order' (second-order terms dropped: first-order MAML), 'implicit' (implicit "
-    "function theorem at the final student) or 'score_function' (sampled targets, needs "
-    "log_prob)"
-)
-
-# The options only some methods use; any other method refuses them (they would be ignored).
-METHOD_OPTIONS = {
-    "log_prob": ("score_function",),
-    "baseline": ("score_function",),
-    "fd_radius": ("finite_difference",),
-    "solver": ("implicit",),
-    "stationary_tol": ("implicit",),
-    "checkpoint": ("exact", "finite_difference", "first_order"),
-    "truncate": ("exact", "finite_difference", "first_order"),
-}
+# Truncation applies to the unrolled reverse pass; the other methods refuse it.
+TRUNCATING = ("exact", "finite_difference", "first_order")
 
 
 def check_arguments(
@@ -42,16 +28,13 @@ def check_arguments(
     optimizer,
     opt_state,
     steps,
-    method,
+    method: MethodSpec,
+    truncate,
     inner_batches,
     state,
     has_aux,
-    options,
-    methods,
 ) -> None:
-    """``options``: the method options the caller gave (``None`` for those not given)."""
-    if method not in methods:
-        raise ValueError(f"unknown method {method!r}; pass one of {METHOD_HELP}")
+    """``method``: the spec (its own options were checked when it was built)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     check_tree("teacher_params", teacher_params)
@@ -80,9 +63,9 @@ def check_arguments(
                 "(loss, new_state); carry what you want to keep in the state"
             )
     _check_arities(inner_loss, outer_loss, inner_batches, steps, stateful)
-    _check_options(method, options, steps)
+    _check_truncate(method, truncate, steps)
     _check_method_paths(
-        method, options, steps, student_params, optimizer, outer_loss, inner_batches, stateful
+        method, truncate, steps, student_params, optimizer, outer_loss, inner_batches, stateful
     )
 
 
@@ -145,52 +128,24 @@ def _check_arities(inner_loss, outer_loss, inner_batches, steps: int, stateful: 
         raise TypeError(f"with inner_batches, inner_loss must take {names}, batch)")
 
 
-def _check_options(method: str, options: dict, steps: int) -> None:
-    for name, value in options.items():
-        if value is not None and method not in METHOD_OPTIONS[name]:
-            users = " or ".join(f"method={m!r}" for m in METHOD_OPTIONS[name])
-            hint = (
-                ": the score-function estimator (MPL's 'first order') is "
-                "method='score_function'; method='first_order' drops second-order terms "
-                "(first-order MAML)"
-                if name == "log_prob" and method == "first_order"
-                else ""
-            )
-            raise ValueError(f"{name} is only used by {users}, not {method!r}{hint}")
-    truncate, checkpoint = options["truncate"], options["checkpoint"]
-    if truncate is not None and (
-        isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps
-    ):
+def _check_truncate(method: MethodSpec, truncate, steps: int) -> None:
+    if truncate is None:
+        return
+    if method.name not in TRUNCATING:
+        users = " or ".join(repr(name) for name in TRUNCATING)
+        raise ValueError(f"truncate is only used by method={users}, not {method.name!r}")
+    if isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps:
         raise ValueError(f"truncate must be an int in [1, steps={steps}], got {truncate!r}")
-    if (
-        checkpoint is not None
-        and not isinstance(checkpoint, bool)
-        and (not isinstance(checkpoint, int) or checkpoint < 1)
-    ):
-        raise ValueError(
-            "checkpoint must be True (recompute all steps but the last), False (keep every "
-            f"step's graph) or an int n >= 1 (keep the last n), got {checkpoint!r}"
-        )
-    radius = options["fd_radius"]
-    if radius is not None and not (isinstance(radius, float | int) and radius > 0):
-        raise ValueError(f"fd_radius must be a float > 0, got {radius!r}")
-    solver = options["solver"]
-    if solver is not None and not isinstance(solver, CG | Neumann):
-        raise TypeError(f"solver must be metapl.CG(...) or metapl.Neumann(...), got {solver!r}")
-    tol = options["stationary_tol"]
-    if tol is not None and not (isinstance(tol, float | int) and tol > 0):
-        raise ValueError(
-            f"stationary_tol must be a float > 0 (math.inf accepts any point), got {tol!r}"
-        )
 
 
 def _check_method_paths(
-    method, options, steps, student_params, optimizer, outer_loss, inner_batches, stateful
+    spec, truncate, steps, student_params, optimizer, outer_loss, inner_batches, stateful
 ) -> None:
+    method = spec.name
     learns_start = not tree.is_tree(student_params)
     learns_optimizer = not isinstance(optimizer, Optimizer)
     outer_meta = positional_arity(outer_loss) == 2 + stateful
-    if method == "score_function" and options["log_prob"] is None:
+    if method == "score_function" and spec.log_prob is None:
         raise ValueError(
             "method='score_function' needs log_prob=(teacher_params) -> log-probability of the "
             "sampled targets the inner loss used"
@@ -201,7 +156,7 @@ def _check_method_paths(
             "pass student_params as a dict, a fixed optimizer and outer_loss(student), or use "
             "'exact' / 'finite_difference' / 'first_order' for the other paths"
         )
-    truncated = options["truncate"] is not None and options["truncate"] < steps
+    truncated = truncate is not None and truncate < steps
     if method == "first_order" and not (
         learns_optimizer or outer_meta or (learns_start and not truncated)
     ):

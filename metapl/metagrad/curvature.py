@@ -6,11 +6,12 @@ batch). Its pullback maps the adjoints ``(a_s, a_st)`` of the
 step's outputs to those of ``(s_k, st_k, m)``. Through ``g_k`` this needs the second-order
 products ``(H_ss a_g, H_ms a_g)`` of the inner loss, which each method supplies its own way:
 
-- ``Exact``: reverse mode over the gradient (double backward). Step k's forward is recomputed in
-  the reverse pass, so no step keeps its activations; the last step keeps its graph from the
-  forward pass (it is needed at once). Without data parallelism the whole step is one VJP.
-- ``FiniteDifference``: central differences of first-order gradients at ``s ± eps a``.
-- ``FirstOrder``: the products dropped (first-order MAML and its generalisation).
+- ``ExactProducts``: reverse mode over the gradient (double backward). Step k's forward is
+  recomputed in the reverse pass, so no step keeps its activations; the last step keeps its
+  graph from the forward pass (it is needed at once). Without data parallelism the whole
+  step is one VJP.
+- ``FiniteDifferenceProducts``: central differences of first-order gradients at ``s ± eps a``.
+- ``NoProducts``: the products dropped (first-order MAML and its generalisation).
 
 ``advance`` runs in the forward pass and returns what the trajectory keeps for the step
 (``keep=True``: the last step's graph, when the reverse pass will need it at once);
@@ -25,6 +26,7 @@ from torch.func import grad, vjp
 
 from metapl import _tree as tree
 from metapl.metagrad import rng
+from metapl.metagrad.methods import Exact, FiniteDifference, MethodSpec
 from metapl.metagrad.problem import Problem
 
 
@@ -64,7 +66,7 @@ class _Split:
         return a_s_direct, a_st, a_m
 
 
-class Exact(_Split):
+class ExactProducts(_Split):
     def __init__(self, problem: Problem, reduce):
         super().__init__(problem, reduce)
         self.fused = reduce is tree.identity  # an all-reduce has no VJP: split the step then
@@ -117,7 +119,7 @@ class Exact(_Split):
         return memo((a_s, a_st))
 
 
-class FiniteDifference(_Split):
+class FiniteDifferenceProducts(_Split):
     """H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps), with eps = radius / ||a||: each
     perturbation has norm ``radius`` in parameter space (as in DARTS)."""
 
@@ -144,9 +146,18 @@ class FiniteDifference(_Split):
         return memo, products
 
 
-class FirstOrder(_Split):
+class NoProducts(_Split):
     def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
         return memo, lambda a: (None, None)
+
+
+def for_method(spec: MethodSpec, problem: Problem, reduce) -> _Split:
+    """The step's forward and pullback for a reverse-mode method spec."""
+    if isinstance(spec, Exact):
+        return ExactProducts(problem, reduce)
+    if isinstance(spec, FiniteDifference):
+        return FiniteDifferenceProducts(problem, reduce, spec.radius)
+    return NoProducts(problem, reduce)
 
 
 def _central(plus, minus, eps):

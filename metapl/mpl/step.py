@@ -213,7 +213,7 @@ def _student_update(
         reduce=reduce,
         **options,
     )
-    dz = res.teacher_grads["z"]
+    dz = res.meta_grads["z"]
     # the root mean square over the rows of the per-example gradient B * dz_i: the same for
     # any batch size and number of processes (the square root is taken after the mean)
     metrics = {

@@ -66,22 +66,21 @@ def check_compiled_matches_eager(method):
         got = compiled(student, teacher, *batch(seed), method=method)
         expected = mpl_step(student, teacher, *batch(seed), method=method)
         if method == "score_function":
-            # teacher_grads = h * score, h = L(s_K) - L(s_0) ~ 1e-2 from losses ~ 1: float32
+            # meta_grads = h * score, h = L(s_K) - L(s_0) ~ 1e-2 from losses ~ 1: float32
             # resolves h to one ulp of the losses (1.2e-7, i.e. 1e-5 of h), so the two factors
             # are checked each at its own precision
             ulp = torch.finfo(torch.float32).eps * expected.outer_loss.abs()
             assert (got.h - expected.h).abs() <= 2 * ulp
-            score = {k: g / got.h for k, g in got.teacher_grads.items()}
+            score = {k: g / got.h for k, g in got.meta_grads.items()}
             assert (
-                rel_err(score, {k: g / expected.h for k, g in expected.teacher_grads.items()})
-                < 1e-6
+                rel_err(score, {k: g / expected.h for k, g in expected.meta_grads.items()}) < 1e-6
             )
         else:
-            assert rel_err(got.teacher_grads, expected.teacher_grads) < 1e-5
+            assert rel_err(got.meta_grads, expected.meta_grads) < 1e-5
         assert rel_err(got.student_params, expected.student_params) < 1e-6
         assert rel_err(got.opt_state["momentum"], expected.opt_state["momentum"]) < 1e-6
         assert got.outer_loss.item() == pytest.approx(expected.outer_loss.item(), rel=1e-6)
-        assert max(g.abs().max() for g in expected.teacher_grads.values()) > 1e-4
+        assert max(g.abs().max() for g in expected.meta_grads.values()) > 1e-4
     assert counter.frame_count == 1  # one graph, compiled once: no graph break, no recompile
 
 
@@ -130,7 +129,7 @@ def test_exact_under_compile_with_dropout_equals_eager(reduce):
     inner, outer, s, t = dropout_problem()
 
     def run():
-        return metapl.meta_grad(inner, outer, s, t, OPT, steps=2, reduce=reduce).teacher_grads
+        return metapl.meta_grad(inner, outer, s, t, OPT, steps=2, reduce=reduce).meta_grads
 
     torch.manual_seed(0)
     expected = run()

@@ -89,9 +89,9 @@ def test_implicit_grad_at_a_solution_found_by_any_means(found_by, solver):
     if found_by == "LBFGS":
         # LBFGS stops at a gradient norm of ~1e-8 here (its line search sees no further
         # decrease in float64), 8e-9 from the minimiser: the hypergradient is that accurate.
-        assert rel_err(res.teacher_grads, expected) < 1e-7
+        assert rel_err(res.meta_grads, expected) < 1e-7
     else:
-        assert_close(res.teacher_grads, expected, rtol=1e-8, atol=1e-11)
+        assert_close(res.meta_grads, expected, rtol=1e-8, atol=1e-11)
     assert_close(res.student_params, solution, rtol=0, atol=0)
     assert res.outer_loss.item() == pytest.approx(outer(solution).item(), rel=1e-14)
     assert res.opt_state is None
@@ -104,8 +104,8 @@ def test_method_implicit_is_implicit_grad_after_the_unroll():
         inner, outer, start, meta, metapl.optim.sgd(0.5), steps=500, method="implicit"
     )
     direct = metapl.implicit_grad(inner, outer, res.student_params, meta)
-    assert_close(res.teacher_grads, direct.teacher_grads, rtol=0, atol=0)
-    assert_close(res.teacher_grads, expected, rtol=1e-8, atol=1e-11)
+    assert_close(res.meta_grads, direct.meta_grads, rtol=0, atol=0)
+    assert_close(res.meta_grads, expected, rtol=1e-8, atol=1e-11)
 
 
 def test_outer_loss_with_meta_parameters():
@@ -120,7 +120,7 @@ def test_outer_loss_with_meta_parameters():
     )
     solution = {k: v.detach() for k, v in closed_form(meta).items()}
     res = metapl.implicit_grad(inner, outer_m, solution, meta)
-    assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-12)
+    assert_close(res.meta_grads, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_a_clearly_non_stationary_solution_is_refused():
@@ -130,7 +130,7 @@ def test_a_clearly_non_stationary_solution_is_refused():
         metapl.implicit_grad(inner, outer, early, meta)
     # accepted when asked to, and then (of course) not the closed form's gradient
     loose = metapl.implicit_grad(inner, outer, early, meta, stationary_tol=math.inf)
-    assert all(torch.isfinite(v).all() for v in loose.teacher_grads.values())
+    assert all(torch.isfinite(v).all() for v in loose.meta_grads.values())
     # an unroll that stopped early is refused the same way
     with pytest.raises(ValueError, match="solve the inner problem further"):
         metapl.meta_grad(
@@ -154,7 +154,7 @@ def test_neumann_picks_a_safe_step_and_a_diverging_one_names_it():
     grads = torch.autograd.grad(outer(closed_form(m)), list(m.values()))
     expected = dict(zip(m, grads, strict=True))
     auto = metapl.implicit_grad(inner, outer, solution, meta, solver=metapl.Neumann(300))
-    assert_close(auto.teacher_grads, expected, rtol=1e-8, atol=1e-11)
+    assert_close(auto.meta_grads, expected, rtol=1e-8, atol=1e-11)
     hessian = torch.func.hessian(lambda w: inner({"w": w}, meta))(solution["w"])
     lam_max = torch.linalg.eigvalsh(hessian).max().item()
     assert lam_max > 2  # alpha = 1 is unsafe
@@ -163,7 +163,7 @@ def test_neumann_picks_a_safe_step_and_a_diverging_one_names_it():
     assert f"Neumann(alpha={1 / lam_max:.3g})" in str(info.value)
     safe = metapl.Neumann(300, alpha=1 / lam_max)
     assert_close(
-        metapl.implicit_grad(inner, outer, solution, meta, solver=safe).teacher_grads,
+        metapl.implicit_grad(inner, outer, solution, meta, solver=safe).meta_grads,
         expected,
         rtol=1e-8,
         atol=1e-11,
@@ -188,7 +188,7 @@ def test_cg_and_neumann_agree_under_vmap():
     def one(center, solver):
         m = {"log_lam": meta["log_lam"], "center": center}
         solution = {k: v.detach() for k, v in closed_form(m).items()}
-        return metapl.implicit_grad(inner, outer, solution, m, solver=solver).teacher_grads
+        return metapl.implicit_grad(inner, outer, solution, m, solver=solver).meta_grads
 
     for solver in (metapl.CG(), metapl.Neumann(300)):
         batched = torch.func.vmap(lambda c, solver=solver: one(c, solver))(centers)

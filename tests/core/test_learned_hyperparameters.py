@@ -121,7 +121,7 @@ def test_exact_through_learned_hyperparameters_matches_reference(kind, steps, en
     grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
     for k in grads:  # every path carries a signal (momentum and lr_decay act from step 2 on)
         assert grads[k].abs().max() > 1e-4 or (k in ("mom", "lr_decay") and steps == 1), k
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
@@ -147,4 +147,4 @@ def test_learned_initial_accumulator_value(engine):
     res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=3, **kw)
     grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
     assert grads["iav"].abs() > 1e-2
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)

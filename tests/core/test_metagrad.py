@@ -69,12 +69,12 @@ def test_exact_matches_reference_unroll(name, steps, reduce):
     problem = make_problem(seed=steps)
     opt, ref_opt = optimizers(name)
     res, ref = run(problem, opt, steps, reduce=reduce), reference(problem, ref_opt, steps)
-    assert flat(ref.teacher_grads).abs().max() > 1e-3  # a meaningful, non-zero target
-    assert_close(res.teacher_grads, ref.teacher_grads, rtol=1e-10, atol=1e-12)
+    assert flat(ref.meta_grads).abs().max() > 1e-3  # a meaningful, non-zero target
+    assert_close(res.meta_grads, ref.meta_grads, rtol=1e-10, atol=1e-12)
     assert_close(res.student_params, ref.student_params, rtol=1e-12, atol=1e-14)
     assert_close(res.opt_state, ref.opt_state, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(ref.outer_loss.item(), rel=1e-12)
-    assert all(not v.requires_grad for v in res.teacher_grads.values())
+    assert all(not v.requires_grad for v in res.meta_grads.values())
 
 
 @GRID
@@ -86,7 +86,7 @@ def test_finite_difference_matches_reference_unroll(name, steps):
     opt, ref_opt = optimizers(name)
     res = run(problem, opt, steps, method="finite_difference", fd_radius=1e-6)
     ref = reference(problem, ref_opt, steps)
-    assert rel_err(res.teacher_grads, ref.teacher_grads) < 1e-8
+    assert rel_err(res.meta_grads, ref.meta_grads) < 1e-8
     assert_close(res.student_params, ref.student_params, rtol=1e-12, atol=1e-14)
     assert_close(res.opt_state, ref.opt_state, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(ref.outer_loss.item(), rel=1e-12)
@@ -101,8 +101,8 @@ def test_finite_difference_default_radius_float32(name):
     opt, _ = optimizers(name)
     exact = run(problem, opt, 2)
     fd = run(problem, opt, 2, method="finite_difference")
-    assert fd.teacher_grads["w0"].dtype == torch.float32
-    assert rel_err(fd.teacher_grads, exact.teacher_grads) < 1e-3
+    assert fd.meta_grads["w0"].dtype == torch.float32
+    assert rel_err(fd.meta_grads, exact.meta_grads) < 1e-3
 
 
 def linear_student_unroll(problem, ref_opt, steps, teacher):
@@ -134,7 +134,7 @@ def test_exact_matches_numerical_derivative_of_the_whole_unroll(name):
                 - linear_student_unroll(problem, ref_opt, 3, minus)
             ).item() / 2e-5
             assert abs(numeric) > 1e-4
-            assert res.teacher_grads[key][index].item() == pytest.approx(numeric, rel=1e-6)
+            assert res.meta_grads[key][index].item() == pytest.approx(numeric, rel=1e-6)
 
 
 def test_opt_state_is_threaded_through_calls():
@@ -177,7 +177,7 @@ def hard_label_problem(seed=0, n_u=3, classes=3):
 
 @pytest.mark.parametrize("baseline", [0.0, 0.25])
 def test_score_function_formula(baseline):
-    """teacher_grads = (outer(s_K) - outer(s_0) - baseline) * grad log_prob(teacher)."""
+    """meta_grads = (outer(s_K) - outer(s_0) - baseline) * grad log_prob(teacher)."""
     problem, log_prob, inner_loss = hard_label_problem(seed=5, n_u=6)
     y = torch.tensor([0, 2, 1, 1, 0, 2])
     opt, ref_opt = optimizers("momentum")
@@ -202,7 +202,7 @@ def test_score_function_formula(baseline):
     expected = {k: (h - baseline) * g for k, g in zip(teacher, score, strict=True)}
     assert flat(expected).abs().max() > 1e-3
     assert res.h.item() == pytest.approx(h.item(), rel=1e-12)
-    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-14)
+    assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-14)
     assert_close(res.student_params, after.student_params, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(after.outer_loss.item(), rel=1e-12)
 
@@ -231,7 +231,7 @@ def test_score_function_sign_by_enumeration():
             log_prob=lambda t, y=y: log_prob(t, y),
         )
         p_y = log_prob(teacher, y).exp()
-        estimate = {k: estimate[k] + p_y.detach() * g for k, g in res.teacher_grads.items()}
+        estimate = {k: estimate[k] + p_y.detach() * g for k, g in res.meta_grads.items()}
         lookahead = reference_meta_grad(
             inner_loss(y), problem.outer_loss, problem.student, teacher, ref_opt, 1
         )
@@ -317,7 +317,7 @@ def test_batchnorm_in_train_mode(bn_in, method):
     bn = (ref_s if bn_in == "student" else ref_t)[1]
     assert bn.num_batches_tracked.item() > 0  # the copy did update its running statistics
     tol = 1e-10 if method == "exact" else 1e-8
-    assert rel_err(res.teacher_grads, ref.teacher_grads) < tol
+    assert rel_err(res.meta_grads, ref.meta_grads) < tol
     assert_close(res.student_params, ref.student_params, rtol=1e-12, atol=1e-14)
 
     # inner_aux: the statistics after exactly one forward on x_u at the starting parameters.
@@ -447,7 +447,7 @@ def test_finite_difference_under_bfloat16_autocast_perturbs_in_float32():
             res = metapl.meta_grad(
                 inner, outer, s, {"z": torch.randn(32, 10)}, optim.sgd(0.5), method=method
             )
-        return res.teacher_grads
+        return res.meta_grads
 
     torch.manual_seed(1)
     reference = run("exact", autocast=False)

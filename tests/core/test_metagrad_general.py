@@ -95,8 +95,8 @@ def test_exact_through_every_path_matches_reference(kind, steps, engine):
     grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
     for k in grads:  # every path carries a signal (momentum and beta1 act from step 2 on)
         assert grads[k].abs().max() > 1e-4 or (k in ("mom", "beta1") and steps == 1), k
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
-    assert res.meta_grads is res.teacher_grads
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
+    assert res.meta_grads is res.meta_grads
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
@@ -112,7 +112,7 @@ def test_plain_autograd_only_where_it_composes():
         sinusoid_maml(theta, xs[0], ys[0], xq[0], yq[0], steps=2)
         sinusoid_maml(theta, xs[0], ys[0], xq[0], yq[0], steps=6)  # > checkpoint's 5
         assert spy.call_count == 2
-        torch.func.vmap(lambda *t: sinusoid_maml(theta, *t).teacher_grads)(xs, ys, xq, yq)
+        torch.func.vmap(lambda *t: sinusoid_maml(theta, *t).meta_grads)(xs, ys, xq, yq)
         sinusoid_maml(theta, xs[0], ys[0], xq[0], yq[0], method="first_order")
         assert spy.call_count == 2
 
@@ -126,7 +126,7 @@ def test_finite_difference_through_every_path(kind):
         inner, outer, start, meta, opt, steps=3, method="finite_difference", fd_radius=1e-6
     )
     grads, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
-    assert rel_err(res.teacher_grads, grads) < 1e-8
+    assert rel_err(res.meta_grads, grads) < 1e-8
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -137,10 +137,10 @@ def test_first_order_drops_exactly_the_second_order_terms(kind):
         inner, outer, start, ref_opt, meta, 3, first_order=True
     )
     exact, *_ = reference_general(inner, outer, start, ref_opt, meta, 3)
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
-    assert res.teacher_grads["t"].abs().max() == 0  # the inner-loss path is purely second order
-    assert rel_err(res.teacher_grads, exact) > 1e-3  # and it is a different (cheaper) gradient
+    assert res.meta_grads["t"].abs().max() == 0  # the inner-loss path is purely second order
+    assert rel_err(res.meta_grads, exact) > 1e-3  # and it is a different (cheaper) gradient
 
 
 def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
@@ -160,7 +160,7 @@ def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
     )
     adapted = {k: v.clone().requires_grad_() for k, v in res.student_params.items()}
     expected = torch.autograd.grad(outer(adapted), list(adapted.values()))
-    assert_close(res.teacher_grads, dict(zip(adapted, expected, strict=True)), 1e-12, 1e-14)
+    assert_close(res.meta_grads, dict(zip(adapted, expected, strict=True)), 1e-12, 1e-14)
 
 
 @pytest.mark.parametrize("method", ["exact", "first_order"])
@@ -180,10 +180,10 @@ def test_truncated_backpropagation(method, truncate):
         truncate=truncate,
         first_order=method == "first_order",
     )
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
     if truncate < 4:  # the start is cut off
         full, *_ = reference_general(inner, outer, start, ref_opt, meta, 4)
-        assert rel_err(res.teacher_grads, full) > 1e-3
+        assert rel_err(res.meta_grads, full) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -200,7 +200,7 @@ def test_kept_graphs_give_the_same_numbers_with_fewer_recomputations(kind, check
         return inner(s, m)
 
     res = metapl.meta_grad(counted, outer, start, meta, opt, steps=4, checkpoint=checkpoint)
-    assert_close(res.teacher_grads, reference, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, reference, rtol=1e-10, atol=1e-13)
     assert len(calls) == 4 + recomputed
 
 
@@ -208,7 +208,7 @@ def test_truncate_all_steps_is_exact():
     meta, start, inner, outer, opt, _ = everywhere_problem("adamw", seed=2)
     a = metapl.meta_grad(inner, outer, start, meta, opt, steps=3)
     b = metapl.meta_grad(inner, outer, start, meta, opt, steps=3, truncate=3)
-    assert_close(a.teacher_grads, b.teacher_grads, rtol=0, atol=0)
+    assert_close(a.meta_grads, b.meta_grads, rtol=0, atol=0)
 
 
 def test_inner_batches_feed_step_k_its_own_slice():
@@ -245,7 +245,7 @@ def test_inner_batches_feed_step_k_its_own_slice():
         steps,
         batches=batches,
     )
-    assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     # Feeding every step the first slice gives another answer: the slices are really used.
     same = {k: v[:1].expand_as(v) for k, v in batches.items()}
@@ -258,7 +258,7 @@ def test_inner_batches_feed_step_k_its_own_slice():
         steps=steps,
         inner_batches=same,
     )
-    assert rel_err(other.teacher_grads, grads) > 1e-2
+    assert rel_err(other.meta_grads, grads) > 1e-2
 
 
 def test_meta_sgd_per_parameter_learning_rates():
@@ -295,7 +295,7 @@ def test_meta_sgd_per_parameter_learning_rates():
         res = metapl.meta_grad(inner, outer, start, meta, metapl_opt, steps=steps)
         grads, *_ = reference_general(inner, outer, start, ref_opt, meta, steps)
         assert all(grads[f"lr_{k}"].abs().max() > 1e-4 for k in theta)
-        assert_close(res.teacher_grads, grads, rtol=1e-10, atol=1e-13)
+        assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
 
 
 # --------------------------------------------------------------------------- implicit
@@ -341,7 +341,7 @@ def test_implicit_matches_the_ridge_closed_form(solver):
         inner, outer, start, meta, optim.sgd(0.5), steps=400, method="implicit", solver=solver
     )
     assert_close(res.student_params, closed_form(meta), rtol=1e-12, atol=1e-13)
-    assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-12)
+    assert_close(res.meta_grads, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_implicit_damping_changes_the_solution():
@@ -360,7 +360,7 @@ def test_implicit_damping_changes_the_solution():
         method="implicit",
         solver=metapl.CG(damping=10.0),
     )
-    assert rel_err(damped.teacher_grads, plain.teacher_grads) > 0.1
+    assert rel_err(damped.meta_grads, plain.meta_grads) > 0.1
 
 
 def test_implicit_imaml_matches_a_long_exact_unroll():
@@ -381,8 +381,8 @@ def test_implicit_imaml_matches_a_long_exact_unroll():
         inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200, method="implicit"
     )
     exact = metapl.meta_grad(inner, outer, lambda m: m, theta, optim.sgd(0.5), steps=200)
-    assert flat(implicit.teacher_grads).abs().max() > 1e-3
-    assert rel_err(exact.teacher_grads, implicit.teacher_grads) < 1e-8
+    assert flat(implicit.meta_grads).abs().max() > 1e-3
+    assert rel_err(exact.meta_grads, implicit.meta_grads) < 1e-8
 
 
 # --------------------------------------------------------------------------- transforms
@@ -414,10 +414,10 @@ def tasks(n=4, seed=0):
 def test_vmap_over_tasks_equals_a_loop(method):
     theta, xs, ys, xq, yq = tasks()
     batched = torch.func.vmap(
-        lambda a, b, c, d: sinusoid_maml(theta, a, b, c, d, method=method).teacher_grads
+        lambda a, b, c, d: sinusoid_maml(theta, a, b, c, d, method=method).meta_grads
     )(xs, ys, xq, yq)
     for i in range(len(xs)):
-        one = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i], method=method).teacher_grads
+        one = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i], method=method).meta_grads
         assert_close({k: v[i] for k, v in batched.items()}, one, rtol=1e-10, atol=1e-13)
 
 
@@ -431,7 +431,7 @@ def test_maml_compiles_and_matches_eager():
     for i in range(2):
         got = compiled(theta, xs[i], ys[i], xq[i], yq[i])
         expected = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i])
-        assert rel_err(got.teacher_grads, expected.teacher_grads) < 1e-10
+        assert rel_err(got.meta_grads, expected.meta_grads) < 1e-10
     assert counter.frame_count == 1
 
 
@@ -455,7 +455,7 @@ def meta_sgd_problem(seed=8):
             m,
             lambda m_: optim.sgd({k: m_[f"lr_{k}"] for k in theta}),
             steps=steps,
-        ).teacher_grads
+        ).meta_grads
 
     return meta, run
 
@@ -486,7 +486,7 @@ def test_implicit_compiles_and_matches_eager():
             method="implicit",
             solver=metapl.CG(iterations=4),
             stationary_tol=math.inf,
-        ).teacher_grads  # far from converged
+        ).meta_grads  # far from converged
 
     compiled = torch.compile(run, fullgraph=True)
     assert rel_err(compiled(meta), run(meta)) < 1e-10
@@ -555,7 +555,7 @@ def test_compile_steps_once_for_every_unroll_length():
         compiled = metapl.meta_grad(
             inner, outer, start, meta, opt, steps=steps, method=method, compile=True
         )
-        assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
+        assert_close(compiled.meta_grads, eager.meta_grads, rtol=1e-10, atol=1e-13)
         assert_close(compiled.student_params, eager.student_params, rtol=1e-12, atol=1e-14)
     # Per method one forward and one pullback graph, whatever K and the data.
     assert counters["stats"]["unique_graphs"] == 4
@@ -627,12 +627,12 @@ def test_truncation_that_leaves_no_path_to_the_meta_parameters_is_refused(method
         truncate=2,
         method=method,
     )
-    assert res.teacher_grads["log_lr"].abs() > 0
+    assert res.meta_grads["log_lr"].abs() > 0
     # and so is the full one
     full = metapl.meta_grad(
         inner, outer, lambda m: m, theta, optim.sgd(0.1), steps=3, method=method
     )
-    assert flat(full.teacher_grads).abs().max() > 0
+    assert flat(full.meta_grads).abs().max() > 0
 
 
 def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
@@ -662,7 +662,7 @@ def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
     reference, *_ = reference_general(
         inner, lambda s, m: outer(s), lambda m: theta, lambda m: REFERENCE["sgd"](0.5), weighter, 2
     )
-    assert_close(exact.teacher_grads, reference, rtol=1e-10, atol=1e-13)
+    assert_close(exact.meta_grads, reference, rtol=1e-10, atol=1e-13)
     fd = metapl.meta_grad(
         inner,
         outer,
@@ -673,4 +673,4 @@ def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
         method="finite_difference",
         fd_radius=1e-6,
     )
-    assert rel_err(fd.teacher_grads, reference) > 0.1
+    assert rel_err(fd.meta_grads, reference) > 0.1

@@ -96,7 +96,7 @@ def test_exact_matches_higher(case, steps):
     grads, student, outer = with_higher(torch_opt, hyper, steps)
     res = with_metapl(metapl_opt, hyper, steps)
     assert max(g.abs().max() for g in grads.values()) > 1e-3
-    assert_close(res.teacher_grads, grads, rtol=1e-9, atol=1e-12)
+    assert_close(res.meta_grads, grads, rtol=1e-9, atol=1e-12)
     assert_close(res.student_params, student, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(outer.item(), rel=1e-12)
 
@@ -107,10 +107,10 @@ def test_higher_adam_eps_placement():
     hyper = {"lr": 0.05, "eps": 1e-3}
     grads, student, _ = with_higher(torch.optim.Adam, hyper, steps=1)
     moved = with_metapl(optim.adam, {**hyper, "eps": 1e-3 / math.sqrt(1 - 0.999)}, steps=1)
-    assert_close(moved.teacher_grads, grads, rtol=1e-9, atol=1e-12)
+    assert_close(moved.meta_grads, grads, rtol=1e-9, atol=1e-12)
     assert_close(moved.student_params, student, rtol=1e-12, atol=1e-14)
     same_eps = with_metapl(optim.adam, hyper, steps=1)
-    assert not torch.allclose(same_eps.teacher_grads["0.weight"], grads["0.weight"], rtol=1e-3)
+    assert not torch.allclose(same_eps.meta_grads["0.weight"], grads["0.weight"], rtol=1e-3)
 
 
 def maml_setup(seed=0):
@@ -143,7 +143,7 @@ def test_maml_matches_higher_without_copying_initial_weights(steps):
         inner, outer_loss, lambda m: m, theta, optim.sgd(0.1, momentum=0.5), steps=steps
     )
     assert max(g.abs().max() for g in expected.values()) > 1e-3
-    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-13)
     assert res.outer_loss.item() == pytest.approx(outer.item(), rel=1e-12)
 
 
@@ -174,7 +174,7 @@ def test_learned_learning_rate_matches_higher_override():
         steps=3,
     )
     assert expected.abs() > 1e-3
-    assert res.teacher_grads["lr"].item() == pytest.approx(expected.item(), rel=1e-10)
+    assert res.meta_grads["lr"].item() == pytest.approx(expected.item(), rel=1e-10)
 
 
 @pytest.mark.parametrize("checkpoint", [None, True])
@@ -215,6 +215,6 @@ def test_batchnorm_maml_through_more_steps_than_checkpoint_keeps(checkpoint):
         statistics = {k: v.detach().clone() for k, v in fnet.named_buffers()}
         query = F.cross_entropy(fnet(x_q), y_q)
         grads = torch.autograd.grad(query, list(net.parameters()))
-    assert_close(res.teacher_grads, dict(zip(theta, grads, strict=True)), rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, dict(zip(theta, grads, strict=True)), rtol=1e-10, atol=1e-13)
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
     assert int(statistics["1.num_batches_tracked"]) == 7

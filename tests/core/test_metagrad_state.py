@@ -168,7 +168,7 @@ def test_exact_carries_batchnorm_statistics_through_every_step(case):
     state_before = copy.deepcopy(state)
     res = metapl_run(net, meta, data, state=state, **ref_kwargs, **kwargs)
     expected, s, statistics, loss = reference(net, meta, data, **ref_kwargs)
-    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
     assert int(res.state["1.num_batches_tracked"]) == STEPS  # once per step, not per evaluation
@@ -177,7 +177,7 @@ def test_exact_carries_batchnorm_statistics_through_every_step(case):
     assert_close(state, state_before, rtol=0, atol=0)
     assert_close(buffers(net), before_module, rtol=0, atol=0)
     # every path carries a signal, and the statistics matter to the outer loss
-    assert min(flat_abs_max(g) for g in res.teacher_grads.values()) > 1e-6
+    assert min(flat_abs_max(g) for g in res.meta_grads.values()) > 1e-6
 
 
 def flat_abs_max(tree):
@@ -194,7 +194,7 @@ def test_the_statistics_reach_the_outer_loss():
     frozen = copy.deepcopy(net)
     frozen[1].momentum = 0.0  # running statistics that never move
     expected, *_ = reference(frozen, meta, data)
-    assert rel_err(res.teacher_grads, expected) > 1e-3
+    assert rel_err(res.meta_grads, expected) > 1e-3
 
 
 @pytest.mark.parametrize("truncate", [1, 3])
@@ -203,7 +203,7 @@ def test_truncated_exact_with_state(truncate):
     meta, data = everywhere(net, 1), task(1)
     res = metapl_run(net, meta, data, truncate=truncate)
     expected, _, statistics, _ = reference(net, meta, data, truncate=truncate)
-    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-13)
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
 
 
@@ -212,7 +212,7 @@ def test_first_order_with_state():
     meta, data = everywhere(net, 2), task(2)
     res = metapl_run(net, meta, data, method="first_order")
     expected, _, statistics, _ = reference(net, meta, data, first_order=True)
-    assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-13)
+    assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-13)
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
 
 
@@ -224,7 +224,7 @@ def test_finite_difference_with_state(checkpoint):
         net, meta, data, method="finite_difference", fd_radius=1e-6, checkpoint=checkpoint
     )
     expected, _, statistics, _ = reference(net, meta, data)
-    assert rel_err(res.teacher_grads, expected) < 1e-7
+    assert rel_err(res.meta_grads, expected) < 1e-7
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
 
 
@@ -242,12 +242,12 @@ def test_vmap_one_state_per_task_equals_a_loop(method):
 
     def one(x_s, y_s, x_q, y_q, state):
         res = metapl_run(net, meta, (x_s, y_s, x_q, y_q), method=method, state=state)
-        return res.teacher_grads, res.state
+        return res.meta_grads, res.state
 
     grads, new_states = vmap(one)(*data, stacked)
     for i, t in enumerate(tasks):
         loop = metapl_run(net, meta, t, method=method, state=states[i])
-        assert_close(index(grads, i), loop.teacher_grads, rtol=1e-10, atol=1e-12)
+        assert_close(index(grads, i), loop.meta_grads, rtol=1e-10, atol=1e-12)
         assert_close(index(new_states, i), loop.state, rtol=1e-12, atol=1e-14)
 
 
@@ -261,7 +261,7 @@ def test_vmap_with_one_shared_state_names_the_fix():
     data = [torch.stack(parts) for parts in zip(task(0), task(1), strict=True)]
     shared = buffers(net)
     with pytest.raises(ValueError, match="pass one state per task"):
-        vmap(lambda *d: metapl_run(net, meta, d, state=shared).teacher_grads)(*data)
+        vmap(lambda *d: metapl_run(net, meta, d, state=shared).meta_grads)(*data)
 
 
 def test_compile_true_with_state_equals_eager():
@@ -271,7 +271,7 @@ def test_compile_true_with_state_equals_eager():
     meta, data = everywhere(net, 5), task(5)
     eager = metapl_run(net, meta, data, steps=3)
     compiled = metapl_run(net, meta, data, steps=3, compile=True)
-    assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
+    assert_close(compiled.meta_grads, eager.meta_grads, rtol=1e-10, atol=1e-13)
     assert_close(compiled.state, eager.state, rtol=1e-12, atol=1e-14)
 
 
@@ -285,7 +285,7 @@ def test_torch_compile_of_a_stateful_call_equals_eager():
     compiled = torch.compile(
         lambda m: metapl_run(net, m, data, evaluation=evaluation), fullgraph=True
     )(meta)
-    assert_close(compiled.teacher_grads, eager.teacher_grads, rtol=1e-10, atol=1e-13)
+    assert_close(compiled.meta_grads, eager.meta_grads, rtol=1e-10, atol=1e-13)
     assert_close(compiled.state, eager.state, rtol=1e-12, atol=1e-14)
 
 
@@ -325,7 +325,7 @@ def test_score_function_compares_the_start_and_the_end_with_their_states():
     assert int(res.state["1.num_batches_tracked"]) == 3
     z = teacher["z"].clone().requires_grad_()
     (score,) = torch.autograd.grad(log_prob({"z": z}), [z])
-    torch.testing.assert_close(res.teacher_grads["z"], h * score, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.meta_grads["z"], h * score, rtol=1e-12, atol=1e-14)
 
 
 def test_implicit_reads_the_final_state():
@@ -355,7 +355,7 @@ def test_implicit_reads_the_final_state():
     m = meta["log_lam"].clone().requires_grad_()
     solution = torch.linalg.solve(x.T @ x / 20 + m.exp() * torch.eye(3, dtype=F64), x.T @ y / 20)
     (expected,) = torch.autograd.grad(outer(solution, offset), [m])
-    torch.testing.assert_close(res.teacher_grads["log_lam"], expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.meta_grads["log_lam"], expected, rtol=1e-9, atol=1e-12)
     assert res.state["b"] == 0.7
 
 

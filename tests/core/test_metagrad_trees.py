@@ -72,8 +72,8 @@ def test_meta_sgd_with_nested_meta_parameters_matches_the_reference():
         "theta": {k: expected[k] for k in theta},
         "alpha": {k: expected[f"lr_{k}"] for k in theta},
     }
-    assert_close(res.teacher_grads, nested, rtol=1e-10, atol=1e-13)
-    assert res.teacher_grads.keys() == {"theta", "alpha"}
+    assert_close(res.meta_grads, nested, rtol=1e-10, atol=1e-13)
+    assert res.meta_grads.keys() == {"theta", "alpha"}
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
 
@@ -123,13 +123,13 @@ def test_a_list_of_tuples_student_equals_the_flat_dict(method):
         lambda s: F.cross_entropy(layers_mlp(s, x_l), y_l),
         lambda m: optim.sgd(m[1].exp(), momentum=0.5),
     )
-    assert isinstance(nested.teacher_grads, tuple) and len(nested.teacher_grads) == 2
+    assert isinstance(nested.meta_grads, tuple) and len(nested.meta_grads) == 2
     assert isinstance(nested.student_params, list)
     assert all(isinstance(layer, tuple) for layer in nested.student_params)
     assert isinstance(nested.opt_state["momentum"], list)
     assert_close(
-        nested.teacher_grads,
-        (flat.teacher_grads["t"], flat.teacher_grads["log_lr"]),
+        nested.meta_grads,
+        (flat.meta_grads["t"], flat.meta_grads["log_lr"]),
         rtol=1e-12,
         atol=1e-15,
     )
@@ -151,7 +151,7 @@ def test_nested_trees_under_vmap_equal_a_loop():
             meta,
             optim.sgd(0.3),
             steps=2,
-        ).teacher_grads
+        ).meta_grads
 
     batched = vmap(one)(xs)
     for i in range(len(xs)):
@@ -173,7 +173,7 @@ def test_score_function_and_implicit_return_the_callers_structure():
         method="score_function",
         log_prob=lambda m: F.log_softmax(m[0], -1).gather(-1, target[:, None]).sum(),
     )
-    assert isinstance(res.teacher_grads, list) and res.teacher_grads[0].shape == (7, 3)
+    assert isinstance(res.meta_grads, list) and res.meta_grads[0].shape == (7, 3)
     # implicit at a ridge solution given as a tuple
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(30, 4, generator=gen, dtype=F64), torch.randn(30, generator=gen, dtype=F64)
@@ -197,8 +197,8 @@ def test_score_function_and_implicit_return_the_callers_structure():
     got = metapl.implicit_grad(inner, outer, solution, meta)
     log_lam = meta["lam"]["log"].clone().requires_grad_()
     (expected,) = torch.autograd.grad(outer(solve(log_lam)), [log_lam])
-    assert isinstance(got.teacher_grads["lam"], dict)
-    torch.testing.assert_close(got.teacher_grads["lam"]["log"], expected, rtol=1e-9, atol=1e-12)
+    assert isinstance(got.meta_grads["lam"], dict)
+    torch.testing.assert_close(got.meta_grads["lam"]["log"], expected, rtol=1e-9, atol=1e-12)
     assert isinstance(got.student_params, tuple) and isinstance(got.outer_grads, tuple)
 
 

@@ -52,10 +52,10 @@ def test_hypergradient_matches_autograd_unroll(ds, problem):
     meta, labels, starts, x_real, y_real = problem
     res = ds.hypergradient(meta, starts[0], labels, x_real, y_real, steps=8)
     expected = _reference(meta, starts[0], labels, x_real, y_real, steps=8)
-    assert res.teacher_grads["images"].shape == (20, 64)
+    assert res.meta_grads["images"].shape == (20, 64)
     assert expected["images"].abs().max() > 1e-4 and expected["log_lr"].abs() > 1e-6
     for k in ("images", "log_lr"):
-        torch.testing.assert_close(res.teacher_grads[k], expected[k], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(res.meta_grads[k], expected[k], rtol=1e-10, atol=1e-14)
 
 
 def test_vmap_over_inits_is_the_mean_of_a_loop(ds, problem):
@@ -64,7 +64,7 @@ def test_vmap_over_inits_is_the_mean_of_a_loop(ds, problem):
     grads, loss = ds.batched_hypergradient(meta, stacked, labels, x_real, y_real, steps=4)
     loop = [ds.hypergradient(meta, s, labels, x_real, y_real, steps=4) for s in starts]
     for k in meta:
-        mean = torch.stack([r.teacher_grads[k] for r in loop]).mean(0)
+        mean = torch.stack([r.meta_grads[k] for r in loop]).mean(0)
         torch.testing.assert_close(grads[k], mean, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(loss, torch.stack([r.outer_loss for r in loop]).mean())
 

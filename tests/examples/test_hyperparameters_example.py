@@ -89,10 +89,10 @@ def test_hypergradient_matches_autograd_unroll(hp, name, values, truncate):
 
     res = hp.hypergradient(name, meta, start, (xs, ys), x_val, y_val, truncate=truncate)
     expected = _reference(name, meta, start, xs, ys, x_val, y_val, truncate)
-    assert res.teacher_grads.keys() == expected.keys() == meta.keys()
+    assert res.meta_grads.keys() == expected.keys() == meta.keys()
     for k in meta:
         assert expected[k].abs() > 1e-6, k  # a real signal, not two zeros
-        torch.testing.assert_close(res.teacher_grads[k], expected[k], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(res.meta_grads[k], expected[k], rtol=1e-10, atol=1e-14)
 
 
 def test_spaces_round_trip(hp):

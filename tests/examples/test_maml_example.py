@@ -50,7 +50,7 @@ def test_maml_gradient_matches_autograd(ms, row):
     cfg = ms.Config(hidden=16)
     meta = ms.init_meta(row, cfg, F64)
     task = _one_task(ms)
-    got = ms.task_meta_grad(row, cfg, meta, *task).teacher_grads
+    got = ms.task_meta_grad(row, cfg, meta, *task).meta_grads
     expected = _reference(meta, *task, lr=lambda m, k: cfg.inner_lr, second_order=row == "maml")
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     if row == "maml":  # the second-order terms are not negligible here
@@ -70,7 +70,7 @@ def test_meta_sgd_gradient_matches_autograd(ms):
         }
     )
     task = _one_task(ms)
-    got = ms.task_meta_grad("meta_sgd", cfg, meta, *task).teacher_grads
+    got = ms.task_meta_grad("meta_sgd", cfg, meta, *task).meta_grads
     expected = _reference(meta, *task, lr=lambda m, k: m[f"lr_{k}"])
     assert got.keys() == expected.keys()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -109,7 +109,7 @@ def test_maml_bn_gradient_and_statistics_match_autograd(ms):
         s = {k: p - cfg.inner_lr * gk for (k, p), gk in zip(s.items(), g, strict=True)}
     outer = (_bn_net(s, x_q, stats, training=False)[0] - y_q).square().mean()
     expected = dict(zip(m, torch.autograd.grad(outer, list(m.values())), strict=True))
-    torch.testing.assert_close(res.teacher_grads, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.meta_grads, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(res.state["mean"], stats[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(res.state["var"], stats[1], rtol=1e-12, atol=1e-14)
     assert res.state["count"] == 2

@@ -78,7 +78,7 @@ def test_meta_gradient_matches_a_plain_autograd_unroll(fs, row):
         model.eval()
     outer = F.cross_entropy(torch.func.functional_call(model, s, (x_q,)), y_q)
     expected = dict(zip(m, torch.autograd.grad(outer, list(m.values())), strict=True))
-    torch.testing.assert_close(res.teacher_grads, expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(res.meta_grads, expected, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
     assert int(res.state["1.num_batches_tracked"]) == 3
     assert all(
