@@ -47,6 +47,8 @@ bench-env: $(BENCH_VENV)/.installed
 mnist: install
 	$(BIN)/python -m metapl.data.fetch mnist data/mnist
 
+# wandb logs offline under runs/ (WANDB_SILENT keeps its notices out of the tables).
 demo: install
-	$(BIN)/python examples/two_moons.py --output-dir runs/two_moons
-	$(BIN)/python examples/digits_mpl.py --preset small --output-dir runs/digits_mpl
+	WANDB_SILENT=true $(BIN)/python examples/two_moons.py --output-dir runs/two_moons
+	WANDB_SILENT=true $(BIN)/python examples/digits_mpl.py --preset small --jobs 2 \
+		--output-dir runs/digits_mpl
