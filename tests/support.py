@@ -1,13 +1,17 @@
 """What tests in every folder share: the repository's paths, loading a script by its path,
-the tiny command line of the paper examples, reading wandb's offline logs."""
+the tiny command line of the paper examples, reading wandb's offline logs, MNIST's IDX files."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import struct
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -63,3 +67,26 @@ def wandb_log_has(run_dir: Path, *needles: bytes, timeout: float = 60.0) -> bool
         if all(n in data for n in needles) or time.monotonic() > deadline:
             return all(n in data for n in needles)
         time.sleep(0.5)
+
+
+# MNIST's IDX files, written byte by byte (independent of metapl's writer).
+NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def idx_bytes(array: np.ndarray, type_byte: int = 0x08, dtype: str = ">u1") -> bytes:
+    """The IDX encoding, written out by hand (independent of metapl's writer)."""
+    dims = b"".join(struct.pack(">I", d) for d in array.shape)
+    return bytes([0, 0, type_byte, array.ndim]) + dims + array.astype(dtype).tobytes()
+
+
+def write_set(folder: Path, split: str, images, labels, gz: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(NAMES[split], (images, labels), strict=True):
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)

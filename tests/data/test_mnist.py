@@ -5,38 +5,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import NAMES, idx_bytes, write_set
 
 from metapl.data import DigitAugment, fetch, fetch_mnist, load_mnist, mnist_split, read_idx
 from metapl.data import mnist as mnist_module
 from metapl.data.fake import write_fake_mnist
-
-NAMES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-def idx_bytes(array: np.ndarray, type_byte: int = 0x08, dtype: str = ">u1") -> bytes:
-    """The IDX encoding, written out by hand (independent of metapl's writer)."""
-    dims = b"".join(struct.pack(">I", d) for d in array.shape)
-    return bytes([0, 0, type_byte, array.ndim]) + dims + array.astype(dtype).tobytes()
-
-
-def write_set(folder: Path, split: str, images, labels, gz: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in zip(NAMES[split], (images, labels), strict=True):
-        data = idx_bytes(array)
-        if gz:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / name).write_bytes(data)
 
 
 def random_set(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import ROOT, load_script
-from test_mnist import write_set
+from support import ROOT, load_script, write_set
 
 _PATH = ROOT / "examples" / "maml_fewshot.py"
 F64 = torch.float64
