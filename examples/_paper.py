@@ -11,17 +11,19 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from metapl import distributed
+from metapl.data import Split, load_manifest, save_manifest
 from metapl.training import RunError, SSLData, Tracker, finetune_only, train
 from metapl.training.cli import fail, parse, pick, record, restore
-
-__all__ = ["cli", "fail", "run"]
 from metapl.training.loop import evaluate, load_checkpoint
 from metapl.training.recipe import Recipe, Settings, build_mpl, build_networks, train_config
 from metapl.training.rundir import CHECKPOINT, CONFIG, FINAL, RESUMABLE, check_config, open_run
+
+__all__ = ["cli", "fail", "run", "split_with_validation"]
 
 NETWORKS = ("final", "ema_student", "student", "teacher")
 MODES = """Modes (besides training):
@@ -124,6 +126,40 @@ def parse_experiment(
         "finetune_only": Path(finetune_path) if finetune_path else None,
     }
     return exp, modes
+
+
+def split_with_validation(
+    exp: Any,
+    targets: np.ndarray,
+    new_split: Callable[[], Split],
+    meta: dict,
+    split_from: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labeled, unlabeled, val)`` indices into the training images ``targets: [N]``.
+
+    Reused from output-dir/split.json (or ``split_from``: --finetune-only's trained run) when
+    one exists; otherwise ``new_split()`` with ``exp.data.val_per_class`` validation images of
+    each class drawn from its unlabeled images, saved with ``meta``. The validation images are
+    held out of training; the unlabeled set is every other training image."""
+    path = exp.settings.output_dir / "split.json"
+    source = path if path.exists() else split_from
+    if source is not None and source.exists():
+        split, saved = load_manifest(source)
+        val = np.asarray(saved["val"], dtype=np.int64)
+        if source != path and distributed.rank() == 0:
+            save_manifest(split, path, saved)
+    else:
+        split = new_split()
+        rng = np.random.default_rng(exp.settings.seed + 1)
+        pool = split.unlabeled
+        per_class = [
+            rng.choice(pool[targets[pool] == c], min(exp.data.val_per_class, count), replace=False)
+            for c, count in zip(*np.unique(targets[pool], return_counts=True), strict=True)
+        ]
+        val = np.sort(np.concatenate(per_class))
+        if distributed.rank() == 0:
+            save_manifest(split, path, {**meta, "val": val.tolist()})
+    return split.labeled, np.setdiff1d(np.arange(len(targets)), val), val
 
 
 def scaled(recipe: Recipe, preset: Recipe) -> Recipe:

@@ -23,16 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from _paper import cli, run
+from _paper import cli, run, split_with_validation
 
-from metapl import distributed
 from metapl.data import (
     labeled_unlabeled_split,
     load_cifar,
-    load_manifest,
     load_svhn,
     normalize,
-    save_manifest,
     strong_augment,
     weak_augment,
 )
@@ -141,20 +138,11 @@ class Cifar:
 
 
 def _split(y: torch.Tensor, num_classes: int, exp: Experiment, split_from=None):
-    """Labeled, unlabeled and validation indices into the training split, from
-    output-dir/split.json (or ``split_from``) when it exists.
+    """Labeled (labels_per_class of each class, or num_labeled in all), unlabeled and
+    validation indices into the training split (see ``split_with_validation``)."""
+    d, targets = exp.data, y.numpy()
 
-    The validation images (val_per_class of each class, drawn from the unlabeled images) are
-    held out of training; the unlabeled set is every other training image, labeled ones too."""
-    d, seed = exp.data, exp.settings.seed
-    path = exp.settings.output_dir / "split.json"
-    source = path if path.exists() else split_from
-    if source is not None and source.exists():
-        split, meta = load_manifest(source)
-        val = np.asarray(meta["val"], dtype=np.int64)
-        if source != path and distributed.rank() == 0:
-            save_manifest(split, path, meta)
-    else:
+    def new_split():
         per_class = d.labels_per_class
         if d.num_labeled is not None:
             per_class, rest = divmod(d.num_labeled, num_classes)
@@ -163,7 +151,7 @@ def _split(y: torch.Tensor, num_classes: int, exp: Experiment, split_from=None):
                     f"--num-labeled {d.num_labeled} is not a positive multiple of "
                     f"the {num_classes} classes"
                 )
-        counts = np.bincount(y.numpy(), minlength=num_classes)
+        counts = np.bincount(targets, minlength=num_classes)
         need = per_class + d.val_per_class
         if counts.min() < need:
             c = int(counts.argmin())
@@ -172,23 +160,14 @@ def _split(y: torch.Tensor, num_classes: int, exp: Experiment, split_from=None):
                 f"{need} training images of every class, but class {c} has {counts[c]}: lower "
                 "--labels-per-class or --val-per-class"
             )
-        split = labeled_unlabeled_split(
+        seed = exp.settings.seed
+        return labeled_unlabeled_split(
             y, per_class, seed, num_classes, unlabeled_includes_labeled=False
         )
-        rng = np.random.default_rng(seed + 1)
-        targets = y.numpy()[split.unlabeled]
-        val = np.sort(
-            np.concatenate(
-                [
-                    rng.choice(split.unlabeled[targets == c], d.val_per_class, replace=False)
-                    for c in range(num_classes)
-                ]
-            )
-        )
-        if distributed.rank() == 0:
-            save_manifest(split, path, {"preset": exp.name, "seed": seed, "val": val.tolist()})
-    unlabeled = np.setdiff1d(np.arange(len(y)), val)
-    return tuple(torch.from_numpy(a) for a in (split.labeled, unlabeled, val))
+
+    meta = {"preset": exp.name, "seed": exp.settings.seed}
+    split = split_with_validation(exp, targets, new_split, meta, split_from)
+    return tuple(torch.from_numpy(a) for a in split)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

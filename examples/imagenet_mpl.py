@@ -23,16 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from _paper import cli, fail, run
+from _paper import cli, fail, run, split_with_validation
 
-from metapl import distributed
 from metapl.data import (
     ImageFolderDataset,
     labeled_fraction_split,
-    load_manifest,
     normalize,
     random_resized_crop,
-    save_manifest,
 )
 from metapl.data.lazy import DecodedImages
 from metapl.training import SSLData
@@ -143,44 +140,17 @@ class ImageNet:
 
 
 def _split(targets: np.ndarray, exp: Experiment, split_from=None) -> tuple[np.ndarray, ...]:
-    """Labeled (label_fraction of each class), unlabeled and validation indices, reused from
-    output-dir/split.json (or ``split_from``) when it exists."""
-    d, seed = exp.data, exp.settings.seed
-    path = exp.settings.output_dir / "split.json"
-    source = path if path.exists() else split_from
-    if source is not None and source.exists():
-        split, meta = load_manifest(source)
-        val = np.asarray(meta["val"], dtype=np.int64)
-        if source != path and distributed.rank() == 0:
-            save_manifest(split, path, meta)
-    else:
-        split = labeled_fraction_split(
-            targets, d.label_fraction, seed, unlabeled_includes_labeled=False
+    """Labeled (label_fraction of each class), unlabeled and validation indices (see
+    ``split_with_validation``)."""
+    d = exp.data
+
+    def new_split():
+        return labeled_fraction_split(
+            targets, d.label_fraction, exp.settings.seed, unlabeled_includes_labeled=False
         )
-        rng = np.random.default_rng(seed + 1)
-        rest = targets[split.unlabeled]
-        val = np.sort(
-            np.concatenate(
-                [
-                    rng.choice(
-                        split.unlabeled[rest == c],
-                        min(d.val_per_class, (rest == c).sum()),
-                        replace=False,
-                    )
-                    for c in np.unique(rest)
-                ]
-            )
-        )
-        if distributed.rank() == 0:
-            meta = {
-                "dataset": "imagenet",
-                "label_fraction": d.label_fraction,
-                "seed": seed,
-                "val": val.tolist(),
-            }
-            save_manifest(split, path, meta)
-    unlabeled = np.setdiff1d(np.arange(len(targets)), val)
-    return split.labeled, unlabeled, val
+
+    meta = {"dataset": "imagenet", "label_fraction": d.label_fraction, "seed": exp.settings.seed}
+    return split_with_validation(exp, targets, new_split, meta, split_from)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
