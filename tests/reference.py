@@ -93,6 +93,79 @@ def make_problem(
     )
 
 
+ALL_PATHS_SIZES = [3, 5, 3]
+
+
+def all_paths_data(seed: int = 0, n_u: int = 7, n_l: int = 5):
+    """``(gen, x_u, y_u, x_l, y_l)``: 3 features, 3 classes; ``gen`` continues the stream."""
+    gen = torch.Generator().manual_seed(seed)
+    x_u = torch.randn(n_u, 3, generator=gen, dtype=F64)
+    x_l = torch.randn(n_l, 3, generator=gen, dtype=F64)
+    y_u = torch.randint(0, 3, (n_u,), generator=gen)
+    y_l = torch.randint(0, 3, (n_l,), generator=gen)
+    return gen, x_u, y_u, x_l, y_l
+
+
+def all_paths_losses(keys: list[str], x_u, y_u, x_l, y_l):
+    """``(start, inner, outer)`` with the meta parameters on every path but the optimizer's:
+    the start (``keys``), a weight per unlabeled example (``sigmoid(m.t)``) in the inner loss
+    and an outer L2 penalty (``m.reg``)."""
+
+    def start(m):
+        return {k: m[k] for k in keys}
+
+    def inner(s, m):
+        per_example = F.cross_entropy(mlp(s, x_u), y_u, reduction="none")
+        return (torch.sigmoid(m["t"]) * per_example).mean()
+
+    def outer(s, m):
+        return F.cross_entropy(mlp(s, x_l), y_l) + m["reg"] * flat(s).square().sum() / 2
+
+    return start, inner, outer
+
+
+class Ridge(NamedTuple):
+    """inner(s, m) = ||X s - y||^2 / 2n + exp(m.log_lam) / 2 ||s - m.center||^2, whose
+    minimiser is s* = A^{-1} (X^T y / n + lam c), A = X^T X / n + lam I (closed form); the
+    outer loss is the validation loss ||X_v s - y_v||^2 / 2n."""
+
+    meta: Params
+    x: Tensor
+    x_v: Tensor
+    y: Tensor
+    y_v: Tensor
+
+    def inner(self, s, m):
+        fit = (self.x @ s["w"] - self.y).square().mean() / 2
+        return fit + m["log_lam"].exp() / 2 * (s["w"] - m["center"]).square().sum()
+
+    def outer(self, s):
+        return (self.x_v @ s["w"] - self.y_v).square().mean() / 2
+
+    def closed_form(self, m):
+        n, d = self.x.shape
+        lam = m["log_lam"].exp()
+        a = self.x.T @ self.x / n + lam * torch.eye(d, dtype=F64)
+        return {"w": torch.linalg.solve(a, self.x.T @ self.y / n + lam * m["center"])}
+
+    def hypergradient(self) -> Params:
+        """d outer(s*(m)) / d m by autograd through the closed form."""
+        m = {k: v.clone().requires_grad_() for k, v in self.meta.items()}
+        grads = torch.autograd.grad(self.outer(self.closed_form(m)), list(m.values()))
+        return dict(zip(m, grads, strict=True))
+
+
+def ridge(seed: int, n: int, d: int, log_lam: float, center_scale: float) -> Ridge:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    x_v, y_v = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    meta = {
+        "log_lam": torch.tensor(log_lam, dtype=F64),
+        "center": center_scale * torch.randn(d, generator=gen, dtype=F64),
+    }
+    return Ridge(meta, x, x_v, y, y_v)
+
+
 # --------------------------------------------------------------------------- optimizers
 
 

@@ -11,36 +11,15 @@ from reference import (
     one_thread,  # noqa: F401 (autouse fixture)
     rel_err,
 )
+from reference import ridge as make_ridge
 
 import metapl
 
 
 def ridge(seed=0, n=40, d=5):
-    """inner(w, m) = ||X w - y||^2 / 2n + exp(m.log_lam) / 2 ||w - m.center||^2; the
-    validation loss of its minimiser, w* = A^{-1} (X^T y / n + lam c), in closed form."""
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
-    x_v, y_v = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
-    meta = {
-        "log_lam": torch.tensor(-1.0, dtype=F64),
-        "center": 0.3 * torch.randn(d, generator=gen, dtype=F64),
-    }
-
-    def inner(s, m):
-        fit = (x @ s["w"] - y).square().mean() / 2
-        return fit + m["log_lam"].exp() / 2 * (s["w"] - m["center"]).square().sum()
-
-    def outer(s):
-        return (x_v @ s["w"] - y_v).square().mean() / 2
-
-    def closed_form(m):
-        a = x.T @ x / n + m["log_lam"].exp() * torch.eye(d, dtype=F64)
-        return {"w": torch.linalg.solve(a, x.T @ y / n + m["log_lam"].exp() * m["center"])}
-
-    m = {k: v.clone().requires_grad_() for k, v in meta.items()}
-    grads = torch.autograd.grad(outer(closed_form(m)), list(m.values()))
-    expected = dict(zip(m, grads, strict=True))
-    return meta, inner, outer, closed_form, expected
+    """The ridge problem of tests/reference.py and its closed-form hypergradient."""
+    r = make_ridge(seed, n, d, log_lam=-1.0, center_scale=0.3)
+    return r.meta, r.inner, r.outer, r.closed_form, r.hypergradient()
 
 
 def lbfgs_solution(inner, meta, d=5):

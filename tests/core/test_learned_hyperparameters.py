@@ -8,14 +8,14 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 from reference import (
+    ALL_PATHS_SIZES,
     F64,
     REFERENCE,
+    all_paths_data,
+    all_paths_losses,
     assert_close,
-    flat,
     init_mlp,
-    mlp,
     one_thread,  # noqa: F401 (autouse fixture)
     reference_general,
 )
@@ -24,17 +24,7 @@ import metapl
 from metapl import optim
 from metapl.metagrad import unrolled
 
-SIZES = [3, 5, 3]
 KINDS = ["rmsprop", "rmsprop-centered", "rmsprop-per-parameter", "adagrad"]
-
-
-def data(seed=0, n_u=7, n_l=5):
-    gen = torch.Generator().manual_seed(seed)
-    x_u = torch.randn(n_u, 3, generator=gen, dtype=F64)
-    x_l = torch.randn(n_l, 3, generator=gen, dtype=F64)
-    y_u = torch.randint(0, 3, (n_u,), generator=gen)
-    y_l = torch.randint(0, 3, (n_l,), generator=gen)
-    return gen, x_u, y_u, x_l, y_l
 
 
 def everywhere_problem(kind, seed=0):
@@ -42,8 +32,8 @@ def everywhere_problem(kind, seed=0):
     inner loss (``t``), every numeric hyperparameter of the optimizer and an outer penalty
     (``reg``). ``rmsprop-per-parameter``: one learning rate per entry of each weight, one per
     bias (Meta-SGD), and one alpha per tensor."""
-    gen, x_u, y_u, x_l, y_l = data(seed)
-    meta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(seed)
+    meta = init_mlp(ALL_PATHS_SIZES, gen)
     keys = list(meta)
     meta["t"] = torch.randn(len(y_u), generator=gen, dtype=F64)
     meta["reg"] = torch.tensor(0.3, dtype=F64)
@@ -63,15 +53,7 @@ def everywhere_problem(kind, seed=0):
     if kind != "adagrad":
         meta["mom"] = torch.tensor(0.6, dtype=F64)
 
-    def start(m):
-        return {k: m[k] for k in keys}
-
-    def inner(s, m):
-        per_example = F.cross_entropy(mlp(s, x_u), y_u, reduction="none")
-        return (torch.sigmoid(m["t"]) * per_example).mean()
-
-    def outer(s, m):
-        return F.cross_entropy(mlp(s, x_l), y_l) + m["reg"] * flat(s).square().sum() / 2
+    start, inner, outer = all_paths_losses(keys, x_u, y_u, x_l, y_l)
 
     def hyper(m):
         common = {"eps": m["log_eps"].exp(), "weight_decay": m["wd"]}

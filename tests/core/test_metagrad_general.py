@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import (
+    ALL_PATHS_SIZES,
     F64,
     REFERENCE,
     RefOptimizer,
+    all_paths_data,
+    all_paths_losses,
     assert_close,
     flat,
     init_mlp,
@@ -19,30 +22,20 @@ from reference import (
     one_thread,  # noqa: F401 (autouse fixture)
     reference_general,
     rel_err,
+    ridge,
 )
 
 import metapl
 from metapl import optim
 from metapl.metagrad import unrolled
 
-SIZES = [3, 5, 3]
-
-
-def data(seed=0, n_u=7, n_l=5):
-    gen = torch.Generator().manual_seed(seed)
-    x_u = torch.randn(n_u, 3, generator=gen, dtype=F64)
-    x_l = torch.randn(n_l, 3, generator=gen, dtype=F64)
-    y_u = torch.randint(0, 3, (n_u,), generator=gen)
-    y_l = torch.randint(0, 3, (n_l,), generator=gen)
-    return gen, x_u, y_u, x_l, y_l
-
 
 def everywhere_problem(kind, seed=0):
     """Meta parameters in all four places at once: the start (``w*``/``b*``), example weights
     in the inner loss (``t``), the optimizer's hyperparameters (``log_lr`` and ``mom`` or
     ``beta1`` / ``wd``) and an outer penalty (``reg``)."""
-    gen, x_u, y_u, x_l, y_l = data(seed)
-    meta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(seed)
+    meta = init_mlp(ALL_PATHS_SIZES, gen)
     keys = list(meta)
     meta["t"] = torch.randn(len(y_u), generator=gen, dtype=F64)
     meta["log_lr"] = torch.tensor(-1.2 if kind == "sgd" else -2.5, dtype=F64)
@@ -52,15 +45,7 @@ def everywhere_problem(kind, seed=0):
     else:
         meta["beta1"], meta["wd"] = torch.tensor(0.8, dtype=F64), torch.tensor(0.05, dtype=F64)
 
-    def start(m):
-        return {k: m[k] for k in keys}
-
-    def inner(s, m):
-        per_example = F.cross_entropy(mlp(s, x_u), y_u, reduction="none")
-        return (torch.sigmoid(m["t"]) * per_example).mean()
-
-    def outer(s, m):
-        return F.cross_entropy(mlp(s, x_l), y_l) + m["reg"] * flat(s).square().sum() / 2
+    start, inner, outer = all_paths_losses(keys, x_u, y_u, x_l, y_l)
 
     def hyper(m):
         if kind == "sgd":
@@ -146,8 +131,8 @@ def test_first_order_drops_exactly_the_second_order_terms(kind):
 def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
     """FOMAML (Finn et al. 2017, Sec. 5.2): with SGD from s_0 = theta, the first-order
     meta-gradient is grad outer(s_K)."""
-    gen, x_u, y_u, x_l, y_l = data(1)
-    theta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(1)
+    theta = init_mlp(ALL_PATHS_SIZES, gen)
 
     def inner(s, m):
         return F.cross_entropy(mlp(s, x_u), y_u)
@@ -212,11 +197,11 @@ def test_truncate_all_steps_is_exact():
 
 
 def test_inner_batches_feed_step_k_its_own_slice():
-    gen, *_ = data(7)
+    gen, *_ = all_paths_data(7)
     steps, xs = 3, torch.randn(3, 6, 3, generator=gen, dtype=F64)
     ys = torch.randint(0, 3, (3, 6), generator=gen)
     x_l, y_l = torch.randn(5, 3, generator=gen, dtype=F64), torch.randint(0, 3, (5,), generator=gen)
-    theta = init_mlp(SIZES, gen)
+    theta = init_mlp(ALL_PATHS_SIZES, gen)
     teacher = {"log_w": torch.randn(6, generator=gen, dtype=F64)}  # per-slot example weights
 
     def inner(s, m, batch):
@@ -264,8 +249,8 @@ def test_inner_batches_feed_step_k_its_own_slice():
 def test_meta_sgd_per_parameter_learning_rates():
     """Meta-SGD (Li et al. 2017): s_1 = theta - alpha ∘ grad, with theta and the per-entry
     rates alpha both meta parameters."""
-    gen, x_u, y_u, x_l, y_l = data(8)
-    theta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(8)
+    theta = init_mlp(ALL_PATHS_SIZES, gen)
     meta = {
         **theta,
         **{
@@ -302,29 +287,8 @@ def test_meta_sgd_per_parameter_learning_rates():
 
 
 def ridge_problem(seed=0, n=20, d=4):
-    """inner(s, m) = ||X s - y||^2 / 2n + exp(m.log_lam) / 2 ||s - m.center||^2, whose
-    minimiser is s* = A^{-1} (X^T y / n + lam c), A = X^T X / n + lam I (closed form)."""
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
-    x_v, y_v = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
-    meta = {
-        "log_lam": torch.tensor(-0.5, dtype=F64),
-        "center": torch.randn(d, generator=gen, dtype=F64),
-    }
-
-    def inner(s, m):
-        fit = (x @ s["w"] - y).square().mean() / 2
-        return fit + m["log_lam"].exp() / 2 * (s["w"] - m["center"]).square().sum()
-
-    def outer(s):
-        return (x_v @ s["w"] - y_v).square().mean() / 2
-
-    def closed_form(m):
-        lam = m["log_lam"].exp()
-        a = x.T @ x / n + lam * torch.eye(d, dtype=F64)
-        return {"w": torch.linalg.solve(a, x.T @ y / n + lam * m["center"])}
-
-    return meta, inner, outer, closed_form, x
+    r = ridge(seed, n, d, log_lam=-0.5, center_scale=1.0)
+    return r.meta, r.inner, r.outer, r.closed_form, r.x
 
 
 @pytest.mark.parametrize(
@@ -367,7 +331,7 @@ def test_implicit_imaml_matches_a_long_exact_unroll():
     """iMAML (Rajeswaran et al. 2019): inner = task loss + lam/2 ||s - theta||^2, s_0 = theta.
     A nonlinear task: logistic regression. The exact gradient through K steps converges to the
     implicit one as the inner problem converges."""
-    gen, x_u, y_u, x_l, y_l = data(9, n_u=30, n_l=30)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(9, n_u=30, n_l=30)
     theta = init_mlp([3, 3], gen)
 
     def inner(s, m):
@@ -437,8 +401,8 @@ def test_maml_compiles_and_matches_eager():
 
 def meta_sgd_problem(seed=8):
     """Meta-SGD: the start and a per-parameter learning-rate dict are both meta parameters."""
-    gen, x_u, y_u, x_l, y_l = data(seed)
-    theta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(seed)
+    theta = init_mlp(ALL_PATHS_SIZES, gen)
     meta = {
         **theta,
         **{
@@ -641,8 +605,8 @@ def test_finite_difference_assumes_no_stop_gradient_in_the_inner_loss():
     weights' input is a constant); finite differences evaluate the gradient at perturbed
     students, where the weights move with the losses, so they estimate another derivative:
     far from exact here. The docs say so; use exact (or first_order) for such inner losses."""
-    gen, x_u, y_u, x_l, y_l = data(10, n_u=12)
-    theta = init_mlp(SIZES, gen)
+    gen, x_u, y_u, x_l, y_l = all_paths_data(10, n_u=12)
+    theta = init_mlp(ALL_PATHS_SIZES, gen)
     weighter = {"v": torch.randn(4, generator=gen, dtype=F64), "c": torch.tensor(0.1, dtype=F64)}
 
     def weights(losses, m):  # a tiny scorer of each example's loss

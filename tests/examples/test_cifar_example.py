@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from support import ROOT, TINY_PAPER, load_script
+from support import ROOT, TINY_DATA, TINY_PAPER, load_script
 
 from metapl.data.fake import write_fake_cifar, write_fake_svhn
 from metapl.training.loop import load_checkpoint
@@ -156,14 +156,7 @@ def test_default_wideresnet_runs(tmp_path, cifar_dir):
         str(cifar_dir),
         "--output-dir",
         str(out),
-        "--labels-per-class",
-        "2",
-        "--val-per-class",
-        "2",
-        "--labeled-batch",
-        "4",
-        "--unlabeled-ratio",
-        "2",
+        *TINY_DATA,
         "--steps",
         "2",
         "--finetune-steps",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from support import ROOT, load_script
+from support import ROOT, TINY_DATA, load_script
 
 import metapl
 from metapl import optim
@@ -110,14 +110,7 @@ def test_cifar_example_on_cuda(tmp_path, monkeypatch):
         str(tmp_path / "data"),
         "--output-dir",
         str(tmp_path / "run"),
-        "--labels-per-class",
-        "2",
-        "--val-per-class",
-        "2",
-        "--labeled-batch",
-        "4",
-        "--unlabeled-ratio",
-        "2",
+        *TINY_DATA,
         "--steps",
         "3",
         "--finetune-steps",
