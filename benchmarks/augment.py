@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from _machine import cpu_name
 
 from metapl.data.augment import RandAugment, strong_augment, weak_augment
 
@@ -29,14 +30,6 @@ def median_seconds(fn, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

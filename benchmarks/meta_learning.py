@@ -38,7 +38,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from meta_step import _cpu_name, _git_commit, measure_step
+from _machine import cpu_name, git_commit
+from meta_step import measure_step
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -732,10 +733,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats, --import-repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     print(
-        f"- machine: {platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch "
+        f"- machine: {platform.machine()} {cpu_name()}, {torch.get_num_threads()} torch "
         f"thread(s); python {platform.python_version()}, torch {torch.__version__}, higher "
         f"{importlib.metadata.version('higher')}, torchopt {_version('torchopt')}, metapl "
-        f"{metapl.__version__} ({_git_commit()})"
+        f"{metapl.__version__} ({git_commit()})"
     )
     print(f"- {args.repeats} timed calls per row after {args.warmup} warm-up calls, round-robin")
     for section in args.sections:

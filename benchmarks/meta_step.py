@@ -37,7 +37,6 @@ import importlib.metadata
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from collections.abc import Callable
 import higher
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name, git_commit
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -484,40 +484,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {note}")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            timeout=10,
-        )
-        return f"git {out.stdout.strip()}" if out.returncode == 0 else "not a git checkout"
-    except (OSError, subprocess.SubprocessError):
-        return "git unavailable"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _machine(device: torch.device, args) -> str:
     lines = [
-        f"- machine: {platform.machine()} {_cpu_name()}, {platform.system()} {platform.release()}",
+        f"- machine: {platform.machine()} {cpu_name()}, {platform.system()} {platform.release()}",
         f"- CPU count: {os.cpu_count()}, torch threads: "
         f"{torch.get_num_threads()}, device: {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"- python {platform.python_version()}, torch {torch.__version__}, "
         f"higher {importlib.metadata.version('higher')}, metapl {metapl.__version__} "
-        f"({_git_commit()})",
+        f"({git_commit()})",
         f"- MLP {'-'.join(map(str, SIZES))} teacher and student, {N_LABELED} labeled + "
         f"{N_UNLABELED} unlabeled, float32, SGD(momentum {MOMENTUM}); {args.repeats} timed steps "
         f"per row after {args.warmup} warm-up steps, round-robin in blocks of {args.block}",
