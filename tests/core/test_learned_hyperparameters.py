@@ -4,7 +4,6 @@ plain-autograd float64 unroll in tests/reference.py (``reference_general`` with
 hyperparameter and the outer loss at once."""
 
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -19,10 +18,10 @@ from reference import (
     one_thread,  # noqa: F401 (autouse fixture)
     reference_general,
 )
+from test_metagrad_general import exact_and_reference
 
 import metapl
 from metapl import optim
-from metapl.metagrad import unrolled
 
 KINDS = ["rmsprop", "rmsprop-centered", "rmsprop-per-parameter", "adagrad"]
 
@@ -93,20 +92,9 @@ def everywhere_problem(kind, seed=0):
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("engine", ["autograd", "reverse"])
 def test_exact_through_learned_hyperparameters_matches_reference(kind, steps, engine):
-    """Both engines of "exact": plain autograd through the kept unroll (eager, the default)
-    and the step-by-step reverse pass (which ``reduce`` selects)."""
-    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=steps)
-    kw = {"reduce": lambda tree: tree} if engine == "reverse" else {}
-    with mock.patch.object(unrolled, "unrolled", wraps=unrolled.unrolled) as spy:
-        res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, **kw)
-    assert spy.call_count == (engine == "autograd")
-    grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
-    for k in grads:  # every path carries a signal (momentum and lr_decay act from step 2 on)
-        assert grads[k].abs().max() > 1e-4 or (k in ("mom", "lr_decay") and steps == 1), k
-    assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
-    assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
-    assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
-    assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    res, (*_, st, _) = exact_and_reference(
+        everywhere_problem(kind, seed=steps), steps, engine, late=("mom", "lr_decay")
+    )
     slots = {k: v for k, v in res.opt_state.items() if k != "step"}
     assert_close(slots, {k: v for k, v in st.items() if k != "step"}, rtol=1e-12, atol=1e-14)
     assert res.opt_state["step"].item() == steps

@@ -70,23 +70,33 @@ def everywhere_problem(kind, seed=0):
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("engine", ["autograd", "reverse"])
 def test_exact_through_every_path_matches_reference(kind, steps, engine):
-    """Both engines of "exact": plain autograd through the kept unroll (eager, the default
-    here) and the step-by-step reverse pass (which ``reduce`` selects, as vmap and compile do)."""
-    meta, start, inner, outer, opt, ref_opt = everywhere_problem(kind, seed=steps)
+    res, (grads, outer_grads, s, st, loss) = exact_and_reference(
+        everywhere_problem(kind, seed=steps), steps, engine, late=("mom", "beta1")
+    )
+    if kind == "sgd":
+        assert_close(res.opt_state["momentum"], st["momentum"], rtol=1e-12, atol=1e-14)
+
+
+def exact_and_reference(problem, steps: int, engine: str, late: tuple[str, ...]):
+    """Both engines of "exact" (plain autograd through the kept unroll, eager's default, and
+    the step-by-step reverse pass, which ``reduce`` selects as vmap and compile do) against
+    the reference on ``problem = (meta, start, inner, outer, opt, ref_opt)``; every meta
+    parameter must carry a signal (those in ``late`` act from step 2 on). Returns the result
+    and the reference's ``(grads, outer_grads, student, opt_state, loss)``."""
+    meta, start, inner, outer, opt, ref_opt = problem
     kw = {"reduce": lambda tree: tree} if engine == "reverse" else {}
     with mock.patch.object(unrolled, "unrolled", wraps=unrolled.unrolled) as spy:
         res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, **kw)
     assert spy.call_count == (engine == "autograd")
-    grads, outer_grads, s, st, loss = reference_general(inner, outer, start, ref_opt, meta, steps)
-    for k in grads:  # every path carries a signal (momentum and beta1 act from step 2 on)
-        assert grads[k].abs().max() > 1e-4 or (k in ("mom", "beta1") and steps == 1), k
+    ref = reference_general(inner, outer, start, ref_opt, meta, steps)
+    grads, outer_grads, s, _, loss = ref
+    for k in grads:
+        assert grads[k].abs().max() > 1e-4 or (k in late and steps == 1), k
     assert_close(res.meta_grads, grads, rtol=1e-10, atol=1e-13)
-    assert res.meta_grads is res.meta_grads
     assert_close(res.outer_grads, outer_grads, rtol=1e-10, atol=1e-13)
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
     assert res.outer_loss.item() == pytest.approx(loss.item(), rel=1e-12)
-    if kind == "sgd":
-        assert_close(res.opt_state["momentum"], st["momentum"], rtol=1e-12, atol=1e-14)
+    return res, ref
 
 
 def test_plain_autograd_only_where_it_composes():
