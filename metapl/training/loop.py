@@ -7,9 +7,10 @@ draw different masks and noise for their shards, and a run killed and resumed fr
 checkpoint ends bit-identical on CPU to one never interrupted.
 
 Nothing good is lost: checkpoints are written atomically, the one before the latest is kept as
-``checkpoint.prev.pt``, and a non-finite loss or parameter stops the run (``DivergenceError``)
-before it can overwrite a good checkpoint. The final models are written to ``final.pt`` with
-their evaluation (``results.json``). File names: ``metapl.training.rundir``.
+``checkpoint.prev.pt``, and a loss that is not finite or explodes, or a parameter that is not
+finite, stops the run (``DivergenceError``, metapl.training.guard) before it can overwrite a
+good checkpoint. The final models are written to ``final.pt`` with their evaluation
+(``results.json``). File names: ``metapl.training.rundir``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from metapl.atomic import write_atomically
 from metapl.finetune import finetune
 from metapl.mpl import MPL
 from metapl.optim import sgd
+from metapl.training.guard import DivergenceError, DivergenceGuard, check_parameters
 from metapl.training.progress import Progress
 from metapl.training.rundir import (
     CHECKPOINT,
@@ -59,11 +61,6 @@ __all__ = [
     "stream_indices",
     "train",
 ]
-
-
-class DivergenceError(RunError):
-    """A loss or parameter became NaN or infinite. The message names the first step and loss
-    term; the last good checkpoint is left as it was."""
 
 
 # (uint8 images [B, C, H, W], generator) -> float, normalized model inputs [B, C, H, W]
@@ -106,6 +103,9 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = False
+    # a loss above this many times the median size of its last 100 values (at least 1) stops
+    # the run, as NaN and infinity do (metapl.training.guard); math.inf: finiteness only
+    explosion_factor: float = 1e3
     # The last phase: the final student trained on the labeled data alone (SGD with Nesterov
     # momentum; dropout off, as the PyTorch port does; "strong" augments like the port's
     # finetuning, "weak" with the labeled batches' view).
@@ -140,6 +140,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.explosion_factor > 1:
+            raise ValueError(
+                f"explosion_factor must be > 1 (math.inf: off), got {self.explosion_factor}"
+            )
         if self.finetune_augment not in ("weak", "strong"):
             raise ValueError(
                 f"finetune_augment must be 'weak' or 'strong', got {self.finetune_augment!r}"
@@ -294,7 +298,8 @@ def train(
     ``resume=True`` continues from ``checkpoint.pt`` when there is one (else starts at step 0),
     after checking that it can be read and fits ``mpl`` and ``config``; without it an existing
     checkpoint is never overwritten. Either refusal raises RunError naming the file or field.
-    A NaN or infinite loss or parameter raises DivergenceError before anything is saved.
+    A NaN, infinite or exploding loss (``config.explosion_factor``) or a NaN or infinite
+    parameter raises DivergenceError before anything is saved.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +324,7 @@ def train(
     n_l, n_u = len(data.labeled_x), len(data.unlabeled_x)
     b_l, b_u = config.labeled_batch, config.labeled_batch * config.unlabeled_ratio
     eval_model = mpl.ema_student if mpl.ema_student is not None else mpl.student
-    guard = _FiniteGuard(device)
+    guard = DivergenceGuard(device, config.explosion_factor)
     saved_step = start if ckpt_path.exists() else None
     tick, images = time.perf_counter(), 0
     bar = Progress(config.steps, start, desc="mpl", disable=not is_main)
@@ -359,7 +364,7 @@ def train(
                 best = (accs["val/student"], done)
             bar.write(_eval_line(accs, done, config.steps, best))
         if save:
-            _check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
+            check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
             if is_main:
                 state = {
                     "mpl": mpl.state_dict(),
@@ -458,7 +463,7 @@ def _finetune_final(
             f"{bad + 1}; the checkpoint of the trained run ({ckpt_path}) is kept. Lower "
             "--finetune-lr or check the labeled data"
         )
-    _check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
+    check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
     return final, results
 
 
@@ -538,81 +543,6 @@ def _load_fitting(mpl: MPL, saved, path: Path) -> None:
         mpl.load_state_dict(saved)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise RunError(f"checkpoint {path} does not fit this run: {_first_line(e)}") from None
-
-
-class _FiniteGuard:
-    """Watches the step metrics for NaN and infinity without a host sync per step: the first
-    step at which each metric was not finite, and its value there, are kept on the device;
-    ``check`` reads them (one sync) and raises DivergenceError."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.names: tuple[str, ...] = ()
-        self.first: Tensor | None = None
-        self.value: Tensor | None = None
-        self.failure: tuple[str, int, float] | None = None
-
-    def update(self, metrics: dict, step: int) -> None:
-        names = tuple(metrics)
-        if names != self.names:  # another set of metrics: settle the old one first
-            self.failure = self.failure or self._read()
-            self.names, self.first = names, None
-        values = torch.stack(
-            [
-                torch.as_tensor(metrics[k], device=self.device).detach().float().reshape(())
-                for k in names
-            ]
-        )
-        if self.first is None:
-            self.first, self.value = torch.full_like(values, -1.0), torch.zeros_like(values)
-        new = ~torch.isfinite(values) & (self.first < 0)
-        self.first = torch.where(new, float(step), self.first)
-        self.value = torch.where(new, values, self.value)
-
-    def _read(self) -> tuple[str, int, float] | None:
-        if self.first is None:
-            return None
-        bad = [(s, i) for i, s in enumerate(self.first.tolist()) if s >= 0]
-        if not bad:
-            return None
-        step, i = min(bad)
-        return self.names[i], int(step), float(self.value[i])
-
-    def check(self, ckpt_path: Path, saved_step: int | None) -> None:
-        failure = self.failure or self._read()
-        if failure is not None:
-            name, step, value = failure
-            raise DivergenceError(
-                f"training diverged: {name} is {value} at step {step} (the first non-finite "
-                f"value); {_kept(ckpt_path, saved_step)}. Lower the learning rate, or check the "
-                "input data for NaN"
-            )
-
-
-def _kept(ckpt_path: Path, saved_step: int | None) -> str:
-    if saved_step is None:
-        return "no checkpoint had been written"
-    return f"the last good checkpoint, {ckpt_path} (step {saved_step}), is kept"
-
-
-def _check_parameters(
-    nets: dict[str, nn.Module], when: str, ckpt_path: Path, saved_step: int | None
-) -> None:
-    """DivergenceError naming the first parameter or buffer of ``nets`` that is not finite."""
-    tensors = [
-        (f"{net}.{k}", t)
-        for net, m in nets.items()
-        for k, t in m.state_dict().items()
-        if t.is_floating_point()
-    ]
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
-    if bool(finite.all()):
-        return
-    name = tensors[int((~finite).nonzero()[0, 0])][0]
-    raise DivergenceError(
-        f"training diverged: {name} is not finite after {when}; {_kept(ckpt_path, saved_step)}. "
-        "Lower the learning rate"
-    )
 
 
 def _val_metrics(mpl: MPL, data: SSLData, config: TrainConfig) -> dict[str, float]:

@@ -130,6 +130,8 @@ class Settings:
     checkpoint_every: int = 1000
     channels_last: bool = False
     bf16: bool = True  # bf16 autocast on CUDA (--no-bf16: off)
+    # stop when a loss exceeds this many times its recent median size (inf: only NaN / inf)
+    explosion_factor: float = 1e3
     json: bool = False  # print the final accuracies as JSON
     wandb_project: str | None = None  # log to this wandb project (offline without a key)
     wandb_group: str | None = None  # (default: the run's name and meta-grad)

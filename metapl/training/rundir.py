@@ -71,6 +71,7 @@ RESUMABLE = frozenset(
         "json",
         "download",
         "decode_threads",
+        "explosion_factor",
         "wandb_project",
         "wandb_group",
     }

@@ -7,6 +7,7 @@ command-line faults run examples/cifar_mpl.py on a fake CIFAR-10.
 
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -20,7 +21,8 @@ from support import EXAMPLES, TINY_PAPER
 
 from metapl.data import ImageFolderDataset
 from metapl.data.fake import write_fake_imagefolder
-from metapl.training.loop import DivergenceError, load_checkpoint
+from metapl.training.guard import DivergenceError, DivergenceGuard
+from metapl.training.loop import load_checkpoint
 from metapl.training.rundir import RunError
 
 HERE = Path(__file__).resolve().parent
@@ -169,6 +171,73 @@ def test_a_huge_learning_rate_is_refused_not_saved(tmp_path):
         assert all(torch.isfinite(t).all() for t in saved["student"].values())
 
 
+def _guarded(stream: dict[str, list[float]], factor: float = 1e3) -> DivergenceGuard:
+    """A guard fed ``stream`` (metric -> one value per step, steps from 1)."""
+    guard = DivergenceGuard(torch.device("cpu"), factor)
+    steps = len(next(iter(stream.values())))
+    for k in range(steps):
+        guard.update({name: torch.tensor(v[k]) for name, v in stream.items()}, k + 1)
+    return guard
+
+
+def _divergence(guard: DivergenceGuard) -> str | None:
+    try:
+        guard.check(Path("run/checkpoint.pt"), None)
+    except DivergenceError as e:
+        return str(e)
+    return None
+
+
+def test_a_loss_growing_by_orders_of_magnitude_stops_at_the_step_it_crosses():
+    # steady at 2, then x10 per step from step 31: 2e3 is 1e3 x the median, 2e4 crosses it
+    loss = [2.0] * 30 + [2.0 * 10**k for k in range(1, 8)]
+    lr = [0.05] * len(loss)
+    message = _divergence(_guarded({"teacher/loss": loss, "teacher/lr": lr}))
+    assert "teacher/loss exploded at step 34: 2e+04, 1e+04 times its usual size 2" in message
+    assert "teacher/lr was 0.05 at that step: try a tenth" in message
+    assert "no checkpoint had been written" in message
+    assert _divergence(_guarded({"teacher/loss": loss[:33], "teacher/lr": lr[:33]})) is None
+
+
+def test_a_loss_that_jumps_at_once_is_caught_at_the_second_step():
+    message = _divergence(_guarded({"student/loss": [1.1, 5e3, 5e3, 5e3]}))
+    assert "student/loss exploded at step 2" in message
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        [1e-5] * 20 + [0.5] * 5,  # near 0 at first (a consistency loss), then ordinary
+        [0.1 * 1.05**k for k in range(100)],  # a ramped weight: x130 over 100 steps
+        [2.3] * 20 + [-400.0, 300.0] * 5,  # large swings of either sign within the limit
+        [5e4] * 30,  # large from the first step on and steady: its own scale
+    ],
+)
+def test_ordinary_losses_never_stop_a_run(loss):
+    assert _divergence(_guarded({"teacher/loss_mpl": loss, "mpl/h": loss})) is None
+
+
+def test_metrics_other_than_losses_may_grow_and_infinity_still_stops():
+    growing = [10.0**k for k in range(12)]  # a gradient norm, not a loss
+    assert _divergence(_guarded({"mpl/grad_rms_logits": growing})) is None
+    loss = [1.0] * 5 + [float("inf")]
+    message = _divergence(_guarded({"teacher/loss": loss}, factor=math.inf))
+    assert "teacher/loss is inf at step 6 (the first non-finite value)" in message
+    assert _divergence(_guarded({"teacher/loss": [1.0, 1e9, 1e12]}, factor=math.inf)) is None
+
+
+def test_an_exploding_run_stops_before_writing_a_checkpoint(tmp_path):
+    """The tiny run at lr 100: finite losses, 1e5 times their first value at step 2."""
+    with pytest.raises(DivergenceError) as e:
+        tiny_train(tmp_path, steps=12, mpl=tiny_mpl(lr=100.0))
+    message = str(e.value)
+    assert "exploded at step 2" in message and "no checkpoint had been written" in message
+    assert "teacher/lr was 100, student/lr was 100 at that step: try a tenth" in message
+    assert not (tmp_path / "checkpoint.pt").exists()
+    done = tiny_train(tmp_path / "off", steps=4, mpl=tiny_mpl(lr=100.0), explosion_factor=math.inf)
+    assert set(done) >= {"test/student", "val/student"}  # finite, so the guard lets it run
+
+
 # ------------------------------------------------------------------ the command line
 
 
@@ -257,7 +326,11 @@ def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cif
     assert rerun.returncode == 0, rerun.stderr[-2000:]
 
 
-def test_divergence_at_the_command_line(tmp_path, cifar_dir):
+@pytest.mark.parametrize(
+    ("lr", "expected"),
+    [("1e30", "(the first non-finite value)"), ("30", "exploded at step 2")],
+)
+def test_divergence_at_the_command_line(tmp_path, cifar_dir, lr, expected):
     out = tmp_path / "run"
     done = _cifar(
         "--data-dir",
@@ -268,12 +341,12 @@ def test_divergence_at_the_command_line(tmp_path, cifar_dir):
         "--steps",
         "8",
         "--teacher-lr",
-        "1e30",
+        lr,
         "--student-lr",
-        "1e30",
+        lr,
     )
     line = _one_line_error(done)
-    assert "training diverged" in line and "at step" in line
+    assert "training diverged" in line and expected in line and "Lower the learning rate" in line
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt")["mpl"]["student"]
         assert all(torch.isfinite(t).all() for t in saved.values())
