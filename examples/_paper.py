@@ -57,9 +57,10 @@ class Script(Protocol):
 
 def parse_experiment(
     cls: type, argv: list[str] | None, presets: Mapping[str, Any], description: str
-) -> tuple[Any, dict[str, Path | None]]:
+) -> tuple[Any, dict[str, Any]]:
     """The experiment and its mode (``resume``, ``evaluate``, ``finetune_only``: a path or
-    None). A saved run (``--resume``, ``--evaluate RUN_DIR``) gives the defaults."""
+    None; ``schedule``: how a fresh run's shorter schedule was scaled, or None). A saved run
+    (``--resume``, ``--evaluate RUN_DIR``) gives the defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     options = {
         "--resume": "path?",
@@ -107,8 +108,10 @@ def parse_experiment(
     names = ", ".join(presets)
     presets_help = f"--preset {{{names}}} (default: {next(iter(presets))}) sets the defaults."
     exp = parse(cls, rest, default=base, description=f"{description}\n\n{presets_help}\n\n{MODES}")
+    note = None
     if saved is None:
-        exp = replace(exp, recipe=scaled(exp.recipe, base.recipe))
+        recipe, note = scaled(exp.recipe, base.recipe)
+        exp = replace(exp, recipe=recipe)
     if saved is not None and resume is not None:
         try:
             check_config(record(saved), record(exp), RESUMABLE, f"the run in {run_dir}")
@@ -124,6 +127,7 @@ def parse_experiment(
         "resume": run_dir if resume is not None else None,
         "evaluate": evaluate_path,
         "finetune_only": Path(finetune_path) if finetune_path else None,
+        "schedule": note,
     }
     return exp, modes
 
@@ -162,19 +166,31 @@ def split_with_validation(
     return split.labeled, np.setdiff1d(np.arange(len(targets)), val), val
 
 
-def scaled(recipe: Recipe, preset: Recipe) -> Recipe:
-    """With another ``steps`` than the preset's, the preset's warm-up, student wait and UDA
-    ramp keep their share of the schedule (``Recipe.scaled_to``); values given on the command
-    line stay as given."""
+def scaled(recipe: Recipe, preset: Recipe) -> tuple[Recipe, str | None]:
+    """The recipe a fresh run uses, and a line saying how it was scaled (None: not scaled).
+
+    Fields that differ from the preset's were given on the command line and stay as given.
+    ``--finetune-epochs`` beside a preset's ``finetune_steps`` takes over the finetuning length
+    (giving both is refused). With another ``steps`` than the preset's, the preset's phases
+    keep their share of the schedule (``Recipe.scaled_to``: warm-up, student wait, UDA ramp,
+    EMA horizon, finetuning length)."""
+    given = {f.name for f in fields(Recipe) if getattr(recipe, f.name) != getattr(preset, f.name)}
+    if {"finetune_steps", "finetune_epochs"} <= given:
+        fail(
+            "--finetune-steps and --finetune-epochs both set the finetuning length: give one "
+            "(--finetune-steps 0: no finetuning)"
+        )
+    kept = {name: getattr(recipe, name) for name in given}
+    if "finetune_epochs" in given:
+        kept["finetune_steps"] = None
     if recipe.steps == preset.steps:
-        return recipe
-    shorter = preset.scaled_to(recipe.steps)
-    changed = {
-        f.name: getattr(recipe, f.name)
-        for f in fields(Recipe)
-        if getattr(recipe, f.name) != getattr(preset, f.name)
-    }
-    return replace(shorter, **changed)
+        return replace(recipe, **kept), None
+    out = replace(preset.scaled_to(recipe.steps), **kept)
+    note = (
+        f"--steps {out.steps} (the preset's {preset.steps}) scales its schedule: "
+        f"{out.schedule()}; a flag given keeps its value (docs/reproducing.md)"
+    )
+    return out, note
 
 
 def _output_dir(argv: list[str]) -> Path | None:
@@ -225,6 +241,8 @@ def run(
     ):
         ft = modes["finetune_only"]
         data, num_classes = script.load_data(exp, device, ft.parent / "split.json" if ft else None)
+        if modes["schedule"] and distributed.rank() == 0:
+            print(modes["schedule"], file=sys.stderr)
         teacher, student = build_networks(
             s, exp.recipe, num_classes, script.image_size(exp), device
         )

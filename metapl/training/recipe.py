@@ -48,7 +48,8 @@ class Recipe:
     CIFAR-10-4K command (kekmodel/MPL-pytorch README) with the official code's RandAugment and
     UDA mask (docs/reproducing.md)."""
 
-    # training steps; a preset's warm-up, wait and UDA ramp scale with it (Recipe.scaled_to)
+    # training steps; a preset's warm-up, wait, UDA ramp, EMA and finetuning scale with it
+    # (Recipe.scaled_to)
     steps: Annotated[int, _port("--total-steps")] = 300_000
     labeled_batch: Annotated[int, _port("--batch-size")] = 128  # global labeled batch
     unlabeled_ratio: Annotated[int, _port("--mu")] = 7  # unlabeled batch = ratio x labeled
@@ -100,9 +101,12 @@ class Recipe:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
     def scaled_to(self, steps: int) -> Recipe:
-        """This recipe over ``steps`` steps: warm-up, student wait and UDA ramp keep their
-        share of the schedule, rounded, and at least one step where the recipe has any, as
-        far as the run has room (warm-up + wait must stay below ``steps``)."""
+        """This recipe over ``steps`` steps: every phase keeps its share of the schedule.
+        Warm-up, student wait and UDA ramp are rounded, at least one step where the recipe
+        has any, as far as the run has room (warm-up + wait stay below ``steps``); the EMA's
+        horizon ``1 / (1 - decay)`` scales alike (below one step: no EMA, decay 0); the
+        finetuning length too (``finetune_steps`` rounded, at least 1 where the recipe has
+        any, or ``finetune_epochs``)."""
         if steps == self.steps:
             return self
         scale = steps / self.steps
@@ -111,7 +115,30 @@ class Recipe:
         while new["warmup_steps"] + new["student_wait_steps"] >= steps > 0:
             longer = max(("student_wait_steps", "warmup_steps"), key=new.__getitem__)
             new[longer] -= 1
+        if self.ema_decay > 0:
+            horizon = scale / (1 - self.ema_decay)
+            new["ema_decay"] = 1 - 1 / horizon if horizon > 1 else 0.0
+        if self.finetune_steps is not None:
+            new["finetune_steps"] = (
+                max(1, round(self.finetune_steps * scale)) if self.finetune_steps else 0
+            )
+        else:
+            new["finetune_epochs"] = self.finetune_epochs * scale
         return replace(self, steps=steps, **new)
+
+    def schedule(self) -> str:
+        """The phases in one line, e.g. ``warm-up 50, student wait 30, UDA ramp 50, EMA decay
+        0.5, finetuning 50 steps``."""
+        ema = f"EMA decay {self.ema_decay:.4g}" if self.ema_decay > 0 else "no EMA"
+        finetune = (
+            f"finetuning {self.finetune_steps} steps"
+            if self.finetune_steps is not None
+            else f"finetuning {self.finetune_epochs:.4g} epochs"
+        )
+        return (
+            f"warm-up {self.warmup_steps}, student wait {self.student_wait_steps}, UDA ramp "
+            f"{self.uda_steps}, {ema}, {finetune}"
+        )
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,8 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     data = tmp_path / "data"
     write_fake_cifar(data, n_train=120, n_test=24, num_classes=12)
     out = tmp_path / "run"
-    base = ["--data-dir", str(data), *TINY, "--steps", "3", "--json"]
+    # an EMA given: 3 steps of the preset's 300,000 would scale it away
+    base = ["--data-dir", str(data), *TINY, "--steps", "3", "--ema", "0.5", "--json"]
     code, printed, _ = _cli([*base, "--output-dir", str(out)], capsys)
     assert code == 0
     results = json.loads(printed.strip().splitlines()[-1])

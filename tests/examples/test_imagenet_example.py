@@ -12,6 +12,7 @@ from support import ROOT, load_script
 
 from metapl.data.fake import write_fake_imagefolder
 from metapl.training.loop import load_checkpoint
+from metapl.training.tracking import read_metrics
 
 SCRIPT = ROOT / "examples" / "imagenet_mpl.py"
 
@@ -165,3 +166,67 @@ def test_help_shows_the_imagenet_recipe(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--model {wrn28-2,wrn28-8,resnet50,mlp}" in text and "(default: resnet50)" in text
     assert "RandAugment M (default: 17.0)" in text and "--ema-decay FLOAT" in text
+
+
+def test_a_short_run_scales_the_preset_and_honours_every_finetuning_flag(
+    tmp_path, monkeypatch, capsys
+):
+    """The new user's run (issue 20): --steps 3 of the preset's 300,000 shortens every phase
+    and says so; --finetune-epochs beside the preset's finetune_steps is honoured; both
+    finetuning lengths at once are refused in one line."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    write_fake_imagefolder(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
+    base = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--image-size",
+        "32",
+        "--model",
+        "mlp",
+        "--labeled-batch",
+        "2",
+        "--unlabeled-ratio",
+        "2",
+        "--label-fraction",
+        "0.25",
+        "--val-per-class",
+        "1",
+        "--teacher-lr",
+        "1e-3",
+        "--student-lr",
+        "1e-3",
+        "--steps",
+        "3",
+    ]
+    example = _example()
+    example.main([*base, "--output-dir", str(tmp_path / "a")])
+    note = capsys.readouterr().err
+    assert (
+        "--steps 3 (the preset's 300000) scales its schedule: warm-up 1, student wait 1, UDA "
+        "ramp 1, no EMA, finetuning 1 steps" in note
+    )
+    assert _finetune_steps(tmp_path / "a", steps=3) == 1  # the preset's 5,000 of 300,000
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["recipe.ema_decay"] == 0.0  # a horizon of 0.01 steps: no EMA
+
+    example.main([*base, "--output-dir", str(tmp_path / "b"), "--finetune-epochs", "2"])
+    assert _finetune_steps(tmp_path / "b", steps=3) == 2  # 2 epochs of 6 images, batch 256
+
+    with pytest.raises(SystemExit) as e:
+        example.main(
+            [*base, "--output-dir", str(tmp_path / "c"), "--finetune-epochs", "2"]
+            + ["--finetune-steps", "4"]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        "error: --finetune-steps and --finetune-epochs both set the finetuning length: give one "
+        "(--finetune-steps 0: no finetuning)"
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def _finetune_steps(run, steps: int) -> int:
+    """How many finetuning steps a run took: its results are logged at steps + finetuning."""
+    _, records = read_metrics(run)
+    return max(r["step"] for r in records) - steps

@@ -42,6 +42,17 @@ def test_short_runs_keep_a_warm_up_and_a_student_wait():
         assert r.warmup_steps + r.student_wait_steps < steps and r.warmup_steps == min(1, steps - 1)
 
 
+def test_short_runs_scale_the_ema_horizon_and_the_finetuning_length():
+    r = Recipe().scaled_to(30_000)  # a tenth: EMA horizon 200 -> 20 steps
+    assert r.ema_decay == pytest.approx(0.95) and r.finetune_epochs == pytest.approx(62.5)
+    assert Recipe().scaled_to(600).ema_decay == 0.0  # a horizon under one step: no EMA
+    assert Recipe(ema_decay=0.0).scaled_to(30_000).ema_decay == 0.0
+    assert Recipe(finetune_steps=5000).scaled_to(3000).finetune_steps == 50
+    assert Recipe(finetune_steps=5000).scaled_to(3).finetune_steps == 1  # at least one
+    assert Recipe(finetune_steps=0).scaled_to(3000).finetune_steps == 0
+    assert "EMA decay 0.95, finetuning 62.5 epochs" in Recipe().scaled_to(30_000).schedule()
+
+
 def test_every_recipe_field_is_a_flag():
     values = {
         "steps": 7,
