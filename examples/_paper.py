@@ -336,11 +336,11 @@ def print_results(results: Mapping[str, float], as_json: bool) -> None:
 
 def cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Run a script's ``main`` as a command: a run that cannot start or go on (RunError, a
-    bad value, a missing file or package) prints one ``error:`` line instead of a traceback
-    and exits 1."""
+    bad value, a file that cannot be read or written, a missing package) prints one
+    ``error:`` line instead of a traceback and exits 1."""
     try:
         main(argv)
-    except (RunError, ValueError, FileNotFoundError, ImportError) as e:
+    except (RunError, ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

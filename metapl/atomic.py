@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -25,5 +26,6 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):  # keep the error that stopped the write
+            os.unlink(tmp)
         raise

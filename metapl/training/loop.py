@@ -36,7 +36,7 @@ from metapl.atomic import write_atomically
 from metapl.finetune import finetune
 from metapl.mpl import MPL
 from metapl.optim import sgd
-from metapl.training.guard import DivergenceError, DivergenceGuard, check_parameters
+from metapl.training.guard import DivergenceError, DivergenceGuard, check_parameters, kept
 from metapl.training.progress import Progress
 from metapl.training.rundir import (
     CHECKPOINT,
@@ -48,11 +48,13 @@ from metapl.training.rundir import (
     check_config,
     remove_temporaries,
 )
+from metapl.training.signals import StopRequests
 from metapl.training.tracking import Tracker
 
 __all__ = [
     "DivergenceError",
     "SSLData",
+    "Stopped",
     "TrainConfig",
     "evaluate",
     "finetune_only",
@@ -61,6 +63,11 @@ __all__ = [
     "stream_indices",
     "train",
 ]
+
+
+class Stopped(RunError):
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) ended training at a step boundary, after a
+    checkpoint of that step; ``resume=True`` continues from it."""
 
 
 # (uint8 images [B, C, H, W], generator) -> float, normalized model inputs [B, C, H, W]
@@ -215,6 +222,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict, keep_previous: bool = 
     write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
+def _write(path: Path, state: dict, saved_step: int | None, keep_previous: bool = False) -> None:
+    """``save_checkpoint``, or a RunError naming the file when the disk refuses it (full,
+    read-only): the file it would have replaced is left as it was."""
+    try:
+        save_checkpoint(path, state, keep_previous)
+    except OSError as e:
+        raise RunError(
+            f"cannot write {path}: {e.strerror or e}; {kept(path, saved_step)}. Free space or "
+            "make the folder writable, then resume"
+        ) from None
+
+
 def _previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -328,53 +347,61 @@ def train(
     saved_step = start if ckpt_path.exists() else None
     tick, images = time.perf_counter(), 0
     bar = Progress(config.steps, start, desc="mpl", disable=not is_main)
-    for step in range(start, config.steps):
-        idx_l = _batch_indices(n_l, b_l, step, config.seed).to(device)
-        idx_u = _batch_indices(n_u, b_u, step, config.seed + 1).to(device)
-        generator = _step_generator(device, config.seed, step)
-        _seed_globals(config.seed, step)
-        x_u = _take(data.unlabeled_x, idx_u, device)
-        x_l = data.weak(_take(data.labeled_x, idx_l, device), generator)
-        x_uw, x_us = data.weak(x_u, generator), data.strong(x_u, generator)
-        if config.channels_last:
-            x_l, x_uw, x_us = (
-                x.contiguous(memory_format=torch.channels_last) for x in (x_l, x_uw, x_us)
-            )
-        with _autocast(device, config.bf16):
-            metrics = mpl.step(x_l, data.labeled_y[idx_l], x_uw, x_us, sync=False)
-        images += len(idx_l) + len(idx_u)
-        done = step + 1
-        guard.update(metrics, done)
-        log = done % config.log_every == 0 or done == config.steps
-        val = done % config.eval_every == 0 or done == config.steps
-        save = done % config.checkpoint_every == 0 or done == config.steps
-        if log or val or save:
-            guard.check(ckpt_path, saved_step)  # one host sync; every process raises alike
-        if log:
-            now = time.perf_counter()
-            logged = {k: float(v) for k, v in metrics.items()}
-            logged["images_per_s"] = images * distributed.world_size() / (now - tick)
-            tick, images = now, 0
-            tracker.log(logged, step=done)
-            bar.postfix(t=f"{logged['teacher/loss']:.3f}", s_lr=f"{logged['student/lr']:.3g}")
-        if val:
-            accs = _val_metrics(mpl, data, config)
-            tracker.log(accs, step=done)
-            if best is None or accs["val/student"] > best[0]:
-                best = (accs["val/student"], done)
-            bar.write(_eval_line(accs, done, config.steps, best))
-        if save:
-            check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
-            if is_main:
-                state = {
-                    "mpl": mpl.state_dict(),
-                    "step": done,
-                    "config": asdict(config),
-                    "best": best,
-                }
-                save_checkpoint(ckpt_path, state, keep_previous=True)
-            saved_step = done
-        bar.update()
+    with StopRequests() as stop:
+        for step in range(start, config.steps):
+            idx_l = _batch_indices(n_l, b_l, step, config.seed).to(device)
+            idx_u = _batch_indices(n_u, b_u, step, config.seed + 1).to(device)
+            generator = _step_generator(device, config.seed, step)
+            _seed_globals(config.seed, step)
+            x_u = _take(data.unlabeled_x, idx_u, device)
+            x_l = data.weak(_take(data.labeled_x, idx_l, device), generator)
+            x_uw, x_us = data.weak(x_u, generator), data.strong(x_u, generator)
+            if config.channels_last:
+                x_l, x_uw, x_us = (
+                    x.contiguous(memory_format=torch.channels_last) for x in (x_l, x_uw, x_us)
+                )
+            with _autocast(device, config.bf16):
+                metrics = mpl.step(x_l, data.labeled_y[idx_l], x_uw, x_us, sync=False)
+            images += len(idx_l) + len(idx_u)
+            done = step + 1
+            guard.update(metrics, done)
+            log = done % config.log_every == 0 or done == config.steps
+            val = done % config.eval_every == 0 or done == config.steps
+            stopping = stop.requested(device)
+            save = done % config.checkpoint_every == 0 or done == config.steps or bool(stopping)
+            if log or val or save:
+                guard.check(ckpt_path, saved_step)  # one host sync; every process raises alike
+            if log:
+                now = time.perf_counter()
+                logged = {k: float(v) for k, v in metrics.items()}
+                logged["images_per_s"] = images * distributed.world_size() / (now - tick)
+                tick, images = now, 0
+                tracker.log(logged, step=done)
+                bar.postfix(t=f"{logged['teacher/loss']:.3f}", s_lr=f"{logged['student/lr']:.3g}")
+            if val:
+                accs = _val_metrics(mpl, data, config)
+                tracker.log(accs, step=done)
+                if best is None or accs["val/student"] > best[0]:
+                    best = (accs["val/student"], done)
+                bar.write(_eval_line(accs, done, config.steps, best))
+            if save:
+                check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
+                if is_main:
+                    state = {
+                        "mpl": mpl.state_dict(),
+                        "step": done,
+                        "config": asdict(config),
+                        "best": best,
+                        "world_size": distributed.world_size(),
+                    }
+                    _write(ckpt_path, state, saved_step, keep_previous=True)
+                saved_step = done
+            if stopping:
+                raise Stopped(
+                    f"stopped by {stopping} after step {done} of {config.steps}: {ckpt_path} "
+                    "holds it; continue with --resume (train(..., resume=True))"
+                )
+            bar.update()
     bar.close()
 
     final, results = _finetune_final(
@@ -496,9 +523,16 @@ def _save_final(
         "config": asdict(config),
         **{name: m.state_dict() for name, m in networks.items()},
     }
-    save_checkpoint(output_dir / FINAL, state)
     text = json.dumps(results, indent=1, sort_keys=True) + "\n"
-    write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
+    try:
+        save_checkpoint(output_dir / FINAL, state)
+        write_atomically(output_dir / RESULTS, lambda f: f.write(text), binary=False)
+    except OSError as e:
+        raise RunError(
+            f"cannot write {e.filename or output_dir / FINAL}: {e.strerror or e}; the trained "
+            f"run's {output_dir / CHECKPOINT} is kept. Free space or make the folder writable, "
+            "then resume (it finetunes and saves again)"
+        ) from None
 
 
 def _resume(
@@ -511,6 +545,13 @@ def _resume(
     if missing:
         raise RunError(f"{path} is not a metapl training checkpoint (it has no {missing})")
     check_config(state["config"], asdict(config), RESUMABLE, source=f"checkpoint {path}")
+    saved_world = state.get("world_size", distributed.world_size())  # absent before it was kept
+    if saved_world != distributed.world_size():
+        raise RunError(
+            f"checkpoint {path} was written by a run of {saved_world} process(es) and this one "
+            f"has {distributed.world_size()}: the batches and results would differ; resume with "
+            f"{saved_world} (torchrun --nproc-per-node {saved_world}) or start a new run"
+        )
     _load_fitting(mpl, state["mpl"], path)
     best = state.get("best")  # absent in checkpoints written before it was kept
     return int(state["step"]), (float(best[0]), int(best[1])) if best else None

@@ -15,6 +15,7 @@ import argparse
 import io
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from metapl import optim
 from metapl.models import build_model
 from metapl.training import loop as train
 from metapl.training.loop import SSLData, TrainConfig
+from metapl.training.rundir import RunError
 
 CLASSES, FEATURES = 3, 16
 
@@ -109,6 +111,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-at-step", type=int)
+    p.add_argument("--signal-at-step", type=int)  # sent to itself just before that step
+    p.add_argument("--signal", choices=["SIGTERM", "SIGINT", "SIGUSR1"], default="SIGTERM")
     p.add_argument("--die-in-save", type=int)
     p.add_argument("--die-while", choices=["torch_save", "keeping_previous"], default="torch_save")
     args = p.parse_args()
@@ -124,6 +128,16 @@ def main() -> None:
             return step(*a, **kw)
 
         mpl.step = dying_step
+    if args.signal_at_step is not None:
+        step, calls = mpl.step, [0]
+
+        def signalled_step(*a, **kw):
+            calls[0] += 1
+            if calls[0] == args.signal_at_step:
+                os.kill(os.getpid(), signal.Signals[args.signal])
+            return step(*a, **kw)
+
+        mpl.step = signalled_step
     if args.die_in_save is not None:
         saves = [0]
         if args.die_while == "torch_save":
@@ -154,7 +168,11 @@ def main() -> None:
                 _die()
 
             train._copy_atomically = dying_copy
-    tiny_train(args.out, args.steps, args.resume, mpl=mpl)
+    try:
+        tiny_train(args.out, args.steps, args.resume, mpl=mpl)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,22 +5,28 @@ was good before the fault is lost. The tiny run lives in tests/training/faulty_r
 command-line faults run examples/cifar_mpl.py on a fake CIFAR-10.
 """
 
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from faulty_run import tiny_data, tiny_mpl, tiny_train
-from support import EXAMPLES, TINY_PAPER
+from support import EXAMPLES, TINY_PAPER, load_script
 
+from metapl import atomic
 from metapl.data import ImageFolderDataset
 from metapl.data.fake import write_fake_imagefolder
+from metapl.training import loop as loop_module
+from metapl.training import rundir as rundir_module
 from metapl.training.guard import DivergenceError, DivergenceGuard
 from metapl.training.loop import load_checkpoint
 from metapl.training.rundir import RunError
@@ -87,6 +93,80 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps = [x["step"] for x in lines if "teacher/loss" in x]
     assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]  # no step logged twice
     assert not list(out.glob(".*.tmp")), "a resumed run removes the temporary files of a kill"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_stop_signal_checkpoints_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, sig):
+    """A preempted job: the signal comes in step 5 (checkpoints every 3 steps); the run
+    saves step 5, says how to resume and exits 1; the resumed run ends as an uninterrupted
+    one does."""
+    whole, out = tmp_path / "whole", tmp_path / "stopped"
+    _driver(whole)
+    cmd = [sys.executable, str(HERE / "faulty_run.py"), str(out), "--signal-at-step", "5"]
+    done = subprocess.run([*cmd, "--signal", sig], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: stopped by {sig} after step 5 of 12: {out / 'checkpoint.pt'} holds it; "
+        "continue with --resume (train(..., resume=True))"
+    )
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
+    assert load_checkpoint(out / "checkpoint.prev.pt")["step"] == 3
+    assert not (out / "final.pt").exists()
+    _driver(out, "--resume")
+    _assert_equal(load_checkpoint(out / "final.pt"), load_checkpoint(whole / "final.pt"), "final")
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    tiny_train(tmp_path, steps=6)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match="written by a run of 2 process.es. and this one has 1"):
+        tiny_train(tmp_path, steps=6, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")],
+)
+def test_a_full_or_read_only_disk_is_one_error_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, error, reason
+):
+    """The second checkpoint (step 6) cannot be written: the first (step 3) stays whole."""
+    real, writes = atomic.write_atomically, [0]
+
+    def refusing(path, write, binary):
+        writes[0] += 1
+        if Path(path).name == "checkpoint.pt" and writes[0] > 1:  # the second: step 6
+            raise OSError(error, os.strerror(error), str(path))
+        return real(path, write, binary)
+
+    monkeypatch.setattr(loop_module, "write_atomically", refusing)
+    with pytest.raises(RunError) as e:
+        tiny_train(tmp_path, steps=12)
+    assert str(e.value) == (
+        f"cannot write {tmp_path / 'checkpoint.pt'}: {reason}; the last good checkpoint, "
+        f"{tmp_path / 'checkpoint.pt'} (step 3), is kept. Free space or make the folder "
+        "writable, then resume"
+    )
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_read_only_output_folder_is_one_line_at_the_command_line(
+    tmp_path, cifar_dir, monkeypatch, capsys
+):
+    def refusing(path, write, binary):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir_module, "write_atomically", refusing)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    example = load_script(CIFAR, "cifar_mpl_readonly")
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY, "--steps", "2"]
+    assert example.cli(example.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: [Errno 13] Permission denied: '{out / 'config.json'}'"]
 
 
 # ------------------------------------------------------------------ damaged checkpoints
@@ -304,6 +384,30 @@ def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_di
     (out / "checkpoint.prev.pt").rename(out / "checkpoint.pt")
     resumed = _cifar(*args, "--steps", "4", "--resume", "--log-every", "1", "--json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_sigterm_at_the_command_line_saves_the_step_and_resume_finishes(tmp_path, cifar_dir):
+    """A scheduler's SIGTERM at any time: one line saying how to resume, then --resume."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(cifar_dir), "--output-dir", str(out), *TINY_PAPER]
+    args += ["--steps", "400", "--eval-every", "400", "--checkpoint-every", "2"]
+    args += ["--finetune-steps", "1"]
+    run = subprocess.Popen(
+        [sys.executable, str(CIFAR), *args], env=ENV, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err[-2000:]
+    line = _one_line_error(subprocess.CompletedProcess(run.args, 1, "", err))
+    assert line.startswith("error: stopped by SIGTERM after step ") and "--resume" in line
+    stopped_at = int(line.split("after step ")[1].split(" ")[0])
+    assert 2 <= stopped_at < 400 and load_checkpoint(out / "checkpoint.pt")["step"] == stopped_at
+    resumed = _cifar(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 400 and (out / "final.pt").exists()
 
 
 def test_a_run_that_fails_after_loading_data_leaves_nothing_behind(tmp_path, cifar_dir):
