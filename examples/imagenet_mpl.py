@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from _paper import cli, fail, run, split_with_validation
 
+from metapl import distributed
 from metapl.data import (
     ImageFolderDataset,
     labeled_fraction_split,
@@ -42,6 +43,7 @@ class Data:
     val_per_class: int = 10  # training images per class held out for validation
     image_size: int = 224
     decode_threads: int = 16
+    skip_bad_images: bool = False  # drop (and list) damaged image files instead of stopping
 
     def __post_init__(self):
         if not 0 < self.label_fraction <= 1:
@@ -95,6 +97,11 @@ def _folders(exp: Experiment) -> tuple[ImageFolderDataset, ImageFolderDataset]:
             fail(f"--data-dir must hold {split}/<class>/<images> (ImageNet layout)")
     train_set = ImageFolderDataset(root / "train", size=size)
     test_set = ImageFolderDataset(root / "val", size=size, classes=train_set.classes)
+    for dataset in (train_set, test_set):  # every file read before step 1
+        skipped = dataset.check_images(exp.data.skip_bad_images, exp.data.decode_threads)
+        if skipped and distributed.rank() == 0:
+            shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            print(f"skipped {len(skipped)} damaged image(s): {shown}", file=sys.stderr)
     return train_set, test_set
 
 

@@ -13,6 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metapl.data.fake import write_fake_cifar  # noqa: E402 (after the path)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def image_check_cache(tmp_path_factory):
+    """metapl.data.check's cache in a folder of the test session, not the user's home (and
+    inherited by the scripts the tests run)."""
+    import os
+
+    os.environ["METAPL_CACHE"] = str(tmp_path_factory.mktemp("metapl-cache"))
+
+
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """An empty working directory, and every wandb directory inside tmp_path (no API key, no

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from metapl.data.check import unreadable_images, why_unreadable
+
 # Per-channel (mean, std) of the training images on the [0, 1] scale.
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -224,6 +226,38 @@ class ImageFolderDataset(Dataset):
                 f"no images with extensions {exts} in {self.root}/<class>/ sub-folders"
             )
         self.targets = np.array([t for _, t in self.samples], dtype=np.int64)
+        if classes is None:
+            self._check_no_empty_class()
+
+    def check_images(self, skip_bad: bool = False, threads: int = 8) -> list[Path]:
+        """Open and verify every image before any is used (``metapl.data.check``; cached while
+        the folder does not change). A damaged file raises a ValueError naming it; with
+        ``skip_bad`` the damaged files are dropped from the samples instead, and returned."""
+        bad = unreadable_images([p for p, _ in self.samples], self.root, threads)
+        if bad and not skip_bad:
+            others = f" (and {len(bad) - 1} other file(s))" if len(bad) > 1 else ""
+            raise ValueError(
+                f"cannot read image {bad[0]}: {why_unreadable(bad[0])}{others}; replace or "
+                "remove it, or skip damaged images (--skip-bad-images)"
+            )
+        if bad:
+            dropped = set(bad)
+            self.samples = [s for s in self.samples if s[0] not in dropped]
+            self.targets = np.array([t for _, t in self.samples], dtype=np.int64)
+            self._check_no_empty_class()
+        return bad
+
+    def _check_no_empty_class(self) -> None:
+        """A class folder without images would still add an output class: refused."""
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        empty = [c for c, n in zip(self.classes, counts, strict=True) if n == 0]
+        if empty:
+            raise ValueError(
+                f"class folder {self.root / empty[0]} holds no readable images"
+                + (f" (nor {len(empty) - 1} other class folder(s))" if len(empty) > 1 else "")
+                + ": a class without images would still be a class of the model; remove the "
+                "folder or add its images"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -230,3 +230,27 @@ def _finetune_steps(run, steps: int) -> int:
     """How many finetuning steps a run took: its results are logged at steps + finetuning."""
     _, records = read_metrics(run)
     return max(r["step"] for r in records) - steps
+
+
+def test_damaged_images_are_found_before_training(tmp_path, monkeypatch, capsys):
+    """A damaged image in val/ (the test split, used only at the end) or train/ stops the
+    run before step 1 with one line naming it; --skip-bad-images trains without them."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=2)
+    bad = data / "val" / "class_001" / "img_0001.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
+    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2"]
+    argv += ["--label-fraction", "0.25", "--val-per-class", "1", "--steps", "2"]
+    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    example = _example()
+    assert example.cli(example.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read image {bad}: ")
+    assert not out.exists() or not list(out.iterdir())  # nothing trained, nothing left
+
+    assert example.cli(example.main, [*argv, "--skip-bad-images"]) == 0
+    assert f"skipped 1 damaged image(s): {bad}" in capsys.readouterr().err
+    assert (out / "final.pt").exists()
