@@ -54,6 +54,12 @@ class Script(Protocol):
 
     def image_size(self, exp: Any) -> int: ...
 
+    def about(self, exp: Any, num_classes: int) -> dict[str, Any]:
+        """How final.pt's network reads an image: ``classes`` (names, in index order),
+        ``image_size``, ``resize`` (the shorter side before the center crop) and
+        ``normalization`` (a ``metapl.data.NORMALIZATION`` key)."""
+        ...
+
 
 def parse_experiment(
     cls: type, argv: list[str] | None, presets: Mapping[str, Any], description: str
@@ -251,13 +257,20 @@ def run(
         if ft is not None:
             key = _load_student(ft, student)
             results = finetune_only(
-                student, data, config, s.output_dir, tracker, networks={key: student}
+                student,
+                data,
+                config,
+                s.output_dir,
+                tracker,
+                networks={key: student},
+                about={"model": s.model, **script.about(exp, num_classes)},
             )
         else:
             for module in (teacher, student):
                 distributed.broadcast_module(module)  # identical replicas (a no-op alone)
             mpl = build_mpl(teacher, student, exp.recipe, s)
-            results = train(mpl, data, config, s.output_dir, tracker, resume=resume)
+            about = {"model": s.model, **script.about(exp, num_classes)}
+            results = train(mpl, data, config, s.output_dir, tracker, resume, about)
         tracker.finish()
         print_results(results, s.json)
         return results

@@ -96,12 +96,39 @@ def _arrays(exp: Experiment, extra: bool):
     return (x, y), test, x_extra, int(max(y.max(), test[1].max())) + 1
 
 
+# CIFAR-10's label names, in label order (its batches.meta)
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
 class Cifar:
     """The data side of the script (examples/_paper.py)."""
 
     @staticmethod
     def image_size(exp: Experiment) -> int:
         return 32
+
+    @staticmethod
+    def about(exp: Experiment, num_classes: int) -> dict:
+        names = CIFAR10_CLASSES if exp.data.dataset == "cifar10" else ()
+        if len(names) != num_classes:  # SVHN's digits, CIFAR-100's indices, other data
+            names = tuple(str(c) for c in range(num_classes))
+        return {
+            "classes": list(names),
+            "image_size": 32,
+            "resize": 32,
+            "normalization": exp.data.dataset,
+        }
 
     @staticmethod
     def test_set(exp: Experiment, device: torch.device):

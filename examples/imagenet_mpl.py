@@ -113,6 +113,17 @@ class ImageNet:
         return exp.data.image_size
 
     @staticmethod
+    def about(exp: Experiment, num_classes: int) -> dict:
+        root, size = exp.settings.data_dir / "train", exp.data.image_size
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())  # train/'s numbering
+        return {
+            "classes": classes,
+            "image_size": size,
+            "resize": round(size * 8 / 7),
+            "normalization": "imagenet",
+        }
+
+    @staticmethod
     def test_set(exp: Experiment, device: torch.device):
         train_set, test_set = _folders(exp)
         x = DecodedImages(test_set, np.arange(len(test_set)), exp.data.decode_threads)

@@ -15,6 +15,7 @@ from metapl.data.datasets import (
     NORMALIZATION,
     ImageFolderDataset,
     load_cifar,
+    load_image,
     load_svhn,
     normalize,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "labeled_fraction_split",
     "labeled_unlabeled_split",
     "load_cifar",
+    "load_image",
     "load_manifest",
     "load_mnist",
     "mnist_split",

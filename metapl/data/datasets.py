@@ -163,6 +163,28 @@ def _pil_image() -> ModuleType:
     return Image
 
 
+def load_image(
+    path: str | os.PathLike, size: int, resize: int | None = None, interpolation: str = "bicubic"
+) -> torch.Tensor:
+    """One image file as uint8 [3, size, size]: its shorter side resized to ``resize``
+    (default size * 8 / 7) with ``interpolation``, then center-cropped (ImageNet's evaluation
+    view; what ``ImageFolderDataset`` items and ``metapl.training.predict`` see)."""
+    Image = _pil_image()
+    resize = round(size * 8 / 7) if resize is None else resize
+    r = Image.Resampling
+    mode = {"nearest": r.NEAREST, "bilinear": r.BILINEAR, "bicubic": r.BICUBIC}[interpolation]
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    w, h = img.size
+    scale = resize / min(w, h)
+    new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
+    img = img.resize((new_w, new_h), mode)
+    left = int(round((new_w - size) / 2))
+    top = int(round((new_h - size) / 2))
+    img = img.crop((left, top, left + size, top + size))
+    return einops.rearrange(torch.from_numpy(np.array(img)), "h w c -> c h w").contiguous()
+
+
 class ImageFolderDataset(Dataset):
     """root/<class>/<image> (ImageNet's train/ or val/ layout), decoded lazily with PIL.
 
@@ -185,18 +207,16 @@ class ImageFolderDataset(Dataset):
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         classes: Sequence[str] | None = None,
     ):
-        Image = _pil_image()
-
+        _pil_image()  # a clear error now when Pillow is missing
         self.root = Path(root)
         self.size = size
         self.resize = round(size * 8 / 7) if resize is None else resize
         if self.resize < size:
             raise ValueError(f"resize ({self.resize}) must be >= size ({size})")
-        r = Image.Resampling
-        modes = {"nearest": r.NEAREST, "bilinear": r.BILINEAR, "bicubic": r.BICUBIC}
+        modes = ("nearest", "bilinear", "bicubic")
         if interpolation not in modes:
             raise ValueError(f"unknown interpolation {interpolation!r}; pass one of {list(modes)}")
-        self.interpolation = modes[interpolation]
+        self.interpolation = interpolation
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.root} does not exist: put images at {self.root}/<class>/<file>"
@@ -263,17 +283,5 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        Image = _pil_image()
-
         path, target = self.samples[i]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        w, h = img.size
-        scale = self.resize / min(w, h)
-        new_w, new_h = max(self.resize, round(w * scale)), max(self.resize, round(h * scale))
-        img = img.resize((new_w, new_h), self.interpolation)
-        left = int(round((new_w - self.size) / 2))
-        top = int(round((new_h - self.size) / 2))
-        img = img.crop((left, top, left + self.size, top + self.size))
-        image = einops.rearrange(torch.from_numpy(np.array(img)), "h w c -> c h w")
-        return image.contiguous(), target
+        return load_image(path, self.size, self.resize, self.interpolation), target

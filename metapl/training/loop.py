@@ -303,9 +303,12 @@ def train(
     output_dir: str | os.PathLike,
     tracker: Tracker | None = None,
     resume: bool = False,
+    about: dict | None = None,
 ) -> dict[str, float]:
     """Train ``mpl`` for ``config.steps`` steps, finetune the final student if configured,
-    and return the final validation and test accuracies.
+    and return the final validation and test accuracies. ``about``: what a user of
+    ``final.pt`` needs besides the weights (its model, classes, input size and
+    normalization: ``metapl.training.predict``), stored there as ``"about"``.
 
     Writes ``output_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end (the
     one before kept as ``checkpoint.prev.pt``), then the final models with their accuracies
@@ -411,7 +414,7 @@ def train(
     tracker.log(results, step=config.steps + config.finetune_steps)
     tracker.summary(results)
     if is_main:
-        _save_final(output_dir, _networks(mpl), final, results, config)
+        _save_final(output_dir, _networks(mpl), final, results, config, about)
     return results
 
 
@@ -422,6 +425,7 @@ def finetune_only(
     output_dir: str | os.PathLike,
     tracker: Tracker | None = None,
     networks: dict[str, nn.Module] | None = None,
+    about: dict | None = None,
 ) -> dict[str, float]:
     """The last phase of ``train`` on its own: finetune a copy of ``model`` (a trained student)
     for ``config.finetune_steps`` steps on the labeled data, evaluate it on the validation and
@@ -436,7 +440,7 @@ def finetune_only(
     tracker.log(results, step=config.finetune_steps)
     tracker.summary(results)
     if is_main:
-        _save_final(output_dir, networks or {}, final, results, config)
+        _save_final(output_dir, networks or {}, final, results, config, about)
     return results
 
 
@@ -513,7 +517,12 @@ def _networks(mpl: MPL) -> dict[str, nn.Module]:
 
 
 def _save_final(
-    output_dir: Path, networks: dict[str, nn.Module], final: nn.Module, results: dict, config
+    output_dir: Path,
+    networks: dict[str, nn.Module],
+    final: nn.Module,
+    results: dict,
+    config: TrainConfig,
+    about: dict | None,
 ) -> None:
     """``final.pt``: the final student (``"final"``) and the networks it came from, with the
     accuracies; ``results.json``: the accuracies alone. Both written atomically."""
@@ -521,6 +530,7 @@ def _save_final(
         "final": final.state_dict(),
         "results": results,
         "config": asdict(config),
+        **({"about": about} if about is not None else {}),
         **{name: m.state_dict() for name, m in networks.items()},
     }
     text = json.dumps(results, indent=1, sort_keys=True) + "\n"

@@ -254,3 +254,44 @@ def test_damaged_images_are_found_before_training(tmp_path, monkeypatch, capsys)
     assert example.cli(example.main, [*argv, "--skip-bad-images"]) == 0
     assert f"skipped 1 damaged image(s): {bad}" in capsys.readouterr().err
     assert (out / "final.pt").exists()
+
+
+def test_final_pt_describes_itself_and_predict_reads_images_with_it(tmp_path, monkeypatch, capsys):
+    """final.pt holds the model, class names, input size and normalization; predict needs no
+    other flag, and its answers on val/ give the accuracy the run reported."""
+    from metapl.training import predict
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    written = write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=4)
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
+    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2", "--json"]
+    argv += ["--label-fraction", "0.5", "--val-per-class", "1", "--steps", "6"]
+    argv += ["--finetune-steps", "2", "--teacher-lr", "1e-2", "--student-lr", "1e-2"]
+    results = _example().main(argv)
+    about = torch.load(out / "final.pt", weights_only=False)["about"]
+    assert about == {
+        "model": "mlp",
+        "classes": ["class_000", "class_001", "class_002"],
+        "image_size": 32,
+        "resize": 37,
+        "normalization": "imagenet",
+    }
+    capsys.readouterr()
+    images = [path for path, _, _ in written["val"]]
+    assert predict.main([str(out), *map(str, images), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert all(r["class"] in about["classes"] and 0 < r["confidence"] <= 1 for r in rows)
+    truth = [f"class_{c:03d}" for _, _, c in written["val"]]
+    accuracy = sum(r["class"] == t for r, t in zip(rows, truth, strict=True)) / len(rows)
+    assert accuracy == results["test/student"]
+
+    old = torch.load(out / "final.pt", weights_only=False)
+    del old["about"]
+    torch.save(old, tmp_path / "old.pt")
+    assert predict.main([str(tmp_path / "old.pt"), str(images[0])]) == 1
+    assert "does not say how to read an image" in capsys.readouterr().err
+    assert predict.main([str(out), str(tmp_path / "nothing.png")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"error: no image file {tmp_path}/nothing.png")
