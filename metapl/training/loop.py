@@ -39,6 +39,7 @@ from metapl.optim import sgd
 from metapl.training.guard import DivergenceError, DivergenceGuard, check_parameters, kept
 from metapl.training.progress import Progress
 from metapl.training.rundir import (
+    BEST,
     CHECKPOINT,
     FINAL,
     PREVIOUS,
@@ -234,6 +235,19 @@ def _write(path: Path, state: dict, saved_step: int | None, keep_previous: bool 
         ) from None
 
 
+def _write_best(
+    output_dir: Path,
+    model: nn.Module,
+    best: tuple[float, int],
+    about: dict | None,
+    saved: int | None,
+) -> None:
+    """``best.pt``: the evaluated student at its best validation accuracy so far, in the
+    layout of ``final.pt`` (``"final"``, ``"about"``) with its step and accuracy."""
+    state = {"final": model.state_dict(), "val/student": best[0], "step": best[1]}
+    _write(output_dir / BEST, {**state, **({"about": about} if about else {})}, saved)
+
+
 def _previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -312,10 +326,11 @@ def train(
 
     Writes ``output_dir/checkpoint.pt`` every ``checkpoint_every`` steps and at the end (the
     one before kept as ``checkpoint.prev.pt``), then the final models with their accuracies
-    (``final.pt``, ``results.json``). The final student is the EMA student (the raw student
-    without EMA), finetuned on the labeled data when ``finetune_steps > 0``, as the PyTorch
-    port of the paper does. Test accuracy is measured once, at the end: model selection, if
-    any, uses the validation split.
+    (``final.pt``, ``results.json``), and at every evaluation that improves the student's
+    validation accuracy that student (``best.pt``). The final student is the EMA student (the
+    raw student without EMA), finetuned on the labeled data when ``finetune_steps > 0``, as the
+    PyTorch port of the paper does. Test accuracy is measured once, at the end: model
+    selection, if any, uses the validation split.
 
     ``resume=True`` continues from ``checkpoint.pt`` when there is one (else starts at step 0),
     after checking that it can be read and fits ``mpl`` and ``config``; without it an existing
@@ -386,6 +401,9 @@ def train(
                 tracker.log(accs, step=done)
                 if best is None or accs["val/student"] > best[0]:
                     best = (accs["val/student"], done)
+                    check_parameters({"student": eval_model}, f"step {done}", ckpt_path, saved_step)
+                    if is_main:
+                        _write_best(output_dir, eval_model, best, about, saved_step)
                 bar.write(_eval_line(accs, done, config.steps, best))
             if save:
                 check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)

@@ -43,13 +43,14 @@ __all__ = [
 ]
 
 CONFIG, CHECKPOINT, PREVIOUS = "config.json", "checkpoint.pt", "checkpoint.prev.pt"
-FINAL, RESULTS = "final.pt", "results.json"
+FINAL, RESULTS, BEST = "final.pt", "results.json", "best.pt"
 RUN_FILES = (
     CONFIG,
     "split.json",
     CHECKPOINT,
     PREVIOUS,
     FINAL,
+    BEST,
     RESULTS,
     "metrics.jsonl",
     "wandb-run-id",

@@ -12,6 +12,7 @@ import torch
 from faulty_run import CLASSES, tiny_config, tiny_data, tiny_mpl, tiny_train
 
 from metapl import distributed
+from metapl.training import loop
 from metapl.training.loop import _seed_globals, evaluate, load_checkpoint, stream_indices
 from metapl.training.rundir import RunError
 from metapl.training.tracking import Tracker, read_metrics
@@ -54,6 +55,23 @@ def test_the_finetuned_final_model_is_saved_with_its_evaluation(tmp_path):
     plain = torch.load(tmp_path / "no_finetune" / "final.pt", weights_only=False)
     assert plain["final"].keys() == plain["ema_student"].keys()
     assert all(torch.equal(plain["final"][k], v) for k, v in plain["ema_student"].items())
+
+
+def test_best_pt_holds_the_student_at_its_best_validation_accuracy(tmp_path, monkeypatch):
+    """Validation accuracies 0.3, 0.6, 0.5, 0.6 at steps 2, 4, 6, 8: best.pt is the EMA
+    student of step 4 (the first best), as a run stopped at step 4 has it."""
+    tiny_train(tmp_path / "short", steps=4, finetune_steps=0)
+    accuracies = iter([0.3, 0.6, 0.5, 0.6])
+    monkeypatch.setattr(
+        loop, "_val_metrics", lambda *a: {"val/teacher": 0.5, "val/student": next(accuracies)}
+    )
+    tiny_train(tmp_path / "run", steps=8, eval_every=2, finetune_steps=1)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert (best["step"], best["val/student"]) == (4, 0.6)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["best"] == (0.6, 4)
+    at_4 = load_checkpoint(tmp_path / "short" / "checkpoint.pt")["mpl"]["ema_student"]
+    assert best["final"].keys() == at_4.keys()
+    assert all(torch.equal(best["final"][k], v) for k, v in at_4.items())
 
 
 def test_a_checkpoint_loads_onto_another_device(tmp_path):
