@@ -167,6 +167,8 @@ def split_with_validation(
             for c, count in zip(*np.unique(targets[pool], return_counts=True), strict=True)
         ]
         val = np.sort(np.concatenate(per_class))
+        # the labeled set may have been the pool (beside an unlabeled folder): never val too
+        split = replace(split, labeled=np.setdiff1d(split.labeled, val))
         if distributed.rank() == 0:
             save_manifest(split, path, {**meta, "val": val.tolist()})
     return split.labeled, np.setdiff1d(np.arange(len(targets)), val), val

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from _paper import cli, fail, run, split_with_validation
+from torch.utils.data import ConcatDataset
 
 from metapl import distributed
 from metapl.data import (
@@ -39,15 +41,29 @@ from metapl.training.recipe import Recipe, Settings, build_randaugment
 
 @dataclass(frozen=True)
 class Data:
-    label_fraction: float = 0.1  # of each class's training images, labeled
+    # of each class's training images, labeled (default: 0.1; 1 with --unlabeled-dir)
+    label_fraction: float | None = None
+    unlabeled_dir: Path | None = None  # more unlabeled images: any nesting, no class folders
     val_per_class: int = 10  # training images per class held out for validation
     image_size: int = 224
     decode_threads: int = 16
     skip_bad_images: bool = False  # drop (and list) damaged image files instead of stopping
 
     def __post_init__(self):
-        if not 0 < self.label_fraction <= 1:
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.fraction == 1 and self.unlabeled_dir is None:
+            raise ValueError(
+                "label_fraction 1 leaves no unlabeled images: lower it, or add a folder of "
+                "unlabeled images with --unlabeled-dir"
+            )
+
+    @property
+    def fraction(self) -> float:
+        """The labeled fraction of train/: as given, else 0.1 (1 beside an unlabeled folder)."""
+        if self.label_fraction is not None:
+            return self.label_fraction
+        return 1.0 if self.unlabeled_dir is not None else 0.1
         for name in ("val_per_class", "image_size", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -98,11 +114,16 @@ def _folders(exp: Experiment) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     train_set = ImageFolderDataset(root / "train", size=size)
     test_set = ImageFolderDataset(root / "val", size=size, classes=train_set.classes)
     for dataset in (train_set, test_set):  # every file read before step 1
-        skipped = dataset.check_images(exp.data.skip_bad_images, exp.data.decode_threads)
-        if skipped and distributed.rank() == 0:
-            shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            print(f"skipped {len(skipped)} damaged image(s): {shown}", file=sys.stderr)
+        _check(dataset, exp)
     return train_set, test_set
+
+
+def _check(dataset: ImageFolderDataset, exp: Experiment) -> None:
+    """Every image of ``dataset`` opened before training; --skip-bad-images: dropped, listed."""
+    skipped = dataset.check_images(exp.data.skip_bad_images, exp.data.decode_threads)
+    if skipped and distributed.rank() == 0:
+        shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} damaged image(s): {shown}", file=sys.stderr)
 
 
 class ImageNet:
@@ -151,10 +172,26 @@ class ImageNet:
             images = DecodedImages(dataset, idx, exp.data.decode_threads)
             return images, torch.as_tensor(dataset.targets[idx]).to(device)
 
-        (x_l, y_l), (x_u, _), (x_v, y_v) = (store(train_set, i) for i in (labeled, unlabeled, val))
+        (x_l, y_l), (x_v, y_v) = (store(train_set, i) for i in (labeled, val))
+        if exp.data.unlabeled_dir is None:
+            x_u = DecodedImages(train_set, unlabeled, exp.data.decode_threads)
+        else:  # train/'s unlabeled images, then the folder's
+            extra = _unlabeled_folder(exp)
+            pool = ConcatDataset([train_set, extra])
+            idx = np.concatenate([unlabeled, len(train_set) + np.arange(len(extra))])
+            x_u = DecodedImages(pool, idx, exp.data.decode_threads)
         x_t, y_t = store(test_set, np.arange(len(test_set)))
         data = SSLData(x_l, y_l, x_u, x_v, y_v, x_t, y_t, weak, strong, prepare)
         return data, len(train_set.classes)
+
+
+def _unlabeled_folder(exp: Experiment) -> ImageFolderDataset:
+    folder = exp.data.unlabeled_dir
+    if not folder.is_dir():
+        fail(f"--unlabeled-dir {folder} is not a folder")
+    extra = ImageFolderDataset(folder, size=exp.data.image_size, unlabeled=True)
+    _check(extra, exp)
+    return extra
 
 
 def _split(targets: np.ndarray, exp: Experiment, split_from=None) -> tuple[np.ndarray, ...]:
@@ -162,12 +199,13 @@ def _split(targets: np.ndarray, exp: Experiment, split_from=None) -> tuple[np.nd
     ``split_with_validation``)."""
     d = exp.data
 
-    def new_split():
+    def new_split():  # beside an unlabeled folder, validation may come from all of train/
+        pool = d.unlabeled_dir is not None
         return labeled_fraction_split(
-            targets, d.label_fraction, exp.settings.seed, unlabeled_includes_labeled=False
+            targets, d.fraction, exp.settings.seed, unlabeled_includes_labeled=pool
         )
 
-    meta = {"dataset": "imagenet", "label_fraction": d.label_fraction, "seed": exp.settings.seed}
+    meta = {"dataset": "imagenet", "label_fraction": d.fraction, "seed": exp.settings.seed}
     return split_with_validation(exp, targets, new_split, meta, split_from)
 
 

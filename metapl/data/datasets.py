@@ -196,6 +196,9 @@ class ImageFolderDataset(Dataset):
     `classes`: the class names to number by, in order (pass the training set's `classes` to
     a validation or test folder, so both share one mapping). A class without a folder here is
     fine (its index is kept); a folder not in `classes` raises a ValueError naming it.
+
+    `unlabeled=True`: a folder of unlabeled images instead, at any depth and without classes
+    (`classes` is empty and every target is -1).
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class ImageFolderDataset(Dataset):
         interpolation: str = "bicubic",
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         classes: Sequence[str] | None = None,
+        unlabeled: bool = False,
     ):
         _pil_image()  # a clear error now when Pillow is missing
         self.root = Path(root)
@@ -223,6 +227,22 @@ class ImageFolderDataset(Dataset):
                 " (ImageNet: ILSVRC2012 train/val from https://image-net.org/download.php, with"
                 " val/ sorted into one folder per class)"
             )
+        exts = tuple(e.lower() for e in extensions)
+        if unlabeled:
+            self.classes, self.class_to_idx = [], {}
+            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in exts)
+            self.samples = [(p, -1) for p in files if p.is_file()]
+        else:
+            self._list_classes(exts, classes)
+        if not self.samples:
+            where = f"{self.root} (at any depth)" if unlabeled else f"{self.root}/<class>/"
+            raise FileNotFoundError(f"no images with extensions {exts} in {where}")
+        self.targets = np.array([t for _, t in self.samples], dtype=np.int64)
+        self._owns_classes = classes is None and not unlabeled  # its folders are the classes
+        if self._owns_classes:
+            self._check_no_empty_class()
+
+    def _list_classes(self, exts: tuple[str, ...], classes: Sequence[str] | None) -> None:
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         self.classes = folders if classes is None else list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -234,20 +254,12 @@ class ImageFolderDataset(Dataset):
                 f" training set's): {shown}; remove them, or add those classes to the training"
                 " folder"
             )
-        exts = tuple(e.lower() for e in extensions)
         self.samples = [
             (p, self.class_to_idx[c])
             for c in folders
             for p in sorted((self.root / c).iterdir())
             if p.suffix.lower() in exts
         ]
-        if not self.samples:
-            raise FileNotFoundError(
-                f"no images with extensions {exts} in {self.root}/<class>/ sub-folders"
-            )
-        self.targets = np.array([t for _, t in self.samples], dtype=np.int64)
-        if classes is None:
-            self._check_no_empty_class()
 
     def check_images(self, skip_bad: bool = False, threads: int = 8) -> list[Path]:
         """Open and verify every image before any is used (``metapl.data.check``; cached while
@@ -264,7 +276,10 @@ class ImageFolderDataset(Dataset):
             dropped = set(bad)
             self.samples = [s for s in self.samples if s[0] not in dropped]
             self.targets = np.array([t for _, t in self.samples], dtype=np.int64)
-            self._check_no_empty_class()
+            if self._owns_classes:
+                self._check_no_empty_class()
+            if not self.samples:
+                raise ValueError(f"{self.root} holds no readable images")
         return bad
 
     def _check_no_empty_class(self) -> None:

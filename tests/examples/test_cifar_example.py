@@ -71,6 +71,7 @@ def test_runs_and_resumes(tmp_path, cifar_dir, preset):
     assert json.loads(resumed.stdout.strip().splitlines()[-1]).keys() == results.keys()
 
 
+@pytest.mark.slow  # the fast set kills faulty_run.py and SIGTERMs this script (test_faults)
 def test_sigkill_then_resume_is_bit_identical(tmp_path, cifar_dir):
     steps = ["--steps", "200", "--checkpoint-every", "10", "--meta-grad", "first_order"]
 

@@ -295,3 +295,43 @@ def test_final_pt_describes_itself_and_predict_reads_images_with_it(tmp_path, mo
     assert "does not say how to read an image" in capsys.readouterr().err
     assert predict.main([str(out), str(tmp_path / "nothing.png")]) == 1
     assert capsys.readouterr().err.strip().endswith(f"error: no image file {tmp_path}/nothing.png")
+
+
+def test_an_unlabeled_folder_beside_the_labeled_classes(tmp_path, monkeypatch, capsys):
+    """--unlabeled-dir: images at any depth, no classes; train/ is then all labeled (but the
+    validation images), and the unlabeled pool is train/ plus the folder."""
+    from PIL import Image
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=2)
+    extra = tmp_path / "unlabeled"
+    for i, sub in enumerate(["", "a", "a/b", "c"]):
+        (extra / sub).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (60 * i, 10, 200)).save(extra / sub / f"u{i}.png")
+    example = _example()
+    exp = example.Experiment(
+        data=example.Data(val_per_class=1, image_size=32, decode_threads=1, unlabeled_dir=extra),
+        settings=example.Settings(data_dir=data, output_dir=tmp_path / "split"),
+    )
+    loaded, _ = example.ImageNet.load_data(exp, torch.device("cpu"))
+    assert len(loaded.labeled_y) == 21 and len(loaded.val_y) == 3  # 24 images, 1 per class held
+    assert len(loaded.unlabeled_x) == 21 + 4  # train/ but the validation images, then the folder
+    folder = loaded.unlabeled_x[torch.arange(21, 25)]  # sorted paths: a/b/u2, a/u1, c/u3, u0
+    assert folder[:, 0].float().mean(dim=(1, 2)).tolist() == [120, 60, 180, 0]
+
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--unlabeled-dir", str(extra), "--output-dir", str(out)]
+    argv += ["--image-size", "32", "--model", "mlp", "--labeled-batch", "2", "--json"]
+    argv += ["--unlabeled-ratio", "2", "--val-per-class", "1", "--steps", "2"]
+    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    assert {"test/student", "val/student"} <= example.main(argv).keys()
+    assert json.loads((out / "split.json").read_text())["meta"]["label_fraction"] == 1.0
+    missing = [*argv[:2], "--unlabeled-dir", str(tmp_path / "none"), *argv[4:]]
+    missing[missing.index("--output-dir") + 1] = str(tmp_path / "run2")
+    with pytest.raises(SystemExit) as e:
+        example.main(missing)
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().endswith(f"--unlabeled-dir {tmp_path}/none is not a folder")
+    )

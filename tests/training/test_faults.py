@@ -95,7 +95,14 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not list(out.glob(".*.tmp")), "a resumed run removes the temporary files of a kill"
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        "SIGTERM",
+        pytest.param("SIGINT", marks=pytest.mark.slow),
+        pytest.param("SIGUSR1", marks=pytest.mark.slow),
+    ],
+)
 def test_a_stop_signal_checkpoints_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, sig):
     """A preempted job: the signal comes in step 5 (checkpoints every 3 steps); the run
     saves step 5, says how to resume and exits 1; the resumed run ends as an uninterrupted
