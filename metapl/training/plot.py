@@ -16,10 +16,10 @@ so are panels left without data. Losses and learning rates spanning a decade or 
 log scale.
 
 ``--panels NAME...`` keeps only those panels, by file name (``accuracy``, ``teacher_loss``,
-``h``, ``meta_grad_norm``, ``lr``, ...). ``--output`` ending in ``.png``: one figure with every
-panel. Any other path: a folder with one
-PNG per panel. Default: ``curves.png`` in the run folder (in the runs' common parent folder
-for several runs). Needs matplotlib (``pip install matplotlib``).
+``h``, ``meta_grad_norm``, ``lr``, ``finetune``, ...). ``--output`` ending in ``.png``: one
+figure with every panel. Any other path: a folder with one PNG per panel. Default:
+``curves.png`` in the run folder (in the runs' common parent folder for several runs). Needs
+matplotlib (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         nargs="+",
         metavar="NAME",
         help="only these panels, by file name: accuracy, teacher_loss, h, "
-        "meta_grad_norm, lr, ... (default: all)",
+        "meta_grad_norm, lr, finetune, ... (default: all)",
     )
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
