@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     panel_list = panels(runs)
+    if not panel_list:
+        raise ValueError("nothing to draw: every curve of these runs is constant")
     if args.panels:
         names = [p.name for p in panel_list]
         unknown = [n for n in args.panels if n not in names]

@@ -129,6 +129,12 @@ def test_command_writes_one_figure_or_one_png_per_panel(tmp_path):
             "line 2, is not JSON",
         ),
         (lambda d: (d / "metrics.jsonl").write_text("[1, 2]\n"), "not a metapl metrics record"),
+        (
+            lambda d: (d / "metrics.jsonl").write_text(
+                '{"step": 1, "a": 1}\n{"step": 2, "a": 1}\n'
+            ),
+            "nothing to draw: every curve of these runs is constant",
+        ),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, setup, message):
