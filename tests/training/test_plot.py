@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_hex
 from support import ROOT
 
 from metapl.training import plot
@@ -128,6 +129,12 @@ def test_command_writes_one_figure_or_one_png_per_panel(tmp_path):
             "line 2, is not JSON",
         ),
         (lambda d: (d / "metrics.jsonl").write_text("[1, 2]\n"), "not a metapl metrics record"),
+        (
+            lambda d: (d / "metrics.jsonl").write_text(
+                '{"step": 1, "a": 1}\n{"step": 2, "a": 1}\n'
+            ),
+            "nothing to draw: every curve of these runs is constant",
+        ),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, setup, message):
@@ -169,3 +176,130 @@ def test_a_line_cut_short_by_a_kill_is_ignored(tmp_path):
         f.write('{"step": 8, "teacher/lo')
     runs = plot.load_runs([tmp_path])
     assert max(r["step"] for r in runs[tmp_path.name]) == 6
+
+
+def write_records(folder: Path, records: dict[int, dict[str, float]]) -> Path:
+    """A run logging ``{step: metrics}``, in step order."""
+    tracker = Tracker(folder, config={})
+    for step, metrics in sorted(records.items()):
+        tracker.log(metrics, step=step)
+    tracker.finish()
+    return folder
+
+
+def drawn_colors(fig) -> dict[str, set]:
+    """``{run: colours}`` of every line and marker in ``fig``."""
+    colors: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            run = line.get_label().partition(": ")[0]
+            colors.setdefault(run, set()).add(to_hex(line.get_color()))
+            if line.get_marker() not in (None, "None", ""):
+                colors[run].add(to_hex(line.get_markerfacecolor()))
+                colors[run].add(to_hex(line.get_markeredgecolor()))
+    return colors
+
+
+def test_legends_cover_no_title_nor_other_panel(tmp_path):
+    for k in range(6):  # 18 accuracy curves: a legend taller than its panel
+        write_run(tmp_path / f"run{k}", 1.0 + k)
+    fig = plot.figure(plot.panels(plot.load_runs(sorted(tmp_path.iterdir()))))
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in axes:
+        legend = ax.get_legend().get_window_extent()
+        for other in axes:
+            assert not legend.overlaps(other.title.get_window_extent()), other.get_title()
+            if other is not ax:
+                assert not legend.overlaps(other.get_window_extent()), other.get_title()
+        assert fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # inside the figure
+
+
+def test_each_run_keeps_one_colour_in_every_panel_and_file(tmp_path, monkeypatch):
+    paths = [tmp_path / f"run{k:02}" for k in range(12)]
+    for k, path in enumerate(paths):
+        write_run(path, 1.0 + k)
+    # only this run logs uda_weight: alone in that panel's file, it keeps its colour there
+    extra = {2: {"teacher/loss": 1.0, "uda_weight": 0.0}, 4: {"uda_weight": 1.0}}
+    paths.append(write_records(tmp_path / "extra", extra))
+    colors = drawn_colors(plot.figure(plot.panels(plot.load_runs(paths))))
+    assert len(colors) == 13 and all(len(c) == 1 for c in colors.values()), colors
+    assert len(set.union(*colors.values())) == 13  # no two runs share a colour
+    original, per_file = plot.figure, {}
+
+    def recording(group, *args):
+        fig = original(group, *args)
+        per_file[group[0].name] = drawn_colors(fig)
+        return fig
+
+    monkeypatch.setattr(plot, "figure", recording)
+    plot.main([*map(str, paths), "--output", str(tmp_path / "panels")])
+    assert per_file["uda_weight"] == {"extra": colors["extra"]}
+    for drawn in per_file.values():
+        assert drawn == {run: colors[run] for run in drawn}
+
+
+def test_finetuning_has_its_own_axis_from_the_end_of_training(tmp_path):
+    runs = []
+    for name, steps in (("long", 6), ("short", 4)):
+        records = {
+            s: {"teacher/loss": 1.0 / s, "val/student": 0.1 * s} for s in (2, 4, 6)[: steps // 2]
+        }
+        for k in (1, 2, 3, 4):  # finetuning, logged at the steps after the training's
+            records[steps + k] = {"finetune/loss": 1.0 / k}
+        records[steps + 4].update({"test/student": 0.9, "val/student_before_finetune": 0.5})
+        runs.append(write_records(tmp_path / name, records))
+    panel_list = plot.panels(plot.load_runs(runs))
+    assert "finetune/loss" not in [p.title for p in panel_list]
+    assert series(panel_list, "finetuning") == {
+        "long": ([1, 2, 3, 4], [1.0, 0.5, 1 / 3, 0.25]),
+        "short": ([1, 2, 3, 4], [1.0, 0.5, 1 / 3, 0.25]),
+    }
+    accuracy = series(panel_list, "accuracy")  # the final test point ends the training axis
+    assert accuracy["long: test/student"] == ([6], [0.9])
+    assert accuracy["short: test/student"] == ([4], [0.9])
+    assert accuracy["short: val/student_before_finetune"] == ([4], [0.5])
+    fig = plot.figure(panel_list)
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == "finetuning"]
+    assert ax.get_xlabel() == "finetuning step"
+    assert min(min(line.get_xdata()) for line in ax.get_lines()) == 1
+    for ax in fig.axes:
+        if ax.get_visible() and ax.get_title() != "finetuning":
+            assert max(max(line.get_xdata()) for line in ax.get_lines()) <= 6
+
+
+def test_constant_curves_and_emptied_panels_are_left_out(tmp_path):
+    flat = {
+        s: {"teacher/loss": 1.0 / s, "uda_weight": 1.0, "mpl/h": 0.1 * s, "mpl/h_baseline": 0.3}
+        for s in (2, 4, 6)
+    }
+    flat[4]["mpl/h_baseline"] = 0.1 + 0.2  # 0.30000000000000004: equal up to rounding
+    flat[6]["test/student"] = 0.7  # one point: kept
+    varying = {s: {"teacher/loss": 2.0 / s, "mpl/h_baseline": 0.1 * s} for s in (2, 4, 6)}
+    runs = [write_records(tmp_path / "flat", flat), write_records(tmp_path / "varying", varying)]
+    panel_list = plot.panels(plot.load_runs(runs))
+    assert [p.title for p in panel_list] == [
+        "accuracy",
+        "teacher/loss",
+        "h (MPL: change of the student's labeled loss)",
+    ]
+    assert series(panel_list, "accuracy") == {"flat": ([6], [0.7])}
+    assert list(series(panel_list, "h (MPL: change of the student's labeled loss)")) == [
+        "flat: mpl/h",
+        "varying: mpl/h_baseline",
+    ]
+
+
+def test_a_log_panel_under_a_decade_has_plain_tick_labels(tmp_path):
+    records = {
+        s: {"teacher/loss": 1.1 + 0.02 * s, "student/loss_l": 10.0 / s**3} for s in (1, 2, 4)
+    }
+    fig = plot.figure(plot.panels(plot.load_runs([write_records(tmp_path / "run", records)])))
+    fig.canvas.draw()
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert axes["student/loss_l"].get_yscale() == "log"  # 64x: a log scale still
+    labels = [
+        t.get_text() for t in axes["teacher/loss"].get_yticklabels(which="both") if t.get_text()
+    ]
+    assert labels and not any("x10" in t or "times" in t or "10^" in t for t in labels), labels
+    assert all(float(t.replace("\u2212", "-").strip("$")) > 0 for t in labels), labels
