@@ -11,9 +11,9 @@ metric. The finetuning, logged at the steps after the training's, has its own ax
 from the end of the training; values logged after the training (the final test accuracies)
 are drawn at its last step. Several runs are overlaid, each in one colour in every panel,
 labelled by their folders (e.g. every cell and seed of ``examples/ablations.py``'s grid), the
-legend beside each panel. Constant curves (two or more points, all equal) are left out, and
-so are panels left without data. Losses and learning rates spanning a decade or more have a
-log scale.
+legend beside each panel. Constant curves (two or more points, all equal) other than
+accuracies are left out, and so are panels left without data. Losses and learning rates
+spanning a decade or more have a log scale.
 
 ``--panels NAME...`` keeps only those panels, by file name (``accuracy``, ``teacher_loss``,
 ``h``, ``meta_grad_norm``, ``lr``, ``finetune``, ...). ``--output`` ending in ``.png``: one
@@ -105,7 +105,8 @@ def panels(runs: dict[str, list[dict[str, float]]]) -> list[Panel]:
     metric of one run, its label ``run`` (or ``run: metric`` where a panel has several metrics),
     its points the steps that logged a finite value of it: ``finetune/*`` metrics at their
     finetuning step (the step less the run's training steps), other metrics at most at the
-    last training step. Constant curves and panels left without curves are left out."""
+    last training step. Constant curves (but accuracies) and panels left without curves are
+    left out."""
     keys = sorted({k for records in runs.values() for r in records for k in r} - {"step"})
     groups = [(title, name, [k for k in keys if belongs(k)]) for title, name, belongs in GROUPS]
     grouped = {k for _, _, members in groups for k in members}
@@ -128,7 +129,10 @@ def panels(runs: dict[str, list[dict[str, float]]]) -> list[Panel]:
                 points = [
                     (r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])
                 ]
-                if points and not _constant([v for _, v in points]):
+                # a flat accuracy still compares runs (one stuck at chance); other flat curves
+                # tell nothing
+                flat = name != "accuracy" and _constant([v for _, v in points])
+                if points and not flat:
                     label = run if len(members) == 1 else f"{run}: {key}"
                     steps = [s - end if finetuning else min(s, end) for s, _ in points]
                     panel.series.append(Series(label, steps, [v for _, v in points]))
