@@ -144,17 +144,22 @@ def split_with_validation(
     new_split: Callable[[], Split],
     meta: dict,
     split_from: Path | None = None,
+    files: list[tuple[str, int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(labeled, unlabeled, val)`` indices into the training images ``targets: [N]``.
 
     Reused from output-dir/split.json (or ``split_from``: --finetune-only's trained run) when
     one exists; otherwise ``new_split()`` with ``exp.data.val_per_class`` validation images of
     each class drawn from its unlabeled images, saved with ``meta``. The validation images are
-    held out of training; the unlabeled set is every other training image."""
+    held out of training; the unlabeled set is every other training image. ``files``: the
+    training images as (relative path, size) in index order, saved beside the indices; a saved
+    split whose files differ is refused, naming the first differences."""
     path = exp.settings.output_dir / "split.json"
     source = path if path.exists() else split_from
     if source is not None and source.exists():
         split, saved = load_manifest(source)
+        if files is not None and "files" in saved:
+            _check_same_files([tuple(f) for f in saved["files"]], list(files), source)
         val = np.asarray(saved["val"], dtype=np.int64)
         if source != path and distributed.rank() == 0:
             save_manifest(split, path, saved)
@@ -170,8 +175,32 @@ def split_with_validation(
         # the labeled set may have been the pool (beside an unlabeled folder): never val too
         split = replace(split, labeled=np.setdiff1d(split.labeled, val))
         if distributed.rank() == 0:
-            save_manifest(split, path, {**meta, "val": val.tolist()})
+            listed = {} if files is None else {"files": [list(f) for f in files]}
+            save_manifest(split, path, {**meta, "val": val.tolist(), **listed})
     return split.labeled, np.setdiff1d(np.arange(len(targets)), val), val
+
+
+def _check_same_files(saved: list[tuple], now: list[tuple], source: Path) -> None:
+    """RunError naming the first files gone, new or resized since ``source`` was written (the
+    split's indices would point at other images)."""
+    if saved == now:
+        return
+    old, new = dict(saved), dict(now)
+    kinds = {
+        "gone": [f for f in old if f not in new],
+        "new": [f for f in new if f not in old],
+        "of another size": [f for f in old if f in new and old[f] != new[f]],
+    }
+    found = [
+        f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+        for k, v in kinds.items()
+        if v
+    ]
+    what = "; ".join(found) or "the same files in another order"
+    raise RunError(
+        f"the training images changed since {source} was written: {what}. Its indices would "
+        "point at other images: restore the folder, or start a new run in another --output-dir"
+    )
 
 
 def scaled(recipe: Recipe, preset: Recipe) -> tuple[Recipe, str | None]:

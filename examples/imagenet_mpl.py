@@ -156,7 +156,10 @@ class ImageNet:
         """The data and the number of classes (train/'s class folders). ``split_from``: a
         split.json to reuse when the output folder has none (--finetune-only)."""
         train_set, test_set = _folders(exp)
-        labeled, unlabeled, val = _split(train_set.targets, exp, split_from)
+        files = [
+            (str(p.relative_to(train_set.root)), p.stat().st_size) for p, _ in train_set.samples
+        ]
+        labeled, unlabeled, val = _split(train_set.targets, exp, split_from, files)
         randaugment = build_randaugment(exp.recipe, exp.data.image_size, imagenet=True)
 
         def prepare(images):
@@ -194,7 +197,9 @@ def _unlabeled_folder(exp: Experiment) -> ImageFolderDataset:
     return extra
 
 
-def _split(targets: np.ndarray, exp: Experiment, split_from=None) -> tuple[np.ndarray, ...]:
+def _split(
+    targets: np.ndarray, exp: Experiment, split_from=None, files=None
+) -> tuple[np.ndarray, ...]:
     """Labeled (label_fraction of each class), unlabeled and validation indices (see
     ``split_with_validation``)."""
     d = exp.data
@@ -206,7 +211,7 @@ def _split(targets: np.ndarray, exp: Experiment, split_from=None) -> tuple[np.nd
         )
 
     meta = {"dataset": "imagenet", "label_fraction": d.fraction, "seed": exp.settings.seed}
-    return split_with_validation(exp, targets, new_split, meta, split_from)
+    return split_with_validation(exp, targets, new_split, meta, split_from, files)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

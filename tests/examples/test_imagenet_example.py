@@ -335,3 +335,33 @@ def test_an_unlabeled_folder_beside_the_labeled_classes(tmp_path, monkeypatch, c
     assert (
         capsys.readouterr().err.strip().endswith(f"--unlabeled-dir {tmp_path}/none is not a folder")
     )
+
+
+def test_a_changed_training_folder_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    """split.json keeps the training images' paths and sizes: an image removed or replaced
+    before --resume is one line naming it, not an IndexError or other images trained on."""
+    from PIL import Image
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    data = tmp_path / "data"
+    write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=2)
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
+    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2", "--json"]
+    argv += ["--label-fraction", "0.25", "--val-per-class", "1", "--steps", "2"]
+    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    example = _example()
+    assert example.cli(example.main, argv) == 0
+    files = json.loads((out / "split.json").read_text())["meta"]["files"]
+    assert len(files) == 24 and files[0][0] == "class_000/img_0000.png"
+    capsys.readouterr()
+
+    Image.new("RGB", (10, 10)).save(data / "train" / "class_002" / "img_0005.png")
+    assert example.cli(example.main, [*argv, "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of another size (class_002/img_0005.png)" in err[0]
+    (data / "train" / "class_001" / "img_0003.png").unlink()
+    assert example.cli(example.main, [*argv, "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the training images changed since")
+    assert "1 gone (class_001/img_0003.png); 1 of another size (class_002/img_0005.png)" in err
