@@ -172,8 +172,10 @@ def split_with_validation(
             for c, count in zip(*np.unique(targets[pool], return_counts=True), strict=True)
         ]
         val = np.sort(np.concatenate(per_class))
-        # the labeled set may have been the pool (beside an unlabeled folder): never val too
-        split = replace(split, labeled=np.setdiff1d(split.labeled, val))
+        # saved as trained on: labeled and unlabeled never hold a validation image (the labeled
+        # set was the pool beside an unlabeled folder; the unlabeled one is every other image)
+        rest = np.setdiff1d(np.arange(len(targets)), val)
+        split = replace(split, labeled=np.setdiff1d(split.labeled, val), unlabeled=rest)
         if distributed.rank() == 0:
             listed = {} if files is None else {"files": [list(f) for f in files]}
             save_manifest(split, path, {**meta, "val": val.tolist(), **listed})

@@ -352,8 +352,11 @@ def test_a_changed_training_folder_is_refused_on_resume(tmp_path, monkeypatch, c
     argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
     example = _example()
     assert example.cli(example.main, argv) == 0
-    files = json.loads((out / "split.json").read_text())["meta"]["files"]
+    manifest = json.loads((out / "split.json").read_text())
+    files, val = manifest["meta"]["files"], set(manifest["meta"]["val"])
     assert len(files) == 24 and files[0][0] == "class_000/img_0000.png"
+    assert len(val) == 3 and not val & (set(manifest["labeled"]) | set(manifest["unlabeled"]))
+    assert len(manifest["unlabeled"]) == 21  # what trained as unlabeled: all but validation
     capsys.readouterr()
 
     Image.new("RGB", (10, 10)).save(data / "train" / "class_002" / "img_0005.png")
