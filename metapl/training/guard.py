@@ -58,7 +58,7 @@ class DivergenceGuard:
                 for k in names
             ]
         )
-        size = values[self.losses].abs()
+        size = values[self.losses].abs()  # long indices: no host sync (a mask would sync)
         ratio = torch.zeros_like(values)
         median = torch.zeros_like(values)
         if self.seen == 0:
@@ -84,8 +84,9 @@ class DivergenceGuard:
     def _start(self, names: tuple[str, ...]) -> None:
         n, dev = len(names), self.device
         self.names = names
-        self.losses = torch.tensor(["loss" in k for k in names], device=dev)
-        self.history = torch.zeros(HISTORY, int(self.losses.sum()), device=dev)
+        losses = [i for i, k in enumerate(names) if "loss" in k]
+        self.losses = torch.tensor(losses, dtype=torch.int64, device=dev)
+        self.history = torch.zeros(HISTORY, len(losses), device=dev)
         self.seen = 0
         self.first = torch.full((n,), -1.0, device=dev)
         self.value, self.ratio, self.median, self.row = (torch.zeros(n, device=dev) for _ in "1234")
