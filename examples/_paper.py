@@ -25,7 +25,14 @@ from metapl.training.rundir import CHECKPOINT, CONFIG, FINAL, RESUMABLE, check_c
 
 __all__ = ["cli", "fail", "run", "split_with_validation"]
 
-NETWORKS = ("final", "ema_student", "student", "teacher")
+NETWORKS = ("final", "ema_student", "student", "teacher")  # keys in final.pt / checkpoint.pt
+# ... and their names in results, metrics and --evaluate (metapl.training.loop's names)
+PUBLIC_NAMES = {
+    "final": "student_finetuned",
+    "ema_student": "student_ema",
+    "student": "student_raw",
+    "teacher": "teacher",
+}
 MODES = """Modes (besides training):
   --resume [RUN_DIR]          continue the run in RUN_DIR (or in --output-dir); its saved
                               configuration gives every other flag, and a flag typed again must
@@ -288,7 +295,7 @@ def run(
         tracker = _tracker(exp, resume)
         config = train_config(exp.recipe, s, len(data.labeled_y))
         if ft is not None:
-            key = _load_student(ft, student)
+            key, name = _load_student(ft, student)
             results = finetune_only(
                 student,
                 data,
@@ -296,6 +303,7 @@ def run(
                 s.output_dir,
                 tracker,
                 networks={key: student},
+                name=name,
                 about={"model": s.model, **script.about(exp, num_classes)},
             )
         else:
@@ -323,12 +331,19 @@ def _tracker(exp: Any, resume: bool) -> Tracker:
     )
 
 
-def saved_networks(path: Path) -> dict[str, dict[str, Tensor]]:
-    """The state dicts a run saved in ``path``: ``final.pt`` (``final``, ``ema_student``,
-    ``student``, ``teacher``) or ``checkpoint.pt`` (the same but ``final``), those present."""
+def saved_networks(path: Path) -> dict[str, tuple[str, dict[str, Tensor]]]:
+    """The networks a run saved in ``path`` by their names in results (``student_finetuned``,
+    ``student_ema``, ``student_raw``, ``teacher``): ``(key in the file, state dict)``, those
+    present. ``final.pt``'s final model counts only when it was finetuned (else it is the
+    EMA or raw student again)."""
     state = load_checkpoint(path)
     nets = state["mpl"] if isinstance(state.get("mpl"), dict) else state
-    found = {k: nets[k] for k in NETWORKS if isinstance(nets.get(k), dict)}
+    finetuned = bool(state.get("config", {}).get("finetune_steps"))
+    found = {
+        PUBLIC_NAMES[k]: (k, nets[k])
+        for k in NETWORKS
+        if isinstance(nets.get(k), dict) and (k != "final" or finetuned)
+    }
     if not found:
         raise RunError(f"{path} holds no saved networks: pass a run's final.pt or checkpoint.pt")
     return found
@@ -353,22 +368,23 @@ def evaluate_saved(
     from metapl.training.recipe import build_network
 
     results = {}
-    for name, state in saved_networks(path).items():
+    for name, (key, state) in saved_networks(path).items():
         model = build_network(exp.settings.model, num_classes, 0.0, image_size)
-        model = _load(model, state, path, name).to(y.device)
+        model = _load(model, state, path, key).to(y.device)
         results[f"test/{name}"] = evaluate(model, x, y, prepare, bf16=exp.settings.bf16)
     return results
 
 
-def _load_student(path: Path, student: nn.Module) -> str:
+def _load_student(path: Path, student: nn.Module) -> tuple[str, str]:
     """Load the saved EMA student of ``path`` (the student where there is no EMA) into
-    ``student``; its name."""
+    ``student``; its key in the file and its name in results."""
     nets = saved_networks(path)
-    key = next((k for k in ("ema_student", "student", "final") if k in nets), None)
-    if key is None:
+    name = next((k for k in ("student_ema", "student_raw", "student_finetuned") if k in nets), None)
+    if name is None:
         raise RunError(f"{path} holds no student (only {sorted(nets)})")
-    _load(student, nets[key], path, key)
-    return key
+    key, state = nets[name]
+    _load(student, state, path, key)
+    return key, name
 
 
 def print_results(results: Mapping[str, float], as_json: bool) -> None:

@@ -95,7 +95,9 @@ def _cell(example, args, passthrough: list[str], group: str, meta_grad: str, uda
             run_argv += ["--wandb-project", args.wandb_project]
         if args.resume and any((out / f).exists() for f in (CONFIG, CHECKPOINT)):
             run_argv += ["--resume", str(out)]
-        accuracies.append(example.main(run_argv)["test/student"])
+        results = example.main(run_argv)
+        # the final student's test accuracy (finetuned, EMA or raw: the run's last model)
+        accuracies.append(next(v for k, v in results.items() if k.startswith("test/student")))
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     summary = {"mean": statistics.mean(accuracies), "std": std, "seeds": accuracies}
     return {f"{meta_grad}/uda-{uda}": summary}

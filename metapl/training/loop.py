@@ -237,6 +237,7 @@ def _write(path: Path, state: dict, saved_step: int | None, keep_previous: bool 
 
 def _write_best(
     output_dir: Path,
+    name: str,
     model: nn.Module,
     best: tuple[float, int],
     about: dict | None,
@@ -244,7 +245,7 @@ def _write_best(
 ) -> None:
     """``best.pt``: the evaluated student at its best validation accuracy so far, in the
     layout of ``final.pt`` (``"final"``, ``"about"``) with its step and accuracy."""
-    state = {"final": model.state_dict(), "val/student": best[0], "step": best[1]}
+    state = {"final": model.state_dict(), "model": name, "val": best[0], "step": best[1]}
     _write(output_dir / BEST, {**state, **({"about": about} if about else {})}, saved)
 
 
@@ -360,7 +361,7 @@ def train(
 
     n_l, n_u = len(data.labeled_x), len(data.unlabeled_x)
     b_l, b_u = config.labeled_batch, config.labeled_batch * config.unlabeled_ratio
-    eval_model = mpl.ema_student if mpl.ema_student is not None else mpl.student
+    eval_name, eval_model = _evaluated(mpl)
     guard = DivergenceGuard(device, config.explosion_factor)
     saved_step = start if ckpt_path.exists() else None
     tick, images = time.perf_counter(), 0
@@ -399,12 +400,12 @@ def train(
             if val:
                 accs = _val_metrics(mpl, data, config)
                 tracker.log(accs, step=done)
-                if best is None or accs["val/student"] > best[0]:
-                    best = (accs["val/student"], done)
+                if best is None or accs[f"val/{eval_name}"] > best[0]:
+                    best = (accs[f"val/{eval_name}"], done)
                     check_parameters({"student": eval_model}, f"step {done}", ckpt_path, saved_step)
                     if is_main:
-                        _write_best(output_dir, eval_model, best, about, saved_step)
-                bar.write(_eval_line(accs, done, config.steps, best))
+                        _write_best(output_dir, eval_name, eval_model, best, about, saved_step)
+                bar.write(_eval_line(accs, done, config.steps, best, eval_name))
             if save:
                 check_parameters(_networks(mpl), f"step {done}", ckpt_path, saved_step)
                 if is_main:
@@ -425,10 +426,10 @@ def train(
             bar.update()
     bar.close()
 
-    final, results = _finetune_final(
-        eval_model, data, config, tracker, config.steps, ckpt_path, saved_step
+    final, name, results = _finetune_final(
+        eval_model, eval_name, data, config, tracker, config.steps, ckpt_path, saved_step
     )
-    results.update(_evaluate_final(final, mpl.teacher, data, config))
+    results.update(_evaluate_final(final, name, mpl.teacher, data, config))
     tracker.log(results, step=config.steps + config.finetune_steps)
     tracker.summary(results)
     if is_main:
@@ -444,17 +445,21 @@ def finetune_only(
     tracker: Tracker | None = None,
     networks: dict[str, nn.Module] | None = None,
     about: dict | None = None,
+    name: str = "student_ema",
 ) -> dict[str, float]:
     """The last phase of ``train`` on its own: finetune a copy of ``model`` (a trained student)
     for ``config.finetune_steps`` steps on the labeled data, evaluate it on the validation and
     test images and save it as ``train`` does (``final.pt`` with ``networks`` beside it,
-    ``results.json``). ``model`` itself is left as it was. Returns the accuracies."""
+    ``results.json``). ``model`` itself is left as it was. ``name``: what the results call
+    ``model`` (``student_ema`` or ``student_raw``). Returns the accuracies."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.rank() == 0
     tracker = tracker or Tracker(output_dir, enabled=is_main)
-    final, results = _finetune_final(model, data, config, tracker, 0, output_dir / CHECKPOINT, None)
-    results.update(_evaluate_final(final, None, data, config))
+    final, name, results = _finetune_final(
+        model, name, data, config, tracker, 0, output_dir / CHECKPOINT, None
+    )
+    results.update(_evaluate_final(final, name, None, data, config))
     tracker.log(results, step=config.finetune_steps)
     tracker.summary(results)
     if is_main:
@@ -464,6 +469,7 @@ def finetune_only(
 
 def _finetune_final(
     model: nn.Module,
+    name: str,
     data: SSLData,
     config: TrainConfig,
     tracker: Tracker,
@@ -471,14 +477,15 @@ def _finetune_final(
     ckpt_path: Path,
     saved_step: int | None,
 ) -> tuple[nn.Module, dict]:
-    """``model`` finetuned on the labeled data (a copy, dropout off) when
-    ``config.finetune_steps > 0``, else ``model`` itself; and its validation accuracy before.
-    Its losses are logged at steps ``first_step + 1, ...``."""
+    """``model`` (named ``name``) finetuned on the labeled data (a copy, dropout off) when
+    ``config.finetune_steps > 0``, else ``model`` itself; the final model's name; and the
+    validation accuracy of ``model`` before finetuning. Its losses are logged at steps
+    ``first_step + 1, ...``."""
     if not config.finetune_steps:
-        return model, {}
+        return model, name, {}
     device = data.labeled_y.device
     results = {
-        "val/student_before_finetune": evaluate(
+        f"val/{name}": evaluate(
             model, data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16
         )
     }
@@ -513,20 +520,37 @@ def _finetune_final(
             "--finetune-lr or check the labeled data"
         )
     check_parameters({"final": final}, "finetuning", ckpt_path, saved_step)
-    return final, results
+    return final, STUDENT_FINETUNED, results
 
 
 def _evaluate_final(
-    final: nn.Module, teacher: nn.Module | None, data: SSLData, config: TrainConfig
+    final: nn.Module, final_name: str, teacher: nn.Module | None, data: SSLData, config
 ) -> dict[str, float]:
     results = {}
     for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
-        for name, model in (("student", final), ("teacher", teacher)):
+        for name, model in ((final_name, final), (TEACHER, teacher)):
             if model is not None:
                 results[f"{split}/{name}"] = evaluate(
                     model, x, y, data.prepare, config.eval_batch, config.bf16
                 )
     return results
+
+
+# One name per model in metrics, results, the console and --evaluate: the teacher, the
+# student's own weights, their moving average, and the student after finetuning.
+TEACHER, STUDENT_RAW, STUDENT_EMA, STUDENT_FINETUNED = (
+    "teacher",
+    "student_raw",
+    "student_ema",
+    "student_finetuned",
+)
+
+
+def _evaluated(mpl: MPL) -> tuple[str, nn.Module]:
+    """The student that model selection and finetuning use: the EMA one when there is one."""
+    if mpl.ema_student is not None:
+        return STUDENT_EMA, mpl.ema_student
+    return STUDENT_RAW, mpl.student
 
 
 def _networks(mpl: MPL) -> dict[str, nn.Module]:
@@ -615,30 +639,25 @@ def _load_fitting(mpl: MPL, saved, path: Path) -> None:
 
 
 def _val_metrics(mpl: MPL, data: SSLData, config: TrainConfig) -> dict[str, float]:
-    """Validation accuracies: ``val/teacher``, ``val/student`` (the model ``train`` returns:
-    the EMA student when there is one) and, with EMA, ``val/student_raw`` (without EMA)."""
+    """Validation accuracies: ``val/teacher``, ``val/student_raw`` and, with EMA,
+    ``val/student_ema``."""
     args = (data.val_x, data.val_y, data.prepare, config.eval_batch, config.bf16)
-    accs = {"val/teacher": evaluate(mpl.teacher, *args)}
-    if mpl.ema_student is None:
-        accs["val/student"] = evaluate(mpl.student, *args)
-    else:
-        accs["val/student_raw"] = evaluate(mpl.student, *args)
-        accs["val/student"] = evaluate(mpl.ema_student, *args)
+    accs = {f"val/{TEACHER}": evaluate(mpl.teacher, *args)}
+    accs[f"val/{STUDENT_RAW}"] = evaluate(mpl.student, *args)
+    if mpl.ema_student is not None:
+        accs[f"val/{STUDENT_EMA}"] = evaluate(mpl.ema_student, *args)
     return accs
 
 
-def _eval_line(accs: dict[str, float], step: int, steps: int, best: tuple[float, int]) -> str:
-    """``step 1000/300000 | val top-1: teacher 41.20% student 43.10% EMA student 44.00% |
-    best EMA student 44.00% (step 1000)``"""
-    ema = "val/student_raw" in accs
-    parts = [f"teacher {100 * accs['val/teacher']:.2f}%"]
-    if ema:
-        parts.append(f"student {100 * accs['val/student_raw']:.2f}%")
-    name = "EMA student" if ema else "student"
-    parts.append(f"{name} {100 * accs['val/student']:.2f}%")
+def _eval_line(
+    accs: dict[str, float], step: int, steps: int, best: tuple[float, int], name: str
+) -> str:
+    """``step 1000/300000 | val top-1: teacher 41.20% student_raw 43.10% student_ema 44.00% |
+    best student_ema 44.00% (step 1000)``"""
+    parts = " ".join(f"{k.split('/', 1)[1]} {100 * v:.2f}%" for k, v in accs.items())
     return (
-        f"step {step}/{steps} | val top-1: {' '.join(parts)} | best {name} "
-        f"{100 * best[0]:.2f}% (step {best[1]})"
+        f"step {step}/{steps} | val top-1: {parts} | best {name} {100 * best[0]:.2f}% "
+        f"(step {best[1]})"
     )
 
 

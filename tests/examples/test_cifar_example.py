@@ -59,7 +59,9 @@ def test_runs_and_resumes(tmp_path, cifar_dir, preset):
     ]
     first = _run(*common, "--steps", "4")
     results = json.loads(first.stdout.strip().splitlines()[-1])
-    assert {"val/student", "test/student", "test/teacher"} <= results.keys()
+    # 4 steps of the preset's 300,000: no EMA; then finetuning
+    names = {"val/student_raw", "val/student_finetuned", "test/student_finetuned", "test/teacher"}
+    assert names <= results.keys()
     assert all(0.0 <= v <= 1.0 for v in results.values())
     assert json.loads((out / "split.json").read_text())["meta"]["preset"] == preset
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
@@ -165,7 +167,8 @@ def test_default_wideresnet_runs(tmp_path, cifar_dir):
         "--json",
     ]
     results = json.loads(_run(*args).stdout.strip().splitlines()[-1])
-    assert {"val/student", "val/teacher", "test/student", "test/teacher"} == results.keys()
+    names = {"val/student_raw", "val/teacher", "test/student_raw", "test/teacher"}
+    assert names == results.keys()  # no EMA in 2 steps, no finetuning
     assert load_checkpoint(out / "checkpoint.pt")["config"]["steps"] == 2
 
 
@@ -191,7 +194,7 @@ def test_torchrun_two_processes(tmp_path, cifar_dir):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
     results = json.loads(done.stdout.strip().splitlines()[-1])  # printed by rank 0 only
-    assert {"val/student", "test/student"} <= results.keys()
+    assert {"val/student_finetuned", "test/student_finetuned"} <= results.keys()
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
 
 
@@ -229,15 +232,15 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     code, printed, _ = _cli(["--evaluate", str(out / "final.pt"), "--json"], capsys)
     evaluated = json.loads(printed.strip().splitlines()[-1])
     assert code == 0 and set(evaluated) == {
-        "test/final",
-        "test/ema_student",
-        "test/student",
+        "test/student_finetuned",
+        "test/student_ema",
+        "test/student_raw",
         "test/teacher",
     }
-    assert evaluated["test/final"] == results["test/student"]
+    assert evaluated["test/student_finetuned"] == results["test/student_finetuned"]
     assert evaluated["test/teacher"] == results["test/teacher"]
     code, printed, _ = _cli(["--evaluate", str(out / "checkpoint.pt"), "--no-json"], capsys)
-    assert code == 0 and "| test/ema_student |" in printed and "test/final" not in printed
+    assert code == 0 and "| test/student_ema |" in printed and "finetuned" not in printed
     code, printed, _ = _cli(["--evaluate", str(out), "--json"], capsys)  # the run's folder
     assert code == 0 and json.loads(printed.strip().splitlines()[-1]) == evaluated
 
@@ -261,9 +264,9 @@ def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypat
     saved = torch.load(ft / "final.pt", weights_only=False)
     assert saved["config"]["finetune_steps"] == 3 and "ema_student" in saved
     assert json.loads(printed.strip().splitlines()[-1]).keys() == {
-        "val/student_before_finetune",
-        "val/student",
-        "test/student",
+        "val/student_ema",
+        "val/student_finetuned",
+        "test/student_finetuned",
     }
 
     code, _, err = _cli([*base, "--resume", str(out)], capsys)

@@ -66,7 +66,7 @@ def test_imagenet_example_runs_and_resumes(tmp_path, monkeypatch, capsys, model)
     results = example.main(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == pytest.approx(results)
-    assert {"val/student", "test/student", "test/teacher"} <= results.keys()
+    assert {"val/student_finetuned", "test/student_finetuned", "test/teacher"} <= results.keys()
     manifest = json.loads((out / "split.json").read_text())
     assert len(manifest["labeled"]) == 6  # 25% of 8 images in each of 3 classes
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
@@ -144,7 +144,7 @@ def test_any_model_on_image_folders_then_evaluate(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     assert example.cli(example.main, ["--evaluate", str(out / "final.pt")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["test/final"] == results["test/student"]
+    assert evaluated["test/student_finetuned"] == results["test/student_finetuned"]
 
 
 def test_without_pillow_the_error_is_one_line(tmp_path, monkeypatch, capsys):
@@ -286,7 +286,7 @@ def test_final_pt_describes_itself_and_predict_reads_images_with_it(tmp_path, mo
     assert all(r["class"] in about["classes"] and 0 < r["confidence"] <= 1 for r in rows)
     truth = [f"class_{c:03d}" for _, _, c in written["val"]]
     accuracy = sum(r["class"] == t for r, t in zip(rows, truth, strict=True)) / len(rows)
-    assert accuracy == results["test/student"]
+    assert accuracy == results["test/student_finetuned"]
 
     old = torch.load(out / "final.pt", weights_only=False)
     del old["about"]
@@ -325,7 +325,7 @@ def test_an_unlabeled_folder_beside_the_labeled_classes(tmp_path, monkeypatch, c
     argv += ["--image-size", "32", "--model", "mlp", "--labeled-batch", "2", "--json"]
     argv += ["--unlabeled-ratio", "2", "--val-per-class", "1", "--steps", "2"]
     argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
-    assert {"test/student", "val/student"} <= example.main(argv).keys()
+    assert {"test/student_finetuned", "val/student_finetuned"} <= example.main(argv).keys()
     assert json.loads((out / "split.json").read_text())["meta"]["label_fraction"] == 1.0
     missing = [*argv[:2], "--unlabeled-dir", str(tmp_path / "none"), *argv[4:]]
     missing[missing.index("--output-dir") + 1] = str(tmp_path / "run2")

@@ -15,8 +15,8 @@ def test_own_data_page_runs(tmp_path, monkeypatch, capsys):
     scope = {}
     exec(compile(block, str(PAGE), "exec"), scope)
     results = scope["results"]
-    assert {"val/student", "val/teacher", "test/student", "test/teacher"} == results.keys()
-    assert results["test/student"] > 0.5  # 10 classes: far above chance (61% measured)
+    assert {"val/student_ema", "val/teacher", "test/student_ema", "test/teacher"} == results.keys()
+    assert results["test/student_ema"] > 0.5  # 10 classes: far above chance (61% measured)
     out = tmp_path / "runs" / "own_data"
     assert {"checkpoint.pt", "final.pt", "results.json", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()

@@ -49,7 +49,7 @@ def test_the_finetuned_final_model_is_saved_with_its_evaluation(tmp_path):
     model.load_state_dict(final["final"])
     data = tiny_data()
     for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
-        assert evaluate(model, x, y, data.prepare) == results[f"{split}/student"]
+        assert evaluate(model, x, y, data.prepare) == results[f"{split}/student_finetuned"]
     # Without finetuning the final model is the EMA student itself.
     tiny_train(tmp_path / "no_finetune", steps=3, finetune_steps=0)
     plain = torch.load(tmp_path / "no_finetune" / "final.pt", weights_only=False)
@@ -63,11 +63,11 @@ def test_best_pt_holds_the_student_at_its_best_validation_accuracy(tmp_path, mon
     tiny_train(tmp_path / "short", steps=4, finetune_steps=0)
     accuracies = iter([0.3, 0.6, 0.5, 0.6])
     monkeypatch.setattr(
-        loop, "_val_metrics", lambda *a: {"val/teacher": 0.5, "val/student": next(accuracies)}
+        loop, "_val_metrics", lambda *a: {"val/teacher": 0.5, "val/student_ema": next(accuracies)}
     )
     tiny_train(tmp_path / "run", steps=8, eval_every=2, finetune_steps=1)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
-    assert (best["step"], best["val/student"]) == (4, 0.6)
+    assert (best["step"], best["model"], best["val"]) == (4, "student_ema", 0.6)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["best"] == (0.6, 4)
     at_4 = load_checkpoint(tmp_path / "short" / "checkpoint.pt")["mpl"]["ema_student"]
     assert best["final"].keys() == at_4.keys()
@@ -147,18 +147,18 @@ def test_every_evaluation_prints_a_line_and_the_run_is_logged_with_its_config(tm
     results = tiny_train(tmp_path, steps=8, finetune_steps=3, log_every=2, eval_every=4)
     lines = [x for x in capsys.readouterr().err.splitlines() if "val top-1" in x]
     config, records = read_metrics(tmp_path)
-    evals = [r for r in records if "val/teacher" in r and "test/student" not in r]
+    evals = [r for r in records if "val/teacher" in r and "test/teacher" not in r]
     assert [r["step"] for r in evals] == [4, 8] and len(lines) == 2
-    best = max(evals, key=lambda r: r["val/student"])  # the first of equals
+    best = max(evals, key=lambda r: r["val/student_ema"])  # the first of equals
     for line, r in zip(lines, evals, strict=True):
         assert line.startswith(
             f"step {r['step']}/8 | val top-1: teacher "
-            f"{100 * r['val/teacher']:.2f}% student "
-            f"{100 * r['val/student_raw']:.2f}% EMA student "
-            f"{100 * r['val/student']:.2f}%"
+            f"{100 * r['val/teacher']:.2f}% student_raw "
+            f"{100 * r['val/student_raw']:.2f}% student_ema "
+            f"{100 * r['val/student_ema']:.2f}%"
         )
     assert lines[-1].endswith(
-        f"best EMA student {100 * best['val/student']:.2f}% (step {best['step']})"
+        f"best student_ema {100 * best['val/student_ema']:.2f}% (step {best['step']})"
     )
     assert config == {**asdict(tiny_config(8, finetune_steps=3, log_every=2, eval_every=4))}
     finetune = [(r["step"], r["finetune/loss"]) for r in records if "finetune/loss" in r]
