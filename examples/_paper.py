@@ -159,8 +159,9 @@ def split_with_validation(
     one exists; otherwise ``new_split()`` with ``exp.data.val_per_class`` validation images of
     each class drawn from its unlabeled images, saved with ``meta``. The validation images are
     held out of training; the unlabeled set is every other training image. ``files``: the
-    training images as (relative path, size) in index order, saved beside the indices; a saved
-    split whose files differ is refused, naming the first differences."""
+    images the run reads as (relative path, size), the training images first in index order,
+    saved beside the indices; a saved split whose files differ is refused, naming the first
+    differences."""
     path = exp.settings.output_dir / "split.json"
     source = path if path.exists() else split_from
     if source is not None and source.exists():

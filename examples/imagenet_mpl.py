@@ -156,9 +156,8 @@ class ImageNet:
         """The data and the number of classes (train/'s class folders). ``split_from``: a
         split.json to reuse when the output folder has none (--finetune-only)."""
         train_set, test_set = _folders(exp)
-        files = [
-            (str(p.relative_to(train_set.root)), p.stat().st_size) for p, _ in train_set.samples
-        ]
+        extra = None if exp.data.unlabeled_dir is None else _unlabeled_folder(exp)
+        files = _files(train_set) + ([] if extra is None else _files(extra, "unlabeled-dir/"))
         labeled, unlabeled, val = _split(train_set.targets, exp, split_from, files)
         randaugment = build_randaugment(exp.recipe, exp.data.image_size, imagenet=True)
 
@@ -176,16 +175,22 @@ class ImageNet:
             return images, torch.as_tensor(dataset.targets[idx]).to(device)
 
         (x_l, y_l), (x_v, y_v) = (store(train_set, i) for i in (labeled, val))
-        if exp.data.unlabeled_dir is None:
+        if extra is None:
             x_u = DecodedImages(train_set, unlabeled, exp.data.decode_threads)
         else:  # train/'s unlabeled images, then the folder's
-            extra = _unlabeled_folder(exp)
             pool = ConcatDataset([train_set, extra])
             idx = np.concatenate([unlabeled, len(train_set) + np.arange(len(extra))])
             x_u = DecodedImages(pool, idx, exp.data.decode_threads)
         x_t, y_t = store(test_set, np.arange(len(test_set)))
         data = SSLData(x_l, y_l, x_u, x_v, y_v, x_t, y_t, weak, strong, prepare)
         return data, len(train_set.classes)
+
+
+def _files(dataset: ImageFolderDataset, prefix: str = "") -> list[tuple[str, int]]:
+    """The images as (path relative to the folder, size), recorded in split.json."""
+    return [
+        (prefix + str(p.relative_to(dataset.root)), p.stat().st_size) for p, _ in dataset.samples
+    ]
 
 
 def _unlabeled_folder(exp: Experiment) -> ImageFolderDataset:

@@ -327,6 +327,9 @@ def test_an_unlabeled_folder_beside_the_labeled_classes(tmp_path, monkeypatch, c
     argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
     assert {"test/student_finetuned", "val/student_finetuned"} <= example.main(argv).keys()
     assert json.loads((out / "split.json").read_text())["meta"]["label_fraction"] == 1.0
+    Image.new("RGB", (8, 8)).save(extra / "c" / "u3.png")  # the unlabeled folder changed
+    assert example.cli(example.main, [*argv, "--resume"]) == 1
+    assert "1 of another size (unlabeled-dir/c/u3.png)" in capsys.readouterr().err
     missing = [*argv[:2], "--unlabeled-dir", str(tmp_path / "none"), *argv[4:]]
     missing[missing.index("--output-dir") + 1] = str(tmp_path / "run2")
     with pytest.raises(SystemExit) as e:
