@@ -1,4 +1,5 @@
-"""Models for the MPL experiments: Wide ResNets (CIFAR, SVHN), ResNet-50 (ImageNet), an MLP.
+"""Models for the MPL experiments: Wide ResNets (CIFAR, SVHN), ResNet-50 (ImageNet), an MLP;
+a small byte-level GPT for meta-gradients through language-model training.
 
 All are plain `nn.Module`s without in-place updates of parameters, so they run under
 `torch.func.functional_call`, in channels_last memory format and under bf16 autocast.
@@ -10,10 +11,20 @@ import einops
 import torch
 from torch import nn
 
+from metapl.models.gpt import GPT, next_byte_loss
 from metapl.models.resnet import ResNet50, resnet50
 from metapl.models.wideresnet import WideResNet, wide_resnet28
 
-__all__ = ["MLP", "ResNet50", "WideResNet", "build_model", "resnet50", "wide_resnet28"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "ResNet50",
+    "WideResNet",
+    "build_model",
+    "next_byte_loss",
+    "resnet50",
+    "wide_resnet28",
+]
 
 
 class MLP(nn.Module):

@@ -3,7 +3,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from metapl.models import MLP, ResNet50, WideResNet, build_model, resnet50, wide_resnet28
+from metapl.models import (
+    GPT,
+    MLP,
+    ResNet50,
+    WideResNet,
+    build_model,
+    next_byte_loss,
+    resnet50,
+    wide_resnet28,
+)
 
 
 def n_params(model: nn.Module) -> int:
@@ -138,3 +147,39 @@ def test_bf16_autocast_forward_backward():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().logsumexp(1).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gpt_is_causal_and_counts_its_parameters():
+    torch.manual_seed(0)
+    model = GPT(context=8, layers=2, width=16, heads=4)
+    # embedding 256x16 (shared with the output), positions 8x16; per block two LayerNorms,
+    # qkv 16->48, out 16->16, MLP 16->64->16; a final LayerNorm
+    block = 2 * 32 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 64 + 64) + (64 * 16 + 16)
+    assert n_params(model) == 256 * 16 + 8 * 16 + 2 * block + 32
+    x = torch.randint(0, 256, (3, 8))
+    logits = model(x)
+    assert logits.shape == (3, 8, 256)
+    changed = x.clone()
+    changed[:, 5:] = (x[:, 5:] + 1) % 256  # later bytes cannot change earlier predictions
+    torch.testing.assert_close(model(changed)[:, :5], logits[:, :5])
+    assert not torch.allclose(model(changed)[:, 5:], logits[:, 5:])
+    loss = next_byte_loss(logits, x)
+    expected = torch.nn.functional.cross_entropy(logits[1, :-1], x[1, 1:])
+    assert loss.shape == (3,) and torch.allclose(loss[1], expected)
+    with pytest.raises(ValueError, match="exceed the context of 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt_attention_has_forward_and_reverse_second_derivatives():
+    """The math path of scaled_dot_product_attention: jvp of the gradient equals its vjp
+    (the Hessian is symmetric) in float64; the fused CPU kernel has neither."""
+    torch.manual_seed(0)
+    model = GPT(context=8, layers=1, width=16, heads=2).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randint(0, 256, (2, 8))
+    gradient = grad(lambda p: next_byte_loss(functional_call(model, p, (x,)), x).mean())
+    a = {k: torch.randn_like(v) for k, v in params.items()}
+    forward = torch.func.jvp(gradient, (params,), (a,))[1]
+    reverse = torch.func.vjp(gradient, params)[1](a)[0]
+    for k in params:
+        torch.testing.assert_close(forward[k], reverse[k], rtol=1e-10, atol=1e-12)
