@@ -1,0 +1,560 @@
+"""Learned data mixing for a small byte-level GPT, by lookahead meta-gradients, with metapl.
+
+The training data is a mixture of five text sources built offline from the Python standard
+library's own source files (``sysconfig.get_paths()["stdlib"]``, read as bytes):
+
+==============  ==============================================================================
+code            the source of the training files, as is
+docstrings      their docstrings (extracted with ``ast``), one after another
+shuffled        the code's bytes in a random order (its byte frequencies, no structure)
+repeated        every line of the code repeated ``repeat`` times in a row
+random          uniformly random bytes
+==============  ==============================================================================
+
+The clean target is the source of *other* files (a deterministic split by a hash of the file
+name): the ``target`` files give the meta-gradient's outer loss, the ``test`` files, seen by
+nothing, the reported loss. The meta parameters are per-source mixing logits ``w``: the
+student (``metapl.models.GPT``) trains on ``sum_s softmax(w)_s * loss_s``, the next-byte loss
+of a batch holding ``per_source`` windows of every source. Each iteration takes
+``metapl.meta_grad`` of the target loss after a lookahead of K steps of the student's own
+optimizer (Adam) on that mixture, updates ``w`` with Adam, then takes one real student step on
+the mixture with the new weights. Rows, each over ``seeds``:
+
+==============  ==============================================================================
+uniform         fixed equal weights (1/5 each)
+learned         weights learned online, starting equal
+oracle          the clean sources only (code and docstrings, 1/2 each)
+==============  ==============================================================================
+
+Reported: the test files' next-byte loss (nats per byte; bits = nats / ln 2), mean ± std over
+seeds, and the peak memory of one meta-step with each ``curvature`` (second-order products by
+double backward or by forward-over-reverse). The stdlib differs between Python versions, and
+so do the sources.
+
+Results and reading: docs/examples_meta.md (learned data mixing).
+
+    python examples/lm_data_mixing.py                      # 3 seeds, table + figure
+    python examples/lm_data_mixing.py --lookahead 3        # 3-step lookahead
+    python examples/lm_data_mixing.py --preset smoke       # seconds
+    python examples/lm_data_mixing.py --help               # every field is a flag
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad
+from tqdm import tqdm
+
+import metapl
+from metapl import optim
+from metapl.models import GPT, next_byte_loss
+from metapl.training.bounds import check_bounds
+from metapl.training.cli import parse
+
+Params = dict[str, Tensor]
+Curvature = Literal["reverse", "forward"]
+SOURCES = ("code", "docstrings", "shuffled", "repeated", "random")
+CLEAN = ("code", "docstrings")
+ROWS = ("uniform", "learned", "oracle")
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    context: int = 64  # bytes per window (the GPT's context)
+    layers: int = 2
+    width: int = 64
+    heads: int = 4
+    iters: int = 300  # iterations: one meta-step (learned row) and one student step each
+    per_source: int = 8  # windows of every source in an inner batch
+    target_batch: int = 32  # target windows in the outer loss
+    lr: float = 3e-3  # the student's Adam
+    meta_lr: float = 0.05  # Adam on the mixing logits
+    lookahead: int = 1  # K: student steps the meta-gradient looks through
+    curvature: Curvature = "reverse"  # second-order products: double backward or jvp of grad
+    eval_every: int = 25  # iterations between test-loss evaluations
+    test_windows: int = 256  # windows of the test files scored at every evaluation
+    max_bytes: int = 400_000  # bytes read for the training files (whole files, sorted order)
+    repeat: int = 4  # times the repeated source repeats each line
+
+    def __post_init__(self):
+        check_bounds(
+            self,
+            {
+                "context": ">= 2",
+                "layers": ">= 1",
+                "width": ">= 1",
+                "heads": ">= 1",
+                "iters": ">= 1",
+                "per_source": ">= 1",
+                "target_batch": ">= 1",
+                "lr": "> 0",
+                "meta_lr": "> 0",
+                "lookahead": ">= 1",
+                "eval_every": ">= 1",
+                "test_windows": ">= 1",
+                "max_bytes": ">= 10000",
+                "repeat": ">= 2",
+            },
+        )
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    config: Config = field(default_factory=Config)
+    seeds: tuple[int, ...] = (0, 1, 2)  # model init and batch order of every row
+    rows: tuple[Literal["uniform", "learned", "oracle"], ...] = ROWS
+    memory: tuple[Curvature, ...] = ("reverse", "forward")  # meta-steps measured (none: skip)
+    output_dir: Path = Path("runs/lm_data_mixing")  # results.json and the figure
+    json: bool = False  # print only the JSON summary
+
+    def __post_init__(self):
+        if not self.seeds or not self.rows:
+            raise ValueError("--seeds and --rows must not be empty")
+
+
+PRESETS = {
+    "default": Experiment(),
+    "smoke": Experiment(
+        config=Config(
+            context=32,
+            layers=1,
+            width=32,
+            iters=12,
+            per_source=4,
+            target_batch=8,
+            meta_lr=0.2,
+            eval_every=6,
+            test_windows=32,
+            max_bytes=20_000,
+        ),
+        seeds=(0,),
+    ),
+}
+
+# ----------------------------------------------------------------------------- data
+
+
+class Corpus(NamedTuple):
+    sources: dict[str, Tensor]  # SOURCES -> [n] uint8 byte streams
+    target: Tensor  # [n] uint8: the target files (the outer loss)
+    test: Tensor  # [n] uint8: the test files (the reported loss)
+    files: dict[str, list[str]]  # "train" / "target" / "test" -> the file names read
+
+
+def split_of(name: str) -> Literal["train", "target", "test"]:
+    """A file's split by the CRC-32 of its name: 1/8 test, 1/8 target, the rest training (the
+    same on every run and machine)."""
+    bucket = zlib.crc32(name.encode()) % 8
+    return "test" if bucket == 0 else "target" if bucket == 1 else "train"
+
+
+def read_files(paths: list[Path], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Whole files in the given order until ``max_bytes`` are read (the last may pass it)."""
+    out, total = [], 0
+    for path in paths:
+        if total >= max_bytes:
+            break
+        data = path.read_bytes()
+        out.append((path.name, data))
+        total += len(data)
+    return out
+
+
+def docstrings(source: bytes) -> bytes:
+    """The module's, classes' and functions' docstrings, blank-line separated."""
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = [ast.get_docstring(n) for n in ast.walk(ast.parse(source)) if isinstance(n, nodes)]
+    return "\n\n".join(d for d in found if d).encode() + b"\n\n"
+
+
+def as_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def make_sources(files: list[tuple[str, bytes]], repeat: int) -> dict[str, Tensor]:
+    """The five training sources (``SOURCES``) from the training files; the corruptions are
+    drawn from a fixed generator, the same for every seed."""
+    code = b"".join(data for _, data in files)
+    gen = torch.Generator().manual_seed(0)
+    code_t = as_tensor(code)
+    lines = code.splitlines(keepends=True)
+    return {
+        "code": code_t,
+        "docstrings": as_tensor(b"".join(docstrings(data) for _, data in files)),
+        "shuffled": code_t[torch.randperm(len(code_t), generator=gen)],
+        "repeated": as_tensor(b"".join(line * repeat for line in lines)),
+        "random": torch.randint(256, (len(code_t),), generator=gen, dtype=torch.uint8),
+    }
+
+
+def load_corpus(cfg: Config, stdlib: Path | None = None) -> Corpus:
+    """The training sources and the target and test byte streams from the standard library's
+    top-level ``*.py`` files (sorted by name; ``max_bytes`` of training files, a quarter of
+    that of target and of test files)."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if stdlib is None else stdlib
+    paths = sorted(root.glob("*.py"))
+    by_split = {s: [p for p in paths if split_of(p.name) == s] for s in ("train", "target", "test")}
+    train = read_files(by_split["train"], cfg.max_bytes)
+    target = read_files(by_split["target"], cfg.max_bytes // 4)
+    test = read_files(by_split["test"], cfg.max_bytes // 4)
+    return Corpus(
+        make_sources(train, cfg.repeat),
+        as_tensor(b"".join(data for _, data in target)),
+        as_tensor(b"".join(data for _, data in test)),
+        {
+            s: [name for name, _ in f]
+            for s, f in (("train", train), ("target", target), ("test", test))
+        },
+    )
+
+
+def windows(data: Tensor, n: int, length: int, gen: torch.Generator) -> Tensor:
+    """``n`` random windows of the byte stream ``data`` [N]: [n, length] int64."""
+    starts = torch.randint(len(data) - length + 1, (n,), generator=gen)
+    return data[starts[:, None] + torch.arange(length)].long()
+
+
+def mixture_batches(corpus: Corpus, cfg: Config, gen: torch.Generator, steps: int) -> Tensor:
+    """``steps`` inner batches, ``per_source`` windows of every source in ``SOURCES`` order:
+    [steps, len(SOURCES) * per_source, context]."""
+    return torch.stack(
+        [
+            torch.cat(
+                [windows(s, cfg.per_source, cfg.context, gen) for s in corpus.sources.values()]
+            )
+            for _ in range(steps)
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def source_losses(net: GPT, params: Params, batch: Tensor) -> Tensor:
+    """Mean next-byte loss of each source: batch [S * per_source, T] -> [S]."""
+    losses = next_byte_loss(functional_call(net, params, (batch,)), batch)
+    return losses.view(len(SOURCES), -1).mean(1)
+
+
+def mixture_loss(net: GPT, params: Params, weights: Tensor, batch: Tensor) -> Tensor:
+    """``sum_s weights[s] * loss_s``: weights [S], batch [S * per_source, T] -> 0-d."""
+    return (weights * source_losses(net, params, batch)).sum()
+
+
+def target_loss(net: GPT, params: Params, batch: Tensor) -> Tensor:
+    """Mean next-byte loss (nats per byte) of batch [B, T] -> 0-d."""
+    return next_byte_loss(functional_call(net, params, (batch,)), batch).mean()
+
+
+def fixed_weights(row: str) -> Tensor:
+    """The weights of a row that does not learn them: [S]."""
+    if row == "oracle":
+        clean = torch.tensor([float(s in CLEAN) for s in SOURCES])
+        return clean / clean.sum()
+    return torch.full((len(SOURCES),), 1.0 / len(SOURCES))
+
+
+# ----------------------------------------------------------------------------- meta-gradient
+
+
+def curvature_option(curvature: Curvature) -> dict:
+    """``meta_grad``'s keyword for the second-order products (none for the default)."""
+    return {} if curvature == "reverse" else {"curvature": curvature}
+
+
+def lookahead(
+    net: GPT,
+    student: Params,
+    opt_state: dict,
+    logits: Tensor,
+    optimizer: optim.Optimizer,
+    batches: Tensor,
+    target: Tensor,
+    curvature: Curvature = "reverse",
+) -> metapl.MetaGradResult:
+    """d target_loss(s_K) / d logits: K steps of ``optimizer`` from ``(student, opt_state)``
+    on the mixture ``softmax(logits)`` [S], step k on ``batches[k]`` ([K, S * per, T]);
+    ``target`` [B, T] is the outer batch."""
+
+    def inner(s: Params, m: Params, batch: Tensor) -> Tensor:
+        return mixture_loss(net, s, torch.softmax(m["logits"], 0), batch)
+
+    def outer(s: Params) -> Tensor:
+        return target_loss(net, s, target)
+
+    return metapl.meta_grad(
+        inner,
+        outer,
+        student,
+        {"logits": logits},
+        optimizer,
+        opt_state,
+        steps=len(batches),
+        inner_batches=batches,
+        **curvature_option(curvature),
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Run(NamedTuple):
+    test_loss: float  # nats per byte after the last iteration
+    curve: list[tuple[int, float]]  # (iteration, test loss)
+    weights: list[list[float]]  # the mixing weights before every iteration and after the last
+    seconds: float
+
+
+def make_student(cfg: Config, seed: int) -> tuple[GPT, Params]:
+    torch.manual_seed(seed)
+    net = GPT(cfg.context, cfg.layers, cfg.width, cfg.heads)
+    return net, {k: v.detach() for k, v in net.named_parameters()}
+
+
+@torch.no_grad()
+def evaluate(net: GPT, params: Params, test: Tensor) -> float:
+    """Mean next-byte loss (nats per byte) of the test windows [N, T]."""
+    losses = [next_byte_loss(functional_call(net, params, (b,)), b) for b in test.split(64)]
+    return float(torch.cat(losses).mean())
+
+
+def train(
+    row: str, cfg: Config, corpus: Corpus, test: Tensor, seed: int, bar: tqdm | None = None
+) -> Run:
+    """One row, one seed: ``iters`` student steps (Adam) on the mixture; the ``learned`` row
+    first moves the mixing logits by one meta-step on the same batch."""
+    net, student = make_student(cfg, seed)
+    opt = optim.adam(cfg.lr)
+    opt_state = opt.init(student)
+    meta = {"logits": torch.zeros(len(SOURCES))}
+    meta_opt = optim.adam(cfg.meta_lr)
+    meta_state = meta_opt.init(meta)
+    weights = fixed_weights(row)
+    loss_grad = grad(lambda p, w, b: mixture_loss(net, p, w, b))
+    gen = torch.Generator().manual_seed(seed)
+    curve, trajectory = [(0, evaluate(net, student, test))], [weights.tolist()]
+    start = time.perf_counter()
+    for i in range(1, cfg.iters + 1):
+        batches = mixture_batches(corpus, cfg, gen, cfg.lookahead)
+        if row == "learned":
+            target = windows(corpus.target, cfg.target_batch, cfg.context, gen)
+            res = lookahead(
+                net, student, opt_state, meta["logits"], opt, batches, target, cfg.curvature
+            )
+            meta, meta_state = meta_opt.step(meta, res.meta_grads, meta_state)
+            weights = torch.softmax(meta["logits"], 0)
+        student, opt_state = opt.step(student, loss_grad(student, weights, batches[0]), opt_state)
+        trajectory.append(weights.tolist())
+        if i % cfg.eval_every == 0 or i == cfg.iters:
+            curve.append((i, evaluate(net, student, test)))
+        if bar is not None:
+            bar.update()
+    return Run(curve[-1][1], curve, trajectory, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ start / stop lines (written straight to descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_cpu_memory(fn: Callable[[], object]) -> int:
+    """Bytes allocated on the CPU above what was allocated before ``fn()``, at its peak: the
+    allocator's events as torch.profiler records them, replayed in time order (the method of
+    benchmarks/meta_step.py)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as p:
+        fn()
+    events = [
+        e
+        for e in p.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def measure_meta_step(cfg: Config, corpus: Corpus, curvature: Curvature) -> dict[str, float]:
+    """Peak memory (MiB) and seconds (median of 3, after one warm-up) of one meta-step of the
+    learned row from a fresh student (seed 0) with ``curvature``."""
+    net, student = make_student(cfg, 0)
+    opt = optim.adam(cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    batches = mixture_batches(corpus, cfg, gen, cfg.lookahead)
+    target = windows(corpus.target, cfg.target_batch, cfg.context, gen)
+    logits = torch.zeros(len(SOURCES))
+
+    def step() -> metapl.MetaGradResult:
+        return lookahead(net, student, opt.init(student), logits, opt, batches, target, curvature)
+
+    step()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"peak_mib": peak_cpu_memory(step) / 2**20, "seconds": statistics.median(times)}
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def plot(runs: dict[str, list[Run]], path: Path) -> None:
+    """Left: the test loss against the iteration, per row (mean over seeds; thin: each seed).
+    Right: the learned row's mixing weights over the iterations, one line per source (mean
+    over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (row, row_runs), color in zip(
+        runs.items(), ("tab:gray", "tab:blue", "tab:green"), strict=False
+    ):
+        steps = [i for i, _ in row_runs[0].curve]
+        losses = np.array([[loss for _, loss in r.curve] for r in row_runs])
+        for seed_losses in losses:
+            left.plot(steps, seed_losses, color=color, lw=0.6, alpha=0.4)
+        left.plot(steps, losses.mean(0), color=color, label=row)
+    left.set_xlabel("iteration")
+    left.set_ylabel("test loss (nats / byte)")
+    left.set_ylim(top=min(5.6, left.get_ylim()[1]))
+    left.legend()
+    if "learned" in runs:
+        weights = np.mean([r.weights for r in runs["learned"]], axis=0)  # [iters + 1, S]
+        for s, source in enumerate(SOURCES):
+            right.plot(weights[:, s], label=source)
+        right.legend(fontsize=8)
+    right.set_xlabel("iteration")
+    right.set_ylabel("learned mixing weight")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def summarize(runs: list[Run]) -> dict:
+    losses = [r.test_loss for r in runs]
+    return {
+        "mean": statistics.mean(losses),
+        "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "runs": losses,
+        "final_weights": np.mean([r.weights[-1] for r in runs], axis=0).tolist(),
+        "curves": [r.curve for r in runs],
+        "weights": [r.weights for r in runs],
+        "seconds_per_run": statistics.mean(r.seconds for r in runs),
+    }
+
+
+def print_tables(exp: Experiment, rows: dict, memory: dict, files: dict, seconds: float) -> None:
+    cfg = exp.config
+    print(
+        f"\nGPT {cfg.layers} layers x {cfg.width} wide, context {cfg.context}, {cfg.iters} "
+        f"iterations, batch {cfg.per_source} windows x {len(SOURCES)} sources, lookahead "
+        f"K={cfg.lookahead} ({cfg.curvature}), seeds {list(exp.seeds)}, {seconds:.0f} s; "
+        f"{len(files['train'])} training / {len(files['target'])} target / "
+        f"{len(files['test'])} test files. Test loss after the last iteration.\n"
+    )
+    names = " / ".join(SOURCES)
+    print(f"| row | nats / byte | bits / byte | per seed | weights: {names} | s / run |")
+    print("|---|---|---|---|---|---|")
+    for row, r in rows.items():
+        per_seed = " ".join(f"{v:.3f}" for v in r["runs"])
+        weights = " / ".join(f"{w:.2f}" for w in r["final_weights"])
+        print(
+            f"| {row} | {r['mean']:.3f} ± {r['std']:.3f} | {r['mean'] / math.log(2):.3f} "
+            f"| {per_seed} | {weights} | {r['seconds_per_run']:.0f} |"
+        )
+    if not memory:
+        return
+    print(f"\nOne meta-step (K={cfg.lookahead}), fresh student, CPU:\n")
+    print("| curvature | peak MiB | s / meta-step |")
+    print("|---|---|---|")
+    for curvature, m in memory.items():
+        print(f"| {curvature} | {m['peak_mib']:.1f} | {m['seconds']:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    exp = parse(Experiment, argv, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg = exp.config
+    torch.set_num_threads(1)  # small matmuls: threads cost more than they give
+
+    corpus = load_corpus(cfg)
+    test = windows(corpus.test, cfg.test_windows, cfg.context, torch.Generator().manual_seed(0))
+    runs: dict[str, list[Run]] = {}
+    start = time.perf_counter()
+    with tqdm(
+        total=len(exp.rows) * len(exp.seeds) * cfg.iters, file=sys.stderr, disable=None
+    ) as bar:
+        for row in exp.rows:
+            runs[row] = []
+            for seed in exp.seeds:
+                bar.set_description(f"{row} seed {seed}")
+                runs[row].append(train(row, cfg, corpus, test, seed, bar))
+    seconds = time.perf_counter() - start
+    memory = {c: measure_meta_step(cfg, corpus, c) for c in exp.memory}
+
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    figure = exp.output_dir / "lm_data_mixing.png"
+    plot(runs, figure)
+    rows = {row: summarize(r) for row, r in runs.items()}
+    summary = {
+        "config": asdict(cfg),
+        "seeds": list(exp.seeds),
+        "sources": list(SOURCES),
+        "files": corpus.files,
+        "rows": rows,
+        "memory": memory,
+        "seconds": seconds,
+        "figure": str(figure),
+    }
+    (exp.output_dir / "results.json").write_text(json.dumps(summary, indent=1))
+    if exp.json:
+        print(json.dumps(summary))
+    else:
+        print_tables(exp, rows, memory, corpus.files, seconds)
+        print(f"\nfigure: {figure}; results: {exp.output_dir / 'results.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
