@@ -31,13 +31,14 @@ from typing import Any, Literal, NamedTuple, get_args
 from torch import Tensor
 
 from metapl import _tree as tree
-from metapl.metagrad import curvature, unrolled
+from metapl.metagrad import unrolled
 from metapl.metagrad.check import (
     check_arguments,
     check_tree,
     check_truncation_reaches_meta,
     explained_batchnorm_errors,
 )
+from metapl.metagrad.curvature import for_method
 from metapl.metagrad.implicit import CG, Neumann, Solver, implicit_at
 from metapl.metagrad.methods import (
     Exact,
@@ -112,6 +113,7 @@ def meta_grad(
     stationary_tol: float | None = None,
     reduce: Callable[[Tree], Tree] | None = None,
     checkpoint: bool | int | None = None,
+    curvature: Literal["reverse", "forward"] | None = None,
     compile: bool = False,
 ) -> MetaGradResult:
     """Gradient of ``outer_loss(s_K[, m])`` with respect to the meta parameters
@@ -166,7 +168,7 @@ def meta_grad(
             backpropagation; the start then gets no gradient). Default: all K.
         has_aux: ``inner_loss`` returns ``(loss, aux)``; the aux of its first evaluation comes
             back as ``result.inner_aux`` (not with ``state``).
-        fd_radius, baseline, solver, stationary_tol, checkpoint: with a method name only
+        fd_radius, baseline, solver, stationary_tol, checkpoint, curvature: with a method name only
             (a spec carries its own): ``FiniteDifference.radius`` (default 3e-4: within 1% of
             exact on a WRN-28-2 student in float32; see benchmarks/fd_radius.py),
             ``ScoreFunction.baseline`` (a control variate subtracted from ``h = outer(s_K) -
@@ -181,7 +183,20 @@ def meta_grad(
             memory). Eager ``"exact"`` calls without ``reduce`` backpropagate through
             segments of n steps with plain autograd (keeping only each segment's start:
             memory grows by K / n students); under vmap or torch.compile the step-by-step
-            reverse pass runs.
+            reverse pass runs. ``Exact.curvature``: how the exact method takes each step's
+            second-order products ``(H_ss a, H_ms a)``: ``"reverse"`` (default; double
+            backward) or ``"forward"`` (forward-over-reverse: one ``torch.func.jvp`` of the
+            inner gradient in direction ``a``; no step's graph is kept, only the kept steps'
+            gradients, so memory holds at most one step's activations with their tangents).
+            The two agree wherever the Hessian of the inner loss is symmetric: a twice
+            differentiable loss, stop-gradients included (forward mode, like reverse mode,
+            takes a detached value as a constant; finite differences do not), and custom
+            ``autograd.Function``s whose ``jvp`` agrees with their ``backward``. Every
+            operation of the inner gradient needs a forward-mode formula (fused attention
+            kernels lack one: use the math path of ``scaled_dot_product_attention``); a
+            missing one is a ``NotImplementedError`` naming it. Inside a caller's
+            ``torch.compile`` a step's products are recomputed without its dropout masks
+            (``compile=True`` replays them); see docs/meta_gradients.md.
         reduce: data parallelism: a function averaging a tree of tensors across processes
             (e.g. an all-reduce). It is applied to the student gradients before every inner
             step, to the outer gradient and losses, and to the student-side Hessian products,
@@ -204,6 +219,7 @@ def meta_grad(
         solver=solver,
         stationary_tol=stationary_tol,
         checkpoint=checkpoint,
+        curvature=curvature,
     )
     check_arguments(
         inner_loss=inner_loss,
@@ -259,7 +275,7 @@ def meta_grad(
             grads, loss, outer_grads = implicit_at(
                 problem, s, c, meta, spec.solver, spec.stationary_tol
             )
-        elif unrolled.applies(spec.name, reduce, compile):
+        elif unrolled.applies(spec, reduce, compile):
             grads, s, st, c, loss, aux, outer_grads = unrolled.unrolled(
                 problem,
                 schedule,
@@ -277,7 +293,7 @@ def meta_grad(
                 meta,
                 opt_state,
                 carried,
-                curvature.for_method(spec, problem, reduce),
+                for_method(spec, problem, reduce),
                 reduce,
                 truncate,
                 kept_steps(spec.checkpoint, truncate),

@@ -10,6 +10,11 @@ products ``(H_ss a_g, H_ms a_g)`` of the inner loss, which each method supplies 
   recomputed in the reverse pass, so no step keeps its activations; the last step keeps its
   graph from the forward pass (it is needed at once). Without data parallelism the whole
   step is one VJP.
+- ``ForwardProducts``: forward mode over the gradient (forward-over-reverse, as MixFlow-MG):
+  one ``jvp`` of ``(grad_s L, grad_m L)`` in direction ``a`` gives ``(H_ss a, H_ms a)``, the
+  VJP the reverse mode takes wherever the Hessian is symmetric (a twice differentiable inner
+  loss; a detached value is a constant to both modes). No step keeps a graph; the kept steps
+  keep their gradient (for the optimizer's VJP), the others recompute it.
 - ``FiniteDifferenceProducts``: central differences of first-order gradients at ``s ± eps a``.
 - ``NoProducts``: the products dropped (first-order MAML and its generalisation).
 
@@ -22,7 +27,7 @@ once for all steps.
 from __future__ import annotations
 
 import torch
-from torch.func import grad, vjp
+from torch.func import grad, jvp, vjp
 
 from metapl import _tree as tree
 from metapl.metagrad import rng
@@ -119,6 +124,42 @@ class ExactProducts(_Split):
         return memo((a_s, a_st))
 
 
+class ForwardProducts(_Split):
+    def __init__(self, problem: Problem, reduce):
+        super().__init__(problem, reduce)
+        self._grad_both = grad(problem.inner_loss, argnums=(0, 1), has_aux=True)
+        self._grad_meta = grad(problem.inner_loss, argnums=1, has_aux=True)
+
+    def advance(self, s, st, c, m, batch, need_s, keep):
+        s_next, st_next, c_next, aux, g = super().advance(s, st, c, m, batch, need_s, keep)
+        return s_next, st_next, c_next, aux, g if keep else None
+
+    def gradient_and_products(self, s, c, m, batch, memo, snapshot, need_s):
+        if memo is None:
+            g, _ = rng.replayed(snapshot, self.problem.inner_grad, s, m, c, batch)
+            memo = self.reduce(g)
+        fn = self._grad_both if need_s else self._grad_meta
+
+        def products(a):
+            def gradient(s_):
+                return fn(s_, m, c, batch)[0]
+
+            try:
+                _, tangent = rng.replayed(snapshot, jvp, gradient, (s,), (a,))
+            except (NotImplementedError, RuntimeError) as error:
+                if "forward AD" not in str(error):
+                    raise
+                raise NotImplementedError(
+                    "curvature='forward' needs a forward-mode formula for every operation of "
+                    f"the inner gradient, and one has none ({str(error).splitlines()[0]}): "
+                    "use curvature='reverse' (double backward), or the operation's "
+                    "composite form (e.g. the math path of scaled_dot_product_attention)"
+                ) from error
+            return tangent if need_s else (None, tangent)
+
+        return memo, products
+
+
 class FiniteDifferenceProducts(_Split):
     """H a ≈ (∇L(s + eps a) − ∇L(s − eps a)) / (2 eps), with eps = radius / ||a||: each
     perturbation has norm ``radius`` in parameter space (as in DARTS)."""
@@ -154,7 +195,8 @@ class NoProducts(_Split):
 def for_method(spec: MethodSpec, problem: Problem, reduce) -> _Split:
     """The step's forward and pullback for a reverse-mode method spec."""
     if isinstance(spec, Exact):
-        return ExactProducts(problem, reduce)
+        forward = spec.curvature == "forward"
+        return (ForwardProducts if forward else ExactProducts)(problem, reduce)
     if isinstance(spec, FiniteDifference):
         return FiniteDifferenceProducts(problem, reduce, spec.radius)
     return NoProducts(problem, reduce)

@@ -32,17 +32,30 @@ METHOD_HELP = (
 )
 
 
+CURVATURES = ("reverse", "forward")
+
+
 @dataclass(frozen=True)
 class Exact:
     """Reverse mode through the inner steps, second order. ``checkpoint``: which steps the
     reverse pass recomputes instead of keeping their graphs (an int n: keep at most n at a
-    time; ``True``: n = 1; ``False``: keep all; ``None``: n = max(10, ceil(K / 2)))."""
+    time; ``True``: n = 1; ``False``: keep all; ``None``: n = max(10, ceil(K / 2))).
+    ``curvature``: how each step's second-order products are taken: ``"reverse"`` (double
+    backward) or ``"forward"`` (forward-over-reverse: one ``jvp`` of the inner gradient; no
+    step keeps a graph, the kept steps keep their gradient instead; every operation of the
+    inner loss needs a forward-mode formula)."""
 
     checkpoint: bool | int | None = None
+    curvature: str = "reverse"
     name: ClassVar[str] = "exact"
 
     def __post_init__(self):
         _check_checkpoint(self.checkpoint)
+        if self.curvature not in CURVATURES:
+            raise ValueError(
+                f"curvature must be 'reverse' (double backward) or 'forward' "
+                f"(forward-over-reverse), got {self.curvature!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,15 @@ import torch
 
 from metapl import _tree as tree
 from metapl.metagrad import rng
+from metapl.metagrad.methods import Exact, MethodSpec
 from metapl.metagrad.problem import Problem, Schedule
 
 
-def applies(method: str, reduce, compile: bool) -> bool:
+def applies(spec: MethodSpec, reduce, compile: bool) -> bool:
     """Whether ``unrolled`` can stand in for the reverse pass of this call."""
     return (
-        method == "exact"
+        isinstance(spec, Exact)
+        and spec.curvature == "reverse"
         and reduce is None
         and not compile
         and not torch.compiler.is_compiling()

@@ -89,7 +89,9 @@ def test_exact_compiles_fullgraph_without_recompiles():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["finite_difference", "score_function"])
+@pytest.mark.parametrize(
+    "method", ["finite_difference", "score_function", metapl.Exact(curvature="forward")]
+)
 def test_other_methods_compile_fullgraph(method):
     check_compiled_matches_eager(method)
 

@@ -68,7 +68,7 @@ def everywhere_problem(kind, seed=0):
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 @pytest.mark.parametrize("steps", [1, 2, 3])
-@pytest.mark.parametrize("engine", ["autograd", "reverse"])
+@pytest.mark.parametrize("engine", ["autograd", "reverse", "forward"])
 def test_exact_through_every_path_matches_reference(kind, steps, engine):
     res, (grads, outer_grads, s, st, loss) = exact_and_reference(
         everywhere_problem(kind, seed=steps), steps, engine, late=("mom", "beta1")
@@ -78,13 +78,18 @@ def test_exact_through_every_path_matches_reference(kind, steps, engine):
 
 
 def exact_and_reference(problem, steps: int, engine: str, late: tuple[str, ...]):
-    """Both engines of "exact" (plain autograd through the kept unroll, eager's default, and
-    the step-by-step reverse pass, which ``reduce`` selects as vmap and compile do) against
-    the reference on ``problem = (meta, start, inner, outer, opt, ref_opt)``; every meta
-    parameter must carry a signal (those in ``late`` act from step 2 on). Returns the result
-    and the reference's ``(grads, outer_grads, student, opt_state, loss)``."""
+    """The engines of "exact" (plain autograd through the kept unroll, eager's default; the
+    step-by-step reverse pass, which ``reduce`` selects as vmap and compile do; and that pass
+    with forward-over-reverse curvature) against the reference on ``problem = (meta, start,
+    inner, outer, opt, ref_opt)``; every meta parameter must carry a signal (those in
+    ``late`` act from step 2 on). Returns the result and the reference's ``(grads,
+    outer_grads, student, opt_state, loss)``."""
     meta, start, inner, outer, opt, ref_opt = problem
-    kw = {"reduce": lambda tree: tree} if engine == "reverse" else {}
+    kw = {
+        "autograd": {},
+        "reverse": {"reduce": lambda tree: tree},
+        "forward": {"curvature": "forward"},
+    }[engine]
     with mock.patch.object(unrolled, "unrolled", wraps=unrolled.unrolled) as spy:
         res = metapl.meta_grad(inner, outer, start, meta, opt, steps=steps, **kw)
     assert spy.call_count == (engine == "autograd")
@@ -158,13 +163,12 @@ def test_first_order_maml_is_the_outer_gradient_at_the_adapted_student():
     assert_close(res.meta_grads, dict(zip(adapted, expected, strict=True)), 1e-12, 1e-14)
 
 
-@pytest.mark.parametrize("method", ["exact", "first_order"])
+@pytest.mark.parametrize("method", ["exact", "exact-forward", "first_order"])
 @pytest.mark.parametrize("truncate", [1, 2, 4])
 def test_truncated_backpropagation(method, truncate):
     meta, start, inner, outer, opt, ref_opt = everywhere_problem("sgd", seed=6)
-    res = metapl.meta_grad(
-        inner, outer, start, meta, opt, steps=4, method=method, truncate=truncate
-    )
+    spec = metapl.Exact(curvature="forward") if method == "exact-forward" else method
+    res = metapl.meta_grad(inner, outer, start, meta, opt, steps=4, method=spec, truncate=truncate)
     grads, *_ = reference_general(
         inner,
         outer,
@@ -384,7 +388,9 @@ def tasks(n=4, seed=0):
     return theta, x[:, :10], y[:, :10], x[:, 10:], y[:, 10:]
 
 
-@pytest.mark.parametrize("method", ["exact", "first_order", "finite_difference"])
+@pytest.mark.parametrize(
+    "method", ["exact", metapl.Exact(curvature="forward"), "first_order", "finite_difference"]
+)
 def test_vmap_over_tasks_equals_a_loop(method):
     theta, xs, ys, xq, yq = tasks()
     batched = torch.func.vmap(
@@ -395,16 +401,18 @@ def test_vmap_over_tasks_equals_a_loop(method):
         assert_close({k: v[i] for k, v in batched.items()}, one, rtol=1e-10, atol=1e-13)
 
 
-def test_maml_compiles_and_matches_eager():
+@pytest.mark.parametrize("curvature", ["reverse", "forward"])
+def test_maml_compiles_and_matches_eager(curvature):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
     theta, xs, ys, xq, yq = tasks(seed=1)
+    spec = metapl.Exact(curvature=curvature)
     compiled = torch.compile(sinusoid_maml, backend=counter, fullgraph=True)
     for i in range(2):
-        got = compiled(theta, xs[i], ys[i], xq[i], yq[i])
-        expected = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i])
+        got = compiled(theta, xs[i], ys[i], xq[i], yq[i], method=spec)
+        expected = sinusoid_maml(theta, xs[i], ys[i], xq[i], yq[i])  # reverse, eager
         assert rel_err(got.meta_grads, expected.meta_grads) < 1e-10
     assert counter.frame_count == 1
 

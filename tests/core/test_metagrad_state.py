@@ -155,6 +155,11 @@ CASES = {
     "exact, reverse pass, checkpoint=True": {"reduce": lambda tree: tree, "checkpoint": True},
     "exact, adam": {"opt": "adam"},
     "exact, train-mode outer": {"eval_outer": False},
+    "exact, forward curvature": {"curvature": "forward"},
+    "exact, forward curvature, checkpoint=True": {"curvature": "forward", "checkpoint": True},
+    "exact, forward curvature, checkpoint=False": {"curvature": "forward", "checkpoint": False},
+    "exact, forward curvature, adam": {"curvature": "forward", "opt": "adam"},
+    "exact, forward curvature, train-mode outer": {"curvature": "forward", "eval_outer": False},
 }
 
 
@@ -228,7 +233,9 @@ def test_finite_difference_with_state(checkpoint):
     assert_close(res.state, statistics, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("method", ["exact", "first_order", "finite_difference"])
+@pytest.mark.parametrize(
+    "method", ["exact", metapl.Exact(curvature="forward"), "first_order", "finite_difference"]
+)
 def test_vmap_one_state_per_task_equals_a_loop(method):
     net = bn_net(4)
     meta = everywhere(net, 4)
@@ -264,13 +271,14 @@ def test_vmap_with_one_shared_state_names_the_fix():
         vmap(lambda *d: metapl_run(net, meta, d, state=shared).meta_grads)(*data)
 
 
-def test_compile_true_with_state_equals_eager():
+@pytest.mark.parametrize("curvature", ["reverse", "forward"])
+def test_compile_true_with_state_equals_eager(curvature):
     """meta_grad(compile=True): the step graphs take the state as an input."""
     torch._dynamo.reset()
     net = bn_net(5)
     meta, data = everywhere(net, 5), task(5)
-    eager = metapl_run(net, meta, data, steps=3)
-    compiled = metapl_run(net, meta, data, steps=3, compile=True)
+    eager = metapl_run(net, meta, data, steps=3)  # reverse curvature
+    compiled = metapl_run(net, meta, data, steps=3, compile=True, curvature=curvature)
     assert_close(compiled.meta_grads, eager.meta_grads, rtol=1e-10, atol=1e-13)
     assert_close(compiled.state, eager.state, rtol=1e-12, atol=1e-14)
 

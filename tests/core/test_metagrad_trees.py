@@ -78,14 +78,16 @@ def test_meta_sgd_with_nested_meta_parameters_matches_the_reference():
     assert_close(res.student_params, s, rtol=1e-12, atol=1e-14)
 
 
-METHODS = ["exact", "exact-reverse", "finite_difference", "first_order"]
+METHODS = ["exact", "exact-reverse", "exact-forward", "finite_difference", "first_order"]
 
 
 def run(method, student, meta, start, inner, outer, opt, steps=3):
     kwargs = {"reduce": lambda t: t} if method == "exact-reverse" else {}
+    if method == "exact-forward":
+        kwargs["curvature"] = "forward"
     if method == "finite_difference":
         kwargs["fd_radius"] = 1e-6
-    name = method.removesuffix("-reverse")
+    name = method.removesuffix("-reverse").removesuffix("-forward")
     return metapl.meta_grad(
         inner, outer, start if start else student, meta, opt, steps=steps, method=name, **kwargs
     )
