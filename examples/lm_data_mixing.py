@@ -278,11 +278,6 @@ def fixed_weights(row: str) -> Tensor:
 # ----------------------------------------------------------------------------- meta-gradient
 
 
-def curvature_option(curvature: Curvature) -> dict:
-    """``meta_grad``'s keyword for the second-order products (none for the default)."""
-    return {} if curvature == "reverse" else {"curvature": curvature}
-
-
 def lookahead(
     net: GPT,
     student: Params,
@@ -311,8 +306,8 @@ def lookahead(
         optimizer,
         opt_state,
         steps=len(batches),
+        method=metapl.Exact(curvature=curvature),
         inner_batches=batches,
-        **curvature_option(curvature),
     )
 
 
@@ -356,7 +351,7 @@ def train(
     curve, trajectory = [(0, evaluate(net, student, test))], [weights.tolist()]
     start = time.perf_counter()
     for i in range(1, cfg.iters + 1):
-        batches = mixture_batches(corpus, cfg, gen, cfg.lookahead)
+        batches = mixture_batches(corpus, cfg, gen, cfg.lookahead if row == "learned" else 1)
         if row == "learned":
             target = windows(corpus.target, cfg.target_batch, cfg.context, gen)
             res = lookahead(
