@@ -54,7 +54,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -66,13 +66,14 @@ import metapl
 from metapl import optim
 from metapl.models import GPT, next_byte_loss
 from metapl.training.bounds import check_bounds
-from metapl.training.cli import parse
+from metapl.training.cli import fail, parse
 
 Params = dict[str, Tensor]
 Curvature = Literal["reverse", "forward"]
 SOURCES = ("code", "docstrings", "shuffled", "repeated", "random")
 CLEAN = ("code", "docstrings")
-ROWS = ("uniform", "learned", "oracle")
+Row = Literal["uniform", "learned", "oracle"]
+ROWS: tuple[Row, ...] = get_args(Row)
 
 # ----------------------------------------------------------------------------- config
 
@@ -123,7 +124,7 @@ class Config:
 class Experiment:
     config: Config = field(default_factory=Config)
     seeds: tuple[int, ...] = (0, 1, 2)  # model init and batch order of every row
-    rows: tuple[Literal["uniform", "learned", "oracle"], ...] = ROWS
+    rows: tuple[Row, ...] = ROWS
     memory: tuple[Curvature, ...] = ("reverse", "forward")  # meta-steps measured (none: skip)
     output_dir: Path = Path("runs/lm_data_mixing")  # results.json and the figure
     json: bool = False  # print only the JSON summary
@@ -208,17 +209,16 @@ def make_sources(files: list[tuple[str, bytes]], repeat: int) -> dict[str, Tenso
     }
 
 
-def load_corpus(cfg: Config, stdlib: Path | None = None) -> Corpus:
+def load_corpus(cfg: Config) -> Corpus:
     """The training sources and the target and test byte streams from the standard library's
     top-level ``*.py`` files (sorted by name; ``max_bytes`` of training files, a quarter of
-    that of target and of test files)."""
-    root = Path(sysconfig.get_paths()["stdlib"]) if stdlib is None else stdlib
-    paths = sorted(root.glob("*.py"))
+    that of target and of test files). ValueError if a stream is shorter than the context."""
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     by_split = {s: [p for p in paths if split_of(p.name) == s] for s in ("train", "target", "test")}
     train = read_files(by_split["train"], cfg.max_bytes)
     target = read_files(by_split["target"], cfg.max_bytes // 4)
     test = read_files(by_split["test"], cfg.max_bytes // 4)
-    return Corpus(
+    corpus = Corpus(
         make_sources(train, cfg.repeat),
         as_tensor(b"".join(data for _, data in target)),
         as_tensor(b"".join(data for _, data in test)),
@@ -227,6 +227,14 @@ def load_corpus(cfg: Config, stdlib: Path | None = None) -> Corpus:
             for s, f in (("train", train), ("target", target), ("test", test))
         },
     )
+    streams = {**corpus.sources, "target": corpus.target, "test": corpus.test}
+    for name, stream in streams.items():
+        if len(stream) < cfg.context:
+            raise ValueError(
+                f"the {name} bytes ({len(stream)}) are shorter than the context ({cfg.context}): "
+                f"raise --max-bytes (the standard library at {sysconfig.get_paths()['stdlib']})"
+            )
+    return corpus
 
 
 def windows(data: Tensor, n: int, length: int, gen: torch.Generator) -> Tensor:
@@ -267,8 +275,8 @@ def target_loss(net: GPT, params: Params, batch: Tensor) -> Tensor:
     return next_byte_loss(functional_call(net, params, (batch,)), batch).mean()
 
 
-def fixed_weights(row: str) -> Tensor:
-    """The weights of a row that does not learn them: [S]."""
+def fixed_weights(row: Row) -> Tensor:
+    """The weights of a row that does not learn them (uniform, oracle): [S]."""
     if row == "oracle":
         clean = torch.tensor([float(s in CLEAN) for s in SOURCES])
         return clean / clean.sum()
@@ -345,7 +353,7 @@ def train(
     meta = {"logits": torch.zeros(len(SOURCES))}
     meta_opt = optim.adam(cfg.meta_lr)
     meta_state = meta_opt.init(meta)
-    weights = fixed_weights(row)
+    weights = torch.softmax(meta["logits"], 0) if row == "learned" else fixed_weights(row)
     loss_grad = grad(lambda p, w, b: mixture_loss(net, p, w, b))
     gen = torch.Generator().manual_seed(seed)
     curve, trajectory = [(0, evaluate(net, student, test))], [weights.tolist()]
@@ -513,7 +521,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = exp.config
     torch.set_num_threads(1)  # small matmuls: threads cost more than they give
 
-    corpus = load_corpus(cfg)
+    try:
+        corpus = load_corpus(cfg)
+    except ValueError as e:
+        fail(str(e))
     test = windows(corpus.test, cfg.test_windows, cfg.context, torch.Generator().manual_seed(0))
     runs: dict[str, list[Run]] = {}
     start = time.perf_counter()

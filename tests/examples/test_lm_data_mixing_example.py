@@ -123,7 +123,9 @@ def test_meta_gradient_matches_autograd_unroll(lm, smoke, corpus, steps, curvatu
     gen = torch.Generator().manual_seed(1)
     # a state one real step in (Adam's first step from zero moments is nearly flat in g)
     batches = lm.mixture_batches(corpus, cfg, gen, steps + 1)
-    grads = torch.func.grad(lambda p: lm.mixture_loss(net, p, lm.fixed_weights("x"), batches[0]))
+    grads = torch.func.grad(
+        lambda p: lm.mixture_loss(net, p, lm.fixed_weights("uniform"), batches[0])
+    )
     student, state = opt.step(student, grads(student), opt.init(student))
     logits = torch.tensor([0.3, -0.2, 0.1, 0.0, -0.4], dtype=F64)
     target = lm.windows(corpus.target, cfg.target_batch, cfg.context, gen)
@@ -161,6 +163,7 @@ def test_main_smoke(lm, tmp_path, capsys):
         (["--width", "30"], "width (30) must be a multiple of heads (4)"),
         (["--curvature", "sideways"], "invalid choice"),
         (["--seeds"], "--seeds and --rows must not be empty"),
+        (["--preset", "smoke", "--context", "8000"], "are shorter than the context (8000)"),
     ],
 )
 def test_bad_arguments(lm, argv, message, capsys):
