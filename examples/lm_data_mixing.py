@@ -87,7 +87,7 @@ class Config:
     iters: int = 300  # iterations: one meta-step (learned row) and one student step each
     per_source: int = 8  # windows of every source in an inner batch
     target_batch: int = 32  # target windows in the outer loss
-    lr: float = 3e-3  # the student's Adam
+    lr: float = 3e-3  # the student's Adam, decaying to lr / 10 (half a cosine)
     meta_lr: float = 0.05  # Adam on the mixing logits
     lookahead: int = 1  # K: student steps the meta-gradient looks through
     curvature: Curvature = "reverse"  # second-order products: double backward or jvp of grad
@@ -141,11 +141,11 @@ PRESETS = {
             context=32,
             layers=1,
             width=32,
-            iters=12,
+            iters=20,
             per_source=4,
             target_batch=8,
             meta_lr=0.2,
-            eval_every=6,
+            eval_every=10,
             test_windows=32,
             max_bytes=20_000,
         ),
@@ -243,17 +243,18 @@ def windows(data: Tensor, n: int, length: int, gen: torch.Generator) -> Tensor:
     return data[starts[:, None] + torch.arange(length)].long()
 
 
-def mixture_batches(corpus: Corpus, cfg: Config, gen: torch.Generator, steps: int) -> Tensor:
-    """``steps`` inner batches, ``per_source`` windows of every source in ``SOURCES`` order:
-    [steps, len(SOURCES) * per_source, context]."""
-    return torch.stack(
-        [
-            torch.cat(
-                [windows(s, cfg.per_source, cfg.context, gen) for s in corpus.sources.values()]
-            )
-            for _ in range(steps)
-        ]
+def mixture_batch(corpus: Corpus, cfg: Config, gen: torch.Generator) -> Tensor:
+    """``per_source`` windows of every source in ``SOURCES`` order: [S * per_source, T]."""
+    return torch.cat(
+        [windows(s, cfg.per_source, cfg.context, gen) for s in corpus.sources.values()]
     )
+
+
+def generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """The student's batches (the same in every row of a seed) and the meta-step's own draws
+    (the target windows, the lookahead's batches after the first)."""
+    states = np.random.SeedSequence(seed).generate_state(2)
+    return tuple(torch.Generator().manual_seed(int(s)) for s in states)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -329,6 +330,11 @@ class Run(NamedTuple):
     seconds: float
 
 
+def student_optimizer(cfg: Config) -> optim.Optimizer:
+    """Adam, its learning rate decaying from ``lr`` to ``lr / 10`` (half a cosine)."""
+    return optim.adam(optim.warmup_cosine(cfg.lr, cfg.iters, min_lr=cfg.lr / 10))
+
+
 def make_student(cfg: Config, seed: int) -> tuple[GPT, Params]:
     torch.manual_seed(seed)
     net = GPT(cfg.context, cfg.layers, cfg.width, cfg.heads)
@@ -343,31 +349,34 @@ def evaluate(net: GPT, params: Params, test: Tensor) -> float:
 
 
 def train(
-    row: str, cfg: Config, corpus: Corpus, test: Tensor, seed: int, bar: tqdm | None = None
+    row: Row, cfg: Config, corpus: Corpus, test: Tensor, seed: int, bar: tqdm | None = None
 ) -> Run:
-    """One row, one seed: ``iters`` student steps (Adam) on the mixture; the ``learned`` row
-    first moves the mixing logits by one meta-step on the same batch."""
+    """One row, one seed: ``iters`` student steps on the mixture; the ``learned`` row first
+    moves the mixing logits by one meta-step whose lookahead starts with the same batch.
+    Every row of a seed starts from the same student and sees the same batches."""
     net, student = make_student(cfg, seed)
-    opt = optim.adam(cfg.lr)
+    opt = student_optimizer(cfg)
     opt_state = opt.init(student)
     meta = {"logits": torch.zeros(len(SOURCES))}
     meta_opt = optim.adam(cfg.meta_lr)
     meta_state = meta_opt.init(meta)
     weights = torch.softmax(meta["logits"], 0) if row == "learned" else fixed_weights(row)
     loss_grad = grad(lambda p, w, b: mixture_loss(net, p, w, b))
-    gen = torch.Generator().manual_seed(seed)
+    gen, meta_gen = generators(seed)
     curve, trajectory = [(0, evaluate(net, student, test))], [weights.tolist()]
     start = time.perf_counter()
     for i in range(1, cfg.iters + 1):
-        batches = mixture_batches(corpus, cfg, gen, cfg.lookahead if row == "learned" else 1)
+        batch = mixture_batch(corpus, cfg, gen)
         if row == "learned":
-            target = windows(corpus.target, cfg.target_batch, cfg.context, gen)
+            later = [mixture_batch(corpus, cfg, meta_gen) for _ in range(cfg.lookahead - 1)]
+            batches = torch.stack([batch, *later])
+            target = windows(corpus.target, cfg.target_batch, cfg.context, meta_gen)
             res = lookahead(
                 net, student, opt_state, meta["logits"], opt, batches, target, cfg.curvature
             )
             meta, meta_state = meta_opt.step(meta, res.meta_grads, meta_state)
             weights = torch.softmax(meta["logits"], 0)
-        student, opt_state = opt.step(student, loss_grad(student, weights, batches[0]), opt_state)
+        student, opt_state = opt.step(student, loss_grad(student, weights, batch), opt_state)
         trajectory.append(weights.tolist())
         if i % cfg.eval_every == 0 or i == cfg.iters:
             curve.append((i, evaluate(net, student, test)))
@@ -416,9 +425,9 @@ def measure_meta_step(cfg: Config, corpus: Corpus, curvature: Curvature) -> dict
     """Peak memory (MiB) and seconds (median of 3, after one warm-up) of one meta-step of the
     learned row from a fresh student (seed 0) with ``curvature``."""
     net, student = make_student(cfg, 0)
-    opt = optim.adam(cfg.lr)
+    opt = student_optimizer(cfg)
     gen = torch.Generator().manual_seed(0)
-    batches = mixture_batches(corpus, cfg, gen, cfg.lookahead)
+    batches = torch.stack([mixture_batch(corpus, cfg, gen) for _ in range(cfg.lookahead)])
     target = windows(corpus.target, cfg.target_batch, cfg.context, gen)
     logits = torch.zeros(len(SOURCES))
 

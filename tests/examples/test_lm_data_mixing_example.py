@@ -122,7 +122,7 @@ def test_meta_gradient_matches_autograd_unroll(lm, smoke, corpus, steps, curvatu
     opt = lm.optim.adam(cfg.lr)
     gen = torch.Generator().manual_seed(1)
     # a state one real step in (Adam's first step from zero moments is nearly flat in g)
-    batches = lm.mixture_batches(corpus, cfg, gen, steps + 1)
+    batches = torch.stack([lm.mixture_batch(corpus, cfg, gen) for _ in range(steps + 1)])
     grads = torch.func.grad(
         lambda p: lm.mixture_loss(net, p, lm.fixed_weights("uniform"), batches[0])
     )
