@@ -484,12 +484,22 @@ def plot(runs: dict[str, list[Run]], path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def summarize(runs: list[Run]) -> dict:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[Run], uniform: list[Run] | None) -> dict:
+    """A row's final test losses, their paired differences to the uniform row's (same seeds,
+    same batches; None without that row), weights, curves and time."""
     losses = [r.test_loss for r in runs]
+    mean, std = mean_std(losses)
     return {
-        "mean": statistics.mean(losses),
-        "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "mean": mean,
+        "std": std,
         "runs": losses,
+        "minus_uniform": None
+        if uniform is None
+        else [a - b.test_loss for a, b in zip(losses, uniform, strict=True)],
         "final_weights": np.mean([r.weights[-1] for r in runs], axis=0).tolist(),
         "curves": [r.curve for r in runs],
         "weights": [r.weights for r in runs],
@@ -507,14 +517,20 @@ def print_tables(exp: Experiment, rows: dict, memory: dict, files: dict, seconds
         f"{len(files['test'])} test files. Test loss after the last iteration.\n"
     )
     names = " / ".join(SOURCES)
-    print(f"| row | nats / byte | bits / byte | per seed | weights: {names} | s / run |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| row | nats / byte | bits / byte | per seed | minus uniform (paired) "
+        f"| weights: {names} | s / run |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row, r in rows.items():
         per_seed = " ".join(f"{v:.3f}" for v in r["runs"])
+        paired = ""
+        if r["minus_uniform"] is not None and row != "uniform":
+            paired = "{:+.3f} ± {:.3f}".format(*mean_std(r["minus_uniform"]))
         weights = " / ".join(f"{w:.2f}" for w in r["final_weights"])
         print(
             f"| {row} | {r['mean']:.3f} ± {r['std']:.3f} | {r['mean'] / math.log(2):.3f} "
-            f"| {per_seed} | {weights} | {r['seconds_per_run']:.0f} |"
+            f"| {per_seed} | {paired} | {weights} | {r['seconds_per_run']:.0f} |"
         )
     if not memory:
         return
@@ -551,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     figure = exp.output_dir / "lm_data_mixing.png"
     plot(runs, figure)
-    rows = {row: summarize(r) for row, r in runs.items()}
+    rows = {row: summarize(r, runs.get("uniform")) for row, r in runs.items()}
     summary = {
         "config": asdict(cfg),
         "seeds": list(exp.seeds),

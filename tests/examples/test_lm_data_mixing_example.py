@@ -150,6 +150,9 @@ def test_main_smoke(lm, tmp_path, capsys):
     assert learned[0] == pytest.approx([0.2] * 5)
     assert learned[-1][random] < 0.1 and learned[-1][random] == min(learned[-1])
     assert printed["rows"]["oracle"]["final_weights"] == pytest.approx([0.5, 0.5, 0, 0, 0])
+    rows = printed["rows"]
+    paired = rows["learned"]["runs"][0] - rows["uniform"]["runs"][0]
+    assert rows["learned"]["minus_uniform"] == pytest.approx([paired])
     for row in printed["rows"].values():
         assert 0 < row["mean"] < 5.6 and len(row["runs"]) == 1  # below ln 256 = 5.55 + noise
     assert all(printed["memory"][c]["peak_mib"] > 0 for c in ("reverse", "forward"))
