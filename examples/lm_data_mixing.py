@@ -26,10 +26,11 @@ learned         weights learned online, starting equal
 oracle          the clean sources only (code and docstrings, 1/2 each)
 ==============  ==============================================================================
 
+Every row of a seed starts from the same student and takes its steps on the same batches.
 Reported: the test files' next-byte loss (nats per byte; bits = nats / ln 2), mean ± std over
-seeds, and the peak memory of one meta-step with each ``curvature`` (second-order products by
-double backward or by forward-over-reverse). The stdlib differs between Python versions, and
-so do the sources.
+seeds, its paired difference to the uniform row, and the peak memory of one meta-step with
+each ``curvature`` (second-order products by double backward or by forward-over-reverse). The
+stdlib differs between Python versions, and so do the sources.
 
 Results and reading: docs/examples_meta.md (learned data mixing).
 
