@@ -448,8 +448,9 @@ def measure_meta_step(cfg: Config, corpus: Corpus, curvature: Curvature) -> dict
 
 
 def plot(runs: dict[str, list[Run]], path: Path) -> None:
-    """Left: the test loss against the iteration, per row (mean over seeds; thin: each seed).
-    Right: the learned row's mixing weights over the iterations, one line per source (mean
+    """Left: the test loss against the iteration from the first evaluation after the start
+    (the start, ln 256 = 5.55, would flatten the rest), per row (mean over seeds; thin: each
+    seed). Right: the learned row's mixing weights over the iterations, one line per source (mean
     over seeds)."""
     import matplotlib
 
@@ -457,17 +458,15 @@ def plot(runs: dict[str, list[Run]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (row, row_runs), color in zip(
-        runs.items(), ("tab:gray", "tab:blue", "tab:green"), strict=False
-    ):
-        steps = [i for i, _ in row_runs[0].curve]
-        losses = np.array([[loss for _, loss in r.curve] for r in row_runs])
+    colors = {"uniform": "tab:gray", "learned": "tab:blue", "oracle": "tab:green"}
+    for row, row_runs in runs.items():
+        steps = [i for i, _ in row_runs[0].curve[1:]]
+        losses = np.array([[loss for _, loss in r.curve[1:]] for r in row_runs])
         for seed_losses in losses:
-            left.plot(steps, seed_losses, color=color, lw=0.6, alpha=0.4)
-        left.plot(steps, losses.mean(0), color=color, label=row)
+            left.plot(steps, seed_losses, color=colors[row], lw=0.6, alpha=0.4)
+        left.plot(steps, losses.mean(0), color=colors[row], label=row)
     left.set_xlabel("iteration")
     left.set_ylabel("test loss (nats / byte)")
-    left.set_ylim(top=min(5.6, left.get_ylim()[1]))
     left.legend()
     if "learned" in runs:
         weights = np.mean([r.weights for r in runs["learned"]], axis=0)  # [iters + 1, S]
