@@ -82,9 +82,9 @@ ROWS: tuple[Row, ...] = get_args(Row)
 @dataclass(frozen=True)
 class Config:
     context: int = 64  # bytes per window (the GPT's context)
-    layers: int = 2
-    width: int = 64
-    heads: int = 4
+    layers: int = 2  # GPT blocks
+    width: int = 64  # GPT embedding width
+    heads: int = 4  # attention heads
     iters: int = 300  # iterations: one meta-step (learned row) and one student step each
     per_source: int = 8  # windows of every source in an inner batch
     target_batch: int = 32  # target windows in the outer loss
@@ -125,8 +125,11 @@ class Config:
 class Experiment:
     config: Config = field(default_factory=Config)
     seeds: tuple[int, ...] = (0, 1, 2)  # model init and batch order of every row
-    rows: tuple[Row, ...] = ROWS
-    memory: tuple[Curvature, ...] = ("reverse", "forward")  # meta-steps measured (none: skip)
+    rows: tuple[Row, ...] = ROWS  # rows to run, in this order
+    memory: tuple[Curvature, ...] = (
+        "reverse",
+        "forward",
+    )  # curvatures whose meta-step memory is measured (none: skip)
     output_dir: Path = Path("runs/lm_data_mixing")  # results.json and the figure
     json: bool = False  # print only the JSON summary
 

@@ -175,3 +175,13 @@ def test_bad_arguments(lm, argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_help_shows_defaults(lm, capsys):
+    with pytest.raises(SystemExit):
+        lm.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 300)" in text and "--lookahead" in text and "--curvature" in text
+    with pytest.raises(SystemExit):
+        lm.main(["--preset", "smoke", "--help"])
+    assert "(default: 20)" in capsys.readouterr().out  # the preset's iterations
