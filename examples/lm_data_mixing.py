@@ -71,6 +71,7 @@ from metapl.training.cli import fail, parse
 
 Params = dict[str, Tensor]
 Curvature = Literal["reverse", "forward"]
+CURVATURES: tuple[Curvature, ...] = get_args(Curvature)
 SOURCES = ("code", "docstrings", "shuffled", "repeated", "random")
 CLEAN = ("code", "docstrings")
 Row = Literal["uniform", "learned", "oracle"]
@@ -126,10 +127,7 @@ class Experiment:
     config: Config = field(default_factory=Config)
     seeds: tuple[int, ...] = (0, 1, 2)  # model init and batch order of every row
     rows: tuple[Row, ...] = ROWS  # rows to run, in this order
-    memory: tuple[Curvature, ...] = (
-        "reverse",
-        "forward",
-    )  # curvatures whose meta-step memory is measured (none: skip)
+    memory: tuple[Curvature, ...] = CURVATURES  # meta-steps measured per curvature (none: skip)
     output_dir: Path = Path("runs/lm_data_mixing")  # results.json and the figure
     json: bool = False  # print only the JSON summary
 
