@@ -3,12 +3,14 @@ and time of one meta-gradient, side by side.
 
 Transformer: a byte-level GPT student (``metapl.models.GPT``: context 128, 4 layers, width
 128, 4 heads; 0.8M parameters) trained on a mixture of 4 sources (8 sequences each per step),
-the per-source mixing logits the meta parameters, K Adam steps (one batch per step), the
-outer loss its next-byte loss on 16 target sequences. Rows per K: ``reverse`` (the default:
-eager calls backpropagate through the kept steps with plain autograd), ``reverse,
-checkpoint=True`` (every step but the last recomputed: the least memory reverse mode has),
-``forward`` (each step's products from one jvp of its gradient) and ``forward,
-checkpoint=True`` (no step's gradient kept).
+the per-source mixing logits the meta parameters, K Adam steps (one batch per step, after
+three plain ones), the
+outer loss its next-byte loss on 16 target sequences. Rows per K, each curvature: the default
+(reverse: eager calls backpropagate through the kept steps with plain autograd; forward: each
+step's products from one jvp of its gradient, the kept steps' gradients kept),
+``checkpoint=True`` (reverse: every step but the last recomputed, the least memory reverse
+mode has; forward: no gradient kept) and ``compile=True`` (each step's forward and pullback
+one compiled graph, every step recomputed).
 
 MPL: one ``metapl.MPL`` step (exact, soft pseudo labels, UDA) with WRN-28-2 teacher and
 student on 32x32 images (8 labeled, 8 unlabeled with their strong views), ``curvature`` reverse
@@ -32,7 +34,7 @@ from collections.abc import Callable
 import torch
 from _machine import cpu_name, git_commit
 from meta_step import measure_step
-from torch.func import functional_call
+from torch.func import functional_call, grad
 from torch.utils._pytree import tree_leaves
 
 import metapl
@@ -67,7 +69,17 @@ def transformer_rows(steps: int, quick: bool) -> list[tuple[str, Callable[[], ob
     def outer(s):
         return next_byte_loss(functional_call(model, s, (target,)), target).mean()
 
-    def call(curvature: str, checkpoint: bool | None) -> Callable[[], object]:
+    # Adam's first step divides by sqrt(v) ~ |g|, where its derivative is lr * eps / (|g| +
+    # eps)^2: rounding noise in the smallest gradients would decide the meta-gradient. Three
+    # plain steps first give every parameter a second moment.
+    opt = optim.adam(1e-3)
+    opt_state = opt.init(student)
+    for batch in torch.randint(0, 256, (3, SOURCES * PER_SOURCE, t), generator=gen):
+        g = grad(inner)(student, mixing, batch)
+        student, opt_state = opt.step(student, g, opt_state)
+
+    def call(curvature: str, option: str) -> Callable[[], object]:
+        checkpoint = True if option == "checkpoint=True" else None
         method = metapl.Exact(checkpoint=checkpoint, curvature=curvature)
         return lambda: (
             metapl.meta_grad(
@@ -75,17 +87,19 @@ def transformer_rows(steps: int, quick: bool) -> list[tuple[str, Callable[[], ob
                 outer,
                 student,
                 mixing,
-                optim.adam(1e-3),
+                opt,
+                opt_state,
                 steps=steps,
                 method=method,
                 inner_batches=batches,
+                compile=option == "compile=True",
             ).meta_grads
         )
 
     return [
-        (f"{curvature}{', checkpoint=True' if checkpoint else ''}", call(curvature, checkpoint))
+        (f"{curvature}{', ' + option if option else ''}", call(curvature, option))
+        for option in ("", "checkpoint=True", "compile=True")
         for curvature in ("reverse", "forward")
-        for checkpoint in (None, True)
     ]
 
 
