@@ -4,13 +4,12 @@ and time of one meta-gradient, side by side.
 Transformer: a byte-level GPT student (``metapl.models.GPT``: context 128, 4 layers, width
 128, 4 heads; 0.8M parameters) trained on a mixture of 4 sources (8 sequences each per step),
 the per-source mixing logits the meta parameters, K Adam steps (one batch per step, after
-three plain ones), the
-outer loss its next-byte loss on 16 target sequences. Rows per K, each curvature: the default
-(reverse: eager calls backpropagate through the kept steps with plain autograd; forward: each
-step's products from one jvp of its gradient, the kept steps' gradients kept),
-``checkpoint=True`` (reverse: every step but the last recomputed, the least memory reverse
-mode has; forward: no gradient kept) and ``compile=True`` (each step's forward and pullback
-one compiled graph, every step recomputed).
+three plain ones), the outer loss its next-byte loss on 16 target sequences. Rows per K, each
+curvature: the default (reverse: eager calls backpropagate through the kept steps with plain
+autograd; forward: each step's products from one jvp of its gradient, the kept steps'
+gradients kept), ``checkpoint=True`` (reverse: every step but the last recomputed, the least
+memory reverse mode has; forward: no gradient kept) and ``compile=True`` (each step's forward
+and pullback one compiled graph, every step recomputed).
 
 MPL: one ``metapl.MPL`` step (exact, soft pseudo labels, UDA) with WRN-28-2 teacher and
 student on 32x32 images (8 labeled, 8 unlabeled with their strong views), ``curvature`` reverse
