@@ -20,6 +20,7 @@ from _tasks import (
     MAML_LR,
     MAML_STEPS,
     MOMENTUM,
+    RIDGE_ITERATIONS,
     higher_bn_maml,
     higher_long,
     higher_maml,
@@ -68,7 +69,7 @@ def params(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in module.named_parameters()}
 
 
-def _torchopt():
+def import_torchopt():
     import torchopt
 
     return torchopt
@@ -103,7 +104,7 @@ def maml_higher(tasks: int) -> Run:
 def torchopt_task_grad(model: nn.Module, steps: int, lr: float, loss: Callable) -> Callable:
     """MAML's per-task gradient with torchopt.MetaSGD: the gradient w.r.t. the module's
     parameters before the steps, which are restored afterwards."""
-    torchopt = _torchopt()
+    torchopt = import_torchopt()
     start = list(model.parameters())
 
     def task_grad(x_s, y_s, x_q, y_q):
@@ -245,7 +246,7 @@ def mwn_higher(batch: int) -> Run:
 
 
 def mwn_torchopt(batch: int) -> Run:
-    torchopt = _torchopt()
+    torchopt = import_torchopt()
     net, wnet, x, y, x_m, y_m = mwn_problem(batch)
 
     def run():
@@ -285,6 +286,76 @@ def long_torchopt(steps: int) -> Run:
 def ridge_metapl(_: int) -> Run:
     run = metapl_ridge(*ridge_problem())
     return lambda: list(run())
+
+
+NEUMANN_STEP = 0.5
+
+
+class _Holder(nn.Module):
+    """A module whose parameters are the given tensors (betty's problems hold modules)."""
+
+    def __init__(self, **tensors: Tensor):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_parameter(name, nn.Parameter(t.clone()))
+
+
+def ridge_betty(_: int) -> Run:
+    """betty: the lower problem holds w at the closed-form solution (SGD with lr 0 keeps it
+    there) and takes the implicit hypergradient by betty's Neumann series (RIDGE_ITERATIONS
+    terms at step 0.5: converged far below 1e-6 here, the Hessian's eigenvalues lie in about
+    [0.7, 2.5]); the upper problem holds (theta, log lam) and records its gradient in betty's
+    grad_callback hook; one Engine.run of one iteration per call. betty's "cg" does not
+    converge on this problem (0.34 relative error after 1 iteration, 0.70 after 20, 4.8 after
+    100): its update of the search direction uses the previous residual."""
+    from betty.configs import Config, EngineConfig
+    from betty.engine import Engine
+    from betty.problems import ImplicitProblem
+
+    meta, inner_loss, solve, outer_loss = ridge_problem()
+    batches = [(torch.zeros(1),)]  # the losses read no batch; betty's problems need a loader
+
+    class Lower(ImplicitProblem):
+        def training_step(self, batch):
+            upper = self.upper.module
+            return inner_loss(self.module.w, upper.theta, upper.log_lam)
+
+    class Upper(ImplicitProblem):
+        def training_step(self, batch):
+            return outer_loss(self.lower.module.w)
+
+        def grad_callback(self):
+            self.grads = [p.grad.detach().clone() for p in self.trainable_parameters()]
+
+    w = _Holder(w=solve(meta["theta"], meta["log_lam"]))
+    m = _Holder(theta=meta["theta"], log_lam=meta["log_lam"])
+    lower = Lower(
+        name="lower",
+        module=w,
+        optimizer=torch.optim.SGD(w.parameters(), lr=0.0),
+        train_data_loader=batches,
+        config=Config(
+            type="neumann", neumann_iterations=RIDGE_ITERATIONS, neumann_alpha=NEUMANN_STEP
+        ),
+    )
+    upper = Upper(
+        name="upper",
+        module=m,
+        optimizer=torch.optim.SGD(m.parameters(), lr=0.0),
+        train_data_loader=batches,
+        config=Config(),
+    )
+    engine = Engine(
+        problems=[upper, lower],
+        config=EngineConfig(train_iters=1),
+        dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+    )
+
+    def run():
+        engine.run()
+        return upper.grads
+
+    return run
 
 
 def ridge_torchopt(_: int) -> Run:
@@ -340,7 +411,7 @@ def mpl_higher(_: int) -> Run:
 
 
 def mpl_torchopt(_: int) -> Run:
-    torchopt = _torchopt()
+    torchopt = import_torchopt()
     teacher, student, x_l, y_l, x_u = mpl_problem()
 
     def run():
@@ -357,8 +428,12 @@ def mpl_torchopt(_: int) -> Run:
 
 # --------------------------------------------------------------------------- GPT data mixing
 
-SOURCES, PER_SOURCE, CLEAN = 4, 4, 8
+SOURCES, PER_SOURCE, CLEAN, WARM_STEPS = 4, 4, 8, 3
 GPT_LR = {"sgd": 0.1, "adam": 1e-3}
+# Adam's weight decay gives every parameter a nonzero gradient (the last position's embedding
+# has none from the loss: sqrt(v) = 0 there has no derivative), and WARM_STEPS real steps before
+# the lookahead give it a second moment (the first Adam step is lr * sign(g): flat).
+GPT_DECAY = {"sgd": 0.0, "adam": 1e-2}
 
 
 def gpt_problem(context: int) -> tuple:
@@ -383,8 +458,10 @@ def mixed_loss(logits: Tensor, tokens: Tensor, source: Tensor, mixing: Tensor) -
 
 
 def gpt_metapl(context: int, opt_name: str, **kwargs) -> Run:
+    """The lookahead starts after WARM_STEPS plain steps at uniform mixing (Adam: its state)."""
     model, tokens, clean, source = gpt_problem(context)
-    opt = getattr(optim, opt_name)(GPT_LR[opt_name])
+    opt = getattr(optim, opt_name)(GPT_LR[opt_name], weight_decay=GPT_DECAY[opt_name])
+    meta = {"mixing": torch.zeros(SOURCES)}
 
     def inner(s, m):
         return mixed_loss(functional_call(model, s, (tokens,)), tokens, source, m["mixing"])
@@ -392,25 +469,33 @@ def gpt_metapl(context: int, opt_name: str, **kwargs) -> Run:
     def outer(s):
         return next_byte_loss(functional_call(model, s, (clean,)), clean).mean()
 
-    meta = {"mixing": torch.zeros(SOURCES)}
+    start, state = params(model), opt.init(params(model))
+    for _ in range(WARM_STEPS):
+        start, state = opt.step(start, torch.func.grad(inner)(start, meta), state)
 
     def run():
-        return list(
-            metapl.meta_grad(inner, outer, params(model), meta, opt, **kwargs).meta_grads.values()
-        )
+        res = metapl.meta_grad(inner, outer, start, meta, opt, opt_state=state, **kwargs)
+        return list(res.meta_grads.values())
 
     return run
 
 
-def _torch_optimizer(opt_name: str, parameters) -> torch.optim.Optimizer:
+def _warm(model: nn.Module, opt_name: str, tokens: Tensor, source: Tensor) -> torch.optim.Optimizer:
+    """A torch.optim optimizer over ``model`` after WARM_STEPS steps at uniform mixing."""
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[opt_name]
-    return cls(parameters, lr=GPT_LR[opt_name])
+    opt = cls(model.parameters(), lr=GPT_LR[opt_name], weight_decay=GPT_DECAY[opt_name])
+    for _ in range(WARM_STEPS):
+        opt.zero_grad()
+        mixed_loss(model(tokens), tokens, source, torch.zeros(SOURCES)).backward()
+        opt.step()
+    return opt
 
 
 def gpt_higher(context: int, opt_name: str) -> Run:
+    """higher's differentiable optimizer starts from the torch.optim optimizer's state."""
     higher = import_higher()
     model, tokens, clean, source = gpt_problem(context)
-    opt = _torch_optimizer(opt_name, model.parameters())
+    opt = _warm(model, opt_name, tokens, source)
 
     def run():
         mixing = torch.zeros(SOURCES, requires_grad=True)
@@ -423,17 +508,25 @@ def gpt_higher(context: int, opt_name: str) -> Run:
 
 
 def gpt_torchopt(context: int, opt_name: str) -> Run:
-    torchopt = _torchopt()
+    """torchopt's MetaSGD / MetaAdam: WARM_STEPS steps, then torchopt.stop_gradient on the
+    module and the optimizer; every call restores both."""
+    torchopt = import_torchopt()
     model, tokens, clean, source = gpt_problem(context)
     cls = {"sgd": torchopt.MetaSGD, "adam": torchopt.MetaAdam}[opt_name]
+    opt = cls(model, lr=GPT_LR[opt_name], weight_decay=GPT_DECAY[opt_name])
+    for _ in range(WARM_STEPS):
+        opt.step(mixed_loss(model(tokens), tokens, source, torch.zeros(SOURCES)))
+    torchopt.stop_gradient(model)
+    torchopt.stop_gradient(opt)
 
     def run():
         mixing = torch.zeros(SOURCES, requires_grad=True)
-        snapshot = torchopt.extract_state_dict(model)
-        opt = cls(model, lr=GPT_LR[opt_name])
+        net_state = torchopt.extract_state_dict(model)
+        opt_state = torchopt.extract_state_dict(opt)
         opt.step(mixed_loss(model(tokens), tokens, source, mixing))
         grads = torch.autograd.grad(next_byte_loss(model(clean), clean).mean(), [mixing])
-        torchopt.recover_state_dict(model, snapshot)
+        torchopt.recover_state_dict(model, net_state)
+        torchopt.recover_state_dict(opt, opt_state)
         return list(grads)
 
     return run
@@ -503,9 +596,9 @@ ROWS: dict[str, Row] = {
         tol=1e-3,
     ),
     "imaml": Row(
-        "iMAML ridge regression, n=500, d=100 (implicit, CG)",
+        "iMAML ridge regression, n=500, d=100 (implicit; betty: Neumann, others: CG)",
         (0, 0),
-        {"metapl": ridge_metapl, "torchopt": ridge_torchopt},
+        {"metapl": ridge_metapl, "torchopt": ridge_torchopt, "betty": ridge_betty},
         {"higher": "higher has no implicit differentiation (it only unrolls)"},
     ),
     "mpl": Row(
@@ -518,13 +611,13 @@ ROWS: dict[str, Row] = {
         },
     ),
     "gpt-sgd": Row(
-        "GPT data mixing, context {n}, SGD lookahead",
+        "GPT data mixing, context {n}, SGD lookahead after 3 steps",
         (64, 16),
         _exact(gpt_metapl, gpt_higher, gpt_torchopt, opt_name="sgd"),
         {"betty": BETTY_UNROLL},
     ),
     "gpt-adam": Row(
-        "GPT data mixing, context {n}, Adam lookahead",
+        "GPT data mixing, context {n}, Adam lookahead after 3 steps",
         (64, 16),
         _exact(gpt_metapl, gpt_higher, gpt_torchopt, opt_name="adam"),
         {"betty": BETTY_UNROLL},

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
+import os
 import platform
 import statistics
 import subprocess
@@ -47,6 +49,8 @@ DISTRIBUTIONS = {
     "torch": "torch",
 }
 REFERENCE = "metapl"  # every other peer's gradient is checked against this one's
+MIN_PEAK = 2**20  # below a MiB, peak memory ratios are not reported
+ANSWER = "@answer "  # marks a cell process's answers among whatever else it prints
 
 
 @dataclass
@@ -65,79 +69,125 @@ class Cell:
 # --------------------------------------------------------------------------- inside a cell
 
 
-def run_cell(row: str, peer: str, n: int, args: argparse.Namespace, ref: Path) -> Cell:
-    """Build the cell, check its gradient against the reference's (saving it when this is the
-    reference), time it and measure its peak memory."""
+def serve_cell(row: str, peer: str, n: int, threads: int, ref: Path) -> None:
+    """A cell's process: build the cell, check its gradient against the reference's (saving
+    it when this is the reference), then answer the driver's lines on stdin: ``time K`` (K
+    calls, their seconds), ``memory`` (the peak bytes of one call), ``quit``. Every answer is
+    one JSON line on stdout."""
     import torch
     from _cells import ROWS
     from _measure import peak_memory
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     spec = ROWS[row]
     run = spec.build[peer](n)
     grads = torch.cat([g.detach().flatten() for g in run()])
-    cell = Cell(row, peer)
+    rel_err = None
     if peer == REFERENCE:
         torch.save(grads, ref)
     else:
         expected = torch.load(ref)
-        cell.rel_err = float(torch.linalg.norm(grads - expected) / torch.linalg.norm(expected))
-        if not cell.rel_err <= spec.tol:
-            cell.note = f"gradient differs from metapl's: relative L2 {cell.rel_err:.1e}"
-            return cell
-    times = _time(run, args)
-    cell.median_s, cell.calls = statistics.median(times), len(times)
-    cell.peak_bytes = peak_memory(run, torch.device("cpu"))
-    return cell
+        rel_err = float(torch.linalg.norm(grads - expected) / torch.linalg.norm(expected))
+    _answer({"rel_err": rel_err})
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "time":
+            _answer([_timed(run) for _ in range(int(rest[0]))])
+        elif command == "memory":
+            _answer(peak_memory(run, torch.device("cpu")))
+        else:
+            return
 
 
-def _time(run, args: argparse.Namespace) -> list[float]:
-    """Warm-up calls, then up to ``repeats`` timed calls, stopping after ``budget`` seconds
-    (at least ``min_repeats`` calls)."""
-    for _ in range(args.warmup):
-        run()
-    times: list[float] = []
-    while len(times) < args.repeats:
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-        if sum(times) > args.budget and len(times) >= args.min_repeats:
-            break
-    return times
+def _answer(value) -> None:
+    print(f"\n{ANSWER}{json.dumps(value)}", flush=True)
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- the driver
 
 
-def cell_in_subprocess(row: str, peer: str, n: int, args, ref: Path) -> Cell:
-    """One cell in a fresh interpreter; its last line of output is the cell as JSON."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--cell",
-        row,
-        peer,
-        str(n),
-        str(ref),
-        "--threads",
-        str(args.threads),
-        "--repeats",
-        str(args.repeats),
-        "--min-repeats",
-        str(args.min_repeats),
-        "--warmup",
-        str(args.warmup),
-        "--budget",
-        str(args.budget),
-    ]
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return Cell(row, peer, note=f"timed out after {args.timeout} s")
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        return Cell(row, peer, note=_last_error(out.stderr))
-    return Cell(**json.loads(lines[-1]))
+class Worker:
+    """One cell's process, driven line by line (its stderr goes to a file)."""
+
+    def __init__(self, row: str, peer: str, n: int, args, ref: Path):
+        command = [sys.executable, str(Path(__file__).resolve()), "--cell", row, peer, str(n)]
+        command += [str(ref), "--threads", str(args.threads)]
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+
+    def read(self):
+        """The next JSON answer; None when the process ended without one."""
+        for line in self.process.stdout:  # a library's own output may come first
+            if line.startswith(ANSWER):
+                return json.loads(line[len(ANSWER) :])
+        return None
+
+    def ask(self, command: str):
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def last_error(self) -> str:
+        """The last line of the process's stderr."""
+        self.process.wait()
+        self.log.seek(0)
+        return _last_error(self.log.read())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+
+
+def measure_row(row: str, peers: list[str], n: int, args, tmp: Path) -> list[Cell]:
+    """Start the row's cells (the reference first: the others check against its gradient),
+    warm them up, time them round-robin in blocks until each has ``repeats`` calls or the
+    row's ``budget`` is spent (at least ``min_repeats`` each), then measure peak memory."""
+    from _cells import ROWS
+
+    tol, ref = ROWS[row].tol, tmp / f"{row}.pt"
+    cells, workers = {}, {}
+    for peer in peers:
+        worker = Worker(row, peer, n, args, ref)
+        first = worker.read()
+        cells[peer] = cell = Cell(row, peer)
+        if first is None:
+            cell.note = worker.last_error()
+            worker.close()
+        elif first["rel_err"] is not None and not first["rel_err"] <= tol:
+            cell.rel_err = first["rel_err"]
+            cell.note = f"gradient differs from metapl's: relative L2 {first['rel_err']:.1e}"
+            worker.close()
+        else:
+            cell.rel_err, workers[peer] = first["rel_err"], worker
+        if peer == REFERENCE and peer not in workers:
+            break
+    times: dict[str, list[float]] = {peer: [] for peer in workers}
+    for worker in workers.values():
+        worker.ask(f"time {args.warmup}")
+    start = time.perf_counter()
+    while any(len(ts) < args.repeats for ts in times.values()):
+        for peer, worker in workers.items():
+            times[peer] += worker.ask(f"time {args.block}")
+        spent = time.perf_counter() - start
+        if spent > args.budget and min(map(len, times.values())) >= args.min_repeats:
+            break
+    for peer, worker in workers.items():
+        cell = cells[peer]
+        cell.median_s, cell.calls = statistics.median(times[peer]), len(times[peer])
+        cell.peak_bytes = worker.ask("memory")
+        worker.close()
+    return [cells.get(peer, Cell(row, peer, note="metapl failed")) for peer in peers]
 
 
 def _last_error(stderr: str) -> str:
@@ -167,16 +217,15 @@ def run_all(args) -> list[Cell]:
         for row in args.rows:
             spec = ROWS[row]
             n = spec.sizes[1] if args.quick else spec.sizes[0]
-            ref = Path(tmp) / f"{row}.pt"
+            runnable = [p for p in args.peers if p in spec.build and p not in broken]
+            measured = {c.peer: c for c in measure_row(row, runnable, n, args, Path(tmp))}
             for peer in args.peers:
-                if peer in broken:
+                if peer in measured:
+                    cell = measured[peer]
+                elif peer in broken:
                     cell = Cell(row, peer, note=broken[peer])
-                elif peer not in spec.build:
-                    cell = Cell(row, peer, note=spec.cannot.get(peer, "not expressed"))
-                elif peer != REFERENCE and not ref.exists():
-                    cell = Cell(row, peer, note="no metapl gradient to check against")
                 else:
-                    cell = cell_in_subprocess(row, peer, n, args, ref)
+                    cell = Cell(row, peer, note=spec.cannot.get(peer, "not expressed"))
                 print(f"  {row} / {peer}: {_status(cell)}", file=sys.stderr, flush=True)
                 cells.append(cell)
     return cells
@@ -192,16 +241,18 @@ def _status(cell: Cell) -> str:
 
 
 def ratios(cells: list[Cell]) -> dict[tuple[str, str], tuple[float, float]]:
-    """(row, peer) -> (time / the row's fastest, peak / the row's least), over measured cells."""
+    """(row, peer) -> (time / the row's fastest, peak / the row's least), over measured cells;
+    the memory ratio is NaN in rows whose least peak is under MIN_PEAK (allocator noise)."""
     out = {}
     for row in dict.fromkeys(c.row for c in cells):
         done = [c for c in cells if c.row == row and c.median_s is not None]
         if not done:
             continue
         fastest = min(c.median_s for c in done)
-        least = max(1, min(c.peak_bytes for c in done))
+        least = min(c.peak_bytes for c in done)
         for c in done:
-            out[(row, c.peer)] = (c.median_s / fastest, max(1, c.peak_bytes) / least)
+            memory = c.peak_bytes / least if least >= MIN_PEAK else math.nan
+            out[(row, c.peer)] = (c.median_s / fastest, memory)
     return out
 
 
@@ -220,7 +271,8 @@ def markdown(cells: list[Cell], titles: dict[str, str]) -> str:
         err = "ref" if c.rel_err is None else f"{c.rel_err:.0e}"
         lines.append(
             f"| {titles[c.row]} | {c.peer} | {c.median_s * 1e3:.1f} | {t:.2f} "
-            f"| {c.peak_bytes / 2**20:.1f} | {m:.2f} | {err} | {c.calls} |"
+            f"| {c.peak_bytes / 2**20:.1f} | {'–' if math.isnan(m) else f'{m:.2f}'} | {err} "
+            f"| {c.calls} |"
         )
     return "\n".join(lines + ["", "Not measured:", "", *notes])
 
@@ -232,6 +284,7 @@ def figure(cells: list[Cell], titles: dict[str, str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     r = ratios(cells)
     rows = [row for row in dict.fromkeys(c.row for c in cells) if any(k[0] == row for k in r)]
@@ -246,6 +299,8 @@ def figure(cells: list[Cell], titles: dict[str, str], path: Path) -> None:
             xs = [r[(row, peer)][panel] for row in rows if (row, peer) in r]
             ax.barh(ys, xs, height=height, label=peer)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1, color="black", linewidth=0.8)
         ax.set_xlabel(f"{label} (log scale; 1 = the row's best)")
         ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
@@ -272,7 +327,13 @@ def machine(args) -> dict[str, str]:
         "python": platform.python_version(),
         "commit": git_commit(),
         **versions,
+        "load average at start": _load(),
     }
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -285,14 +346,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=30, help="most timed calls per cell")
     parser.add_argument("--min-repeats", type=int, default=5, help="least timed calls per cell")
+    parser.add_argument("--block", type=int, default=3, help="calls per cell per turn")
     parser.add_argument(
         "--budget",
         type=float,
-        default=8.0,
-        help="seconds of timed calls per cell after which it stops (once it has --min-repeats)",
+        default=30.0,
+        help="seconds of timed calls per row after which it stops (once every cell has "
+        "--min-repeats calls)",
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per cell")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per cell process")
     parser.add_argument(
         "--out",
         type=Path,
@@ -314,7 +376,7 @@ def main(argv: list[str] | None = None) -> list[Cell]:
     args = parse(argv)
     if args.cell:
         row, peer, n, ref = args.cell
-        print(json.dumps(asdict(run_cell(row, peer, int(n), args, Path(ref)))))
+        serve_cell(row, peer, int(n), args.threads, Path(ref))
         return []
     from _cells import ROWS
 
@@ -324,6 +386,8 @@ def main(argv: list[str] | None = None) -> list[Cell]:
     about = machine(args)
     print("\n".join(f"- {k}: {v}" for k, v in about.items()))
     cells = run_all(args)
+    about["load average at end"] = _load()
+    print(f"- load average at end: {about['load average at end']}")
     table = markdown(cells, titles)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
