@@ -599,7 +599,10 @@ ROWS: dict[str, Row] = {
         "iMAML ridge regression, n=500, d=100 (implicit; betty: Neumann, others: CG)",
         (0, 0),
         {"metapl": ridge_metapl, "torchopt": ridge_torchopt, "betty": ridge_betty},
-        {"higher": "higher has no implicit differentiation (it only unrolls)"},
+        {
+            "metapl forward": "curvature is an option of the exact method; this row is implicit",
+            "higher": "higher has no implicit differentiation (it only unrolls)",
+        },
     ),
     "mpl": Row(
         "MPL step, teacher gradient, MLPs 64-256-256-10",

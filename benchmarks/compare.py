@@ -4,14 +4,16 @@ library in its own process per cell, side by side in one run.
 Rows (benchmarks/_cells.py): MAML sinusoid (1 task; 25 tasks, metapl under torch.func.vmap),
 MAML with a BatchNorm CNN (K=10), a Meta-Weight-Net step, a learned learning rate through
 K=100 and K=400 steps, iMAML on ridge regression, one MPL step's teacher gradient, and the data
-mixing of a byte-level GPT (one SGD or Adam lookahead). Each cell runs in a fresh interpreter
-(so peak memory and imports do not leak between cells): it computes its gradient, checks it
-against metapl's (the same numbers to the row's tolerance, relative L2) before timing, then
-times repeated calls (the median) and measures the peak memory of one call above its start
-(torch.profiler's CPU allocator events). Output: a Markdown table and JSON (ratios to the
-fastest and to the least memory of each row) and a figure.
+mixing of a byte-level GPT (one SGD or Adam lookahead). Each cell runs in its own interpreter
+(so peak memory and imports do not leak between cells): it computes its gradient and checks it
+against metapl's (the same numbers to the row's tolerance, relative L2) before timing. A row's
+cells then run side by side: their processes take turns, a block of calls each, so that load
+on the machine hits every library alike; then each measures the peak memory of one call above
+its start (torch.profiler's CPU allocator events). Output (--out): compare.md and compare.json
+(medians, fastest calls, ratios to the fastest and to the least memory of each row) and a
+figure (--figure).
 
-    python benchmarks/compare.py --threads 1                 # every row (~15 min, 2-core CPU)
+    python benchmarks/compare.py --threads 1                 # every row (~10 min, 2-core CPU)
     python benchmarks/compare.py --quick --rows maml-1 mpl   # the smallest sizes, some rows
     python benchmarks/compare.py --peers metapl higher       # some libraries
 """
@@ -60,6 +62,7 @@ class Cell:
     row: str
     peer: str
     median_s: float | None = None
+    min_s: float | None = None
     calls: int = 0
     peak_bytes: int | None = None
     rel_err: float | None = None
@@ -185,6 +188,7 @@ def measure_row(row: str, peers: list[str], n: int, args, tmp: Path) -> list[Cel
     for peer, worker in workers.items():
         cell = cells[peer]
         cell.median_s, cell.calls = statistics.median(times[peer]), len(times[peer])
+        cell.min_s = min(times[peer])
         cell.peak_bytes = worker.ask("memory")
         worker.close()
     return [cells.get(peer, Cell(row, peer, note="metapl failed")) for peer in peers]
@@ -259,8 +263,9 @@ def ratios(cells: list[Cell]) -> dict[tuple[str, str], tuple[float, float]]:
 def markdown(cells: list[Cell], titles: dict[str, str]) -> str:
     r = ratios(cells)
     lines = [
-        "| row | library | median ms | × fastest | peak MiB | × least | rel. diff | calls |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| row | library | median ms | × fastest | min ms | peak MiB | × least | rel. diff "
+        "| calls |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for c in cells:
@@ -271,6 +276,7 @@ def markdown(cells: list[Cell], titles: dict[str, str]) -> str:
         err = "ref" if c.rel_err is None else f"{c.rel_err:.0e}"
         lines.append(
             f"| {titles[c.row]} | {c.peer} | {c.median_s * 1e3:.1f} | {t:.2f} "
+            f"| {c.min_s * 1e3:.1f} "
             f"| {c.peak_bytes / 2**20:.1f} | {'–' if math.isnan(m) else f'{m:.2f}'} | {err} "
             f"| {c.calls} |"
         )
@@ -361,7 +367,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=HERE.parent / "runs" / "compare",
         help="folder for compare.md and compare.json",
     )
-    parser.add_argument("--figure", type=Path, default=HERE.parent / "docs" / "img" / "compare.png")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=HERE.parent / "runs" / "compare" / "compare.png",
+        help="the figure (docs/benchmarks.md's: docs/img/compare.png)",
+    )
     parser.add_argument(
         "--cell", nargs=4, metavar=("ROW", "PEER", "N", "REF"), help=argparse.SUPPRESS
     )

@@ -36,17 +36,17 @@ def test_ratios_are_to_the_fastest_and_the_least_memory_of_each_row():
     compare = load_script(BENCHMARKS / "compare.py", "compare")
     mib = 2**20
     cells = [
-        compare.Cell("a", "metapl", median_s=2.0, peak_bytes=2 * mib),
-        compare.Cell("a", "higher", median_s=1.0, peak_bytes=8 * mib),
+        compare.Cell("a", "metapl", median_s=2.0, min_s=1.5, peak_bytes=2 * mib),
+        compare.Cell("a", "higher", median_s=1.0, min_s=0.5, peak_bytes=8 * mib),
         compare.Cell("a", "betty", note="cannot"),
-        compare.Cell("b", "metapl", median_s=3.0, peak_bytes=mib // 2),
+        compare.Cell("b", "metapl", median_s=3.0, min_s=2.5, peak_bytes=mib // 2),
     ]
     r = compare.ratios(cells)
     assert r[("a", "metapl")] == (2.0, 1.0) and r[("a", "higher")] == (1.0, 4.0)
     assert r[("b", "metapl")][0] == 1.0 and math.isnan(r[("b", "metapl")][1])
     assert ("a", "betty") not in r
     table = compare.markdown(cells, {"a": "row a", "b": "row b"})
-    assert "| row b | metapl | 3000.0 | 1.00 | 0.5 | – |" in table
+    assert "| row b | metapl | 3000.0 | 1.00 | 2500.0 | 0.5 | – |" in table
     assert "- row a / betty: cannot" in table
 
 
