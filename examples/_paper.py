@@ -295,6 +295,7 @@ def run(
         )
         tracker = _tracker(exp, resume)
         config = train_config(exp.recipe, s, len(data.labeled_y))
+        about = {"model": s.model, **script.about(exp, num_classes)}
         if ft is not None:
             key, name = _load_student(ft, student)
             results = finetune_only(
@@ -305,13 +306,12 @@ def run(
                 tracker,
                 networks={key: student},
                 name=name,
-                about={"model": s.model, **script.about(exp, num_classes)},
+                about=about,
             )
         else:
             for module in (teacher, student):
                 distributed.broadcast_module(module)  # identical replicas (a no-op alone)
             mpl = build_mpl(teacher, student, exp.recipe, s)
-            about = {"model": s.model, **script.about(exp, num_classes)}
             results = train(mpl, data, config, s.output_dir, tracker, resume, about)
         tracker.finish()
         print_results(results, s.json)

@@ -48,6 +48,7 @@ class MPLConfig:
     ema_decay: float | None = None
     h_baseline_decay: float | None = None
     fd_radius: float = 3e-4
+    curvature: Literal["reverse", "forward"] = "reverse"
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     student_bn: Literal["joint", "unlabeled"] = "joint"
     student_view: Literal["strong", "weak"] = "strong"
@@ -94,11 +95,24 @@ def _check(c: MPLConfig) -> None:
             "meta_grad='score_function' ('first_order') is the estimator for sampled labels: use "
             "pseudo_labels='hard', or meta_grad='exact' for soft labels"
         )
-    if c.meta_grad == "finite_difference" and c.compile and _has_dropout(c.student):
+    if c.curvature not in ("reverse", "forward"):
         raise ValueError(
-            "meta_grad='finite_difference' replays the student's dropout masks, which "
-            "torch.compile cannot do: pass compile=False, use meta_grad='exact', or a student "
-            "without dropout"
+            f"curvature must be 'reverse' (double backward) or 'forward' (forward-over-reverse), "
+            f"got {c.curvature!r}"
+        )
+    if c.curvature != "reverse" and c.meta_grad != "exact":
+        raise ValueError(
+            f"curvature={c.curvature!r} is an option of meta_grad='exact', not {c.meta_grad!r}"
+        )
+    replays = c.meta_grad == "finite_difference" or c.curvature == "forward"
+    if replays and c.compile and _has_dropout(c.student):
+        what = (
+            "meta_grad='finite_difference'" if c.curvature == "reverse" else "curvature='forward'"
+        )
+        raise ValueError(
+            f"{what} replays the student's dropout masks, which torch.compile cannot do: pass "
+            "compile=False, meta_grad='exact' with curvature='reverse', or a student without "
+            "dropout"
         )
     if c.uda is not None and not isinstance(c.uda, UDA):
         raise TypeError("uda must be a metapl.UDA(weight, temperature, threshold) or None")

@@ -48,6 +48,8 @@ class MPL:
             the score-function estimate of the gradient of the expected loss; ``"sum"`` is that
             estimate itself, on the scale of ``"exact"`` (for ablations comparing the two).
         fd_radius: ``"finite_difference"`` only: see ``metapl.meta_grad``.
+        curvature: ``"exact"`` only: ``"reverse"`` (double backward) or ``"forward"``
+            (forward-over-reverse; less memory; see ``metapl.meta_grad``).
         student_bn: the batch of the student's forward for its step on the pseudo labels:
             ``"joint"`` is ``cat(x_l, x_view)`` (the official code's and the PyTorch port's),
             ``"unlabeled"`` is ``x_view`` alone.
@@ -84,6 +86,7 @@ class MPL:
         ema_decay: float | None = None,
         h_baseline_decay: float | None = None,
         fd_radius: float = 3e-4,
+        curvature: str = "reverse",
         log_prob_reduction: str = "mean",
         student_bn: str = "joint",
         lookahead_steps: int = 1,
@@ -106,6 +109,7 @@ class MPL:
             ema_decay=ema_decay,
             h_baseline_decay=h_baseline_decay,
             fd_radius=fd_radius,
+            curvature=curvature,
             log_prob_reduction=log_prob_reduction,
             student_bn=student_bn,
             student_view=student_view,

@@ -197,6 +197,7 @@ def _student_update(
     sampled = config.samples_labels
     baseline = h_baseline if sampled and config.h_baseline_decay is not None else 0.0
     options = {
+        "exact": {"curvature": config.curvature},
         "finite_difference": {"fd_radius": config.fd_radius},
         "score_function": {"baseline": baseline, "log_prob": log_prob},
     }.get(config.meta_grad, {})

@@ -389,7 +389,7 @@ def test_uda_mask_on_the_sharpened_prediction_equals_hand_computation():
 
 
 @pytest.mark.parametrize("student_bn", ["joint", "unlabeled"])
-@pytest.mark.parametrize("method", ["exact", "first_order"])
+@pytest.mark.parametrize("method", ["exact", "exact-forward", "first_order"])
 def test_step_with_batchnorm_equals_hand_computation(method, student_bn):
     """With BatchNorm the teacher normalises over the whole concatenated batch (so its pseudo
     labels depend on x_l too, and so does the MPL gradient); the student's pseudo-label step
@@ -397,7 +397,7 @@ def test_step_with_batchnorm_equals_hand_computation(method, student_bn):
     uses the labeled batch's own statistics."""
     hard = method == "first_order"
     cfg = Config(
-        meta_grad=method,
+        meta_grad=method.removesuffix("-forward"),
         pseudo_labels="hard" if hard else "soft",
         temperature=1.5,
         uda=uda_for(ramp_steps=3),
@@ -405,6 +405,7 @@ def test_step_with_batchnorm_equals_hand_computation(method, student_bn):
         teacher_opt="adamw",
         h_baseline_decay=0.8 if hard else None,
         student_bn=student_bn,
+        extra={"curvature": "forward"} if method == "exact-forward" else {},
     )
     mpl, hand = run_both(cfg, steps=2, bn=True)
     assert_matches_hand(mpl, hand)
@@ -624,6 +625,13 @@ def test_first_order_sign_by_enumeration():
 MPL_BATCH = {
     "exact": Config(meta_grad="exact", teacher_opt="adamw"),
     "exact_uda_bn_joint": Config(meta_grad="exact", uda=uda_for(weight=0.7)),
+    "exact_forward_curvature_uda_bn": Config(
+        meta_grad="exact",
+        uda=uda_for(weight=0.7, ramp_steps=3),
+        temperature=1.5,
+        teacher_opt="adamw",
+        extra={"curvature": "forward"},
+    ),
     "first_order": Config(
         meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
     ),
@@ -668,6 +676,13 @@ LOOKAHEAD = {
         uda=uda_for(weight=0.7, ramp_steps=3),
         temperature=1.5,
         teacher_opt="adamw",
+    ),
+    "exact_forward_curvature_uda_bn": Config(
+        meta_grad="exact",
+        uda=uda_for(weight=0.7, ramp_steps=3),
+        temperature=1.5,
+        teacher_opt="adamw",
+        extra={"curvature": "forward"},
     ),
     "first_order": Config(
         meta_grad="first_order", pseudo_labels="hard", temperature=2.0, h_baseline_decay=0.7
@@ -1039,6 +1054,12 @@ class _Wrong:
         ({"lookahead_steps": True}, ValueError, "lookahead_steps must be an int >= 1"),
         ({"mpl_weight": -1.0}, ValueError, "mpl_weight must be >= 0"),
         ({"mpl_weight": 2.0, "meta_grad": None}, ValueError, "needs a meta_grad"),
+        ({"curvature": "fwd"}, ValueError, "curvature must be 'reverse' .* or 'forward'"),
+        (
+            {"curvature": "forward", "meta_grad": "finite_difference"},
+            ValueError,
+            "curvature='forward' is an option of meta_grad='exact', not 'finite_difference'",
+        ),
     ],
 )
 def test_bad_config_raises_a_helpful_error(kwargs, error, match):
@@ -1046,9 +1067,14 @@ def test_bad_config_raises_a_helpful_error(kwargs, error, match):
         _Wrong.build(**kwargs)
 
 
-def test_compiled_finite_difference_rejects_a_student_with_dropout():
+@pytest.mark.parametrize(
+    "options",
+    [{"meta_grad": "finite_difference"}, {"meta_grad": "exact", "curvature": "forward"}],
+    ids=["finite_difference", "forward_curvature"],
+)
+def test_compiled_replays_reject_a_student_with_dropout(options):
     with pytest.raises(ValueError, match="replays the student's dropout masks"):
-        _Wrong.build(meta_grad="finite_difference", compile=True, student=mlp(seed=2, dropout=0.3))
+        _Wrong.build(**options, compile=True, student=mlp(seed=2, dropout=0.3))
 
 
 def test_torch_optim_optimizer_is_rejected():

@@ -106,6 +106,11 @@ def test_compiled_exact_step_equals_eager():
 
 
 @pytest.mark.slow
+def test_compiled_forward_curvature_step_equals_eager():
+    compare("exact", "soft", curvature="forward")
+
+
+@pytest.mark.slow
 def test_compiled_finite_difference_step_equals_eager():
     # float64: a float32 central difference amplifies rounding beyond float32 tolerances
     compare("finite_difference", "soft", tol=F64_TOL, dtype=torch.float64)

@@ -17,6 +17,17 @@ from metapl.training.tracking import read_metrics
 SCRIPT = ROOT / "examples" / "imagenet_mpl.py"
 
 
+def tiny_mlp_argv(data, out, label_fraction=0.25, steps=2, finetune_steps=1, lr=1e-3) -> list[str]:
+    """The smallest run on image folders: an MLP on 32x32 images, batches of 2 + 4."""
+    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
+    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2"]
+    argv += ["--val-per-class", "1", "--steps", str(steps), "--finetune-steps", str(finetune_steps)]
+    argv += ["--teacher-lr", str(lr), "--student-lr", str(lr)]
+    if label_fraction is not None:
+        argv += ["--label-fraction", str(label_fraction)]
+    return argv
+
+
 def _example():
     return load_script(SCRIPT, "imagenet_mpl")
 
@@ -241,10 +252,7 @@ def test_damaged_images_are_found_before_training(tmp_path, monkeypatch, capsys)
     bad = data / "val" / "class_001" / "img_0001.png"
     bad.write_bytes(bad.read_bytes()[:60])
     out = tmp_path / "run"
-    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
-    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2"]
-    argv += ["--label-fraction", "0.25", "--val-per-class", "1", "--steps", "2"]
-    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    argv = tiny_mlp_argv(data, out)
     example = _example()
     assert example.cli(example.main, argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -265,10 +273,8 @@ def test_final_pt_describes_itself_and_predict_reads_images_with_it(tmp_path, mo
     data = tmp_path / "data"
     written = write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=4)
     out = tmp_path / "run"
-    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
-    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2", "--json"]
-    argv += ["--label-fraction", "0.5", "--val-per-class", "1", "--steps", "6"]
-    argv += ["--finetune-steps", "2", "--teacher-lr", "1e-2", "--student-lr", "1e-2"]
+    argv = tiny_mlp_argv(data, out, label_fraction=0.5, steps=6, finetune_steps=2, lr=1e-2)
+    argv.append("--json")
     results = _example().main(argv)
     about = torch.load(out / "final.pt", weights_only=False)["about"]
     assert about == {
@@ -321,16 +327,14 @@ def test_an_unlabeled_folder_beside_the_labeled_classes(tmp_path, monkeypatch, c
     assert folder[:, 0].float().mean(dim=(1, 2)).tolist() == [120, 60, 180, 0]
 
     out = tmp_path / "run"
-    argv = ["--data-dir", str(data), "--unlabeled-dir", str(extra), "--output-dir", str(out)]
-    argv += ["--image-size", "32", "--model", "mlp", "--labeled-batch", "2", "--json"]
-    argv += ["--unlabeled-ratio", "2", "--val-per-class", "1", "--steps", "2"]
-    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    argv = [*tiny_mlp_argv(data, out, label_fraction=None), "--json"]
+    argv += ["--unlabeled-dir", str(extra)]  # last: replaced below
     assert {"test/student_finetuned", "val/student_finetuned"} <= example.main(argv).keys()
     assert json.loads((out / "split.json").read_text())["meta"]["label_fraction"] == 1.0
     Image.new("RGB", (8, 8)).save(extra / "c" / "u3.png")  # the unlabeled folder changed
     assert example.cli(example.main, [*argv, "--resume"]) == 1
     assert "1 of another size (unlabeled-dir/c/u3.png)" in capsys.readouterr().err
-    missing = [*argv[:2], "--unlabeled-dir", str(tmp_path / "none"), *argv[4:]]
+    missing = [*argv[:-1], str(tmp_path / "none")]
     missing[missing.index("--output-dir") + 1] = str(tmp_path / "run2")
     with pytest.raises(SystemExit) as e:
         example.main(missing)
@@ -349,10 +353,7 @@ def test_a_changed_training_folder_is_refused_on_resume(tmp_path, monkeypatch, c
     data = tmp_path / "data"
     write_fake_imagefolder(data, num_classes=3, train_per_class=8, val_per_class=2)
     out = tmp_path / "run"
-    argv = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32"]
-    argv += ["--model", "mlp", "--labeled-batch", "2", "--unlabeled-ratio", "2", "--json"]
-    argv += ["--label-fraction", "0.25", "--val-per-class", "1", "--steps", "2"]
-    argv += ["--finetune-steps", "1", "--teacher-lr", "1e-3", "--student-lr", "1e-3"]
+    argv = [*tiny_mlp_argv(data, out), "--json"]
     example = _example()
     assert example.cli(example.main, argv) == 0
     manifest = json.loads((out / "split.json").read_text())
