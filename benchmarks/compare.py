@@ -290,29 +290,38 @@ def figure(cells: list[Cell], titles: dict[str, str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     r = ratios(cells)
     rows = [row for row in dict.fromkeys(c.row for c in cells) if any(k[0] == row for k in r)]
     peers = [p for p in dict.fromkeys(c.peer for c in cells) if any(k[1] == p for k in r)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.55 * len(rows) * len(peers) / 3 + 2))
+    size = (13, 0.55 * len(rows) * len(peers) / 3 + 2)
+    fig, axes = plt.subplots(1, 2, figsize=size, sharey=True)
     height = 0.8 / len(peers)
     for panel, (ax, label) in enumerate(
-        zip(axes, ("time / fastest", "peak memory / least"), strict=True)
+        zip(axes, ("time / the row's fastest", "peak memory / the row's least"), strict=True)
     ):
         for i, peer in enumerate(peers):
-            ys = [j + i * height for j, row in enumerate(rows) if (row, peer) in r]
-            xs = [r[(row, peer)][panel] for row in rows if (row, peer) in r]
-            ax.barh(ys, xs, height=height, label=peer)
+            bars = [
+                (j + i * height, r[(row, peer)][panel])
+                for j, row in enumerate(rows)
+                if (row, peer) in r and not math.isnan(r[(row, peer)][panel])
+            ]
+            if bars:
+                ax.barh(*zip(*bars, strict=True), height=height, label=peer)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1, color="black", linewidth=0.8)
-        ax.set_xlabel(f"{label} (log scale; 1 = the row's best)")
-        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
-        ax.set_yticklabels([titles[row] for row in rows] if panel == 0 else [])
-        ax.invert_yaxis()
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_xlabel(f"{label} (log scale)")
+    axes[0].set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
+    axes[0].set_yticklabels([titles[row] for row in rows])
+    axes[0].invert_yaxis()
+    axes[1].set_title("memory: rows whose least peak is >= 1 MiB", fontsize="medium")
+    axes[1].legend(
+        *axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.01, 0.5)
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -374,6 +383,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="the figure (docs/benchmarks.md's: docs/img/compare.png)",
     )
     parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="a compare.json: write its table and figure again without measuring",
+    )
+    parser.add_argument(
         "--cell", nargs=4, metavar=("ROW", "PEER", "N", "REF"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -383,22 +398,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def measure(args) -> tuple[dict[str, str], dict[str, str], list[Cell]]:
+    """The machine, the rows' titles and every cell, measured."""
+    from _cells import ROWS
+
+    size = 1 if args.quick else 0
+    titles = {row: ROWS[row].title.format(n=ROWS[row].sizes[size]) for row in ROWS}
+    about = machine(args)
+    print("\n".join(f"- {k}: {v}" for k, v in about.items()))
+    cells = run_all(args)
+    about["load average at end"] = _load()
+    print(f"- load average at end: {about['load average at end']}")
+    return about, titles, cells
+
+
 def main(argv: list[str] | None = None) -> list[Cell]:
     args = parse(argv)
     if args.cell:
         row, peer, n, ref = args.cell
         serve_cell(row, peer, int(n), args.threads, Path(ref))
         return []
-    from _cells import ROWS
-
-    titles = {
-        row: ROWS[row].title.format(n=ROWS[row].sizes[1 if args.quick else 0]) for row in ROWS
-    }
-    about = machine(args)
-    print("\n".join(f"- {k}: {v}" for k, v in about.items()))
-    cells = run_all(args)
-    about["load average at end"] = _load()
-    print(f"- load average at end: {about['load average at end']}")
+    if args.replot:
+        record = json.loads(args.replot.read_text())
+        about, titles = record["machine"], record["titles"]
+        cells = [Cell(**c) for c in record["cells"]]
+    else:
+        about, titles, cells = measure(args)
     table = markdown(cells, titles)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)

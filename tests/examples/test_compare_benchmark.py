@@ -29,6 +29,9 @@ def test_metapl_smallest_cell_is_timed_and_reported(tmp_path, capsys):
     assert "| MAML sinusoid, 1 task, K=5 | metapl |" in table and "| 1.00 |" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert "- cpu:" in capsys.readouterr().out
+    again = tmp_path / "again"  # --replot: the same table from the JSON, nothing measured
+    compare.main(["--replot", str(tmp_path / "compare.json"), *_outputs(again)])
+    assert (again / "compare.md").read_text() == table and (again / "compare.png").exists()
 
 
 def test_ratios_are_to_the_fastest_and_the_least_memory_of_each_row():
