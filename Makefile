@@ -30,14 +30,20 @@ lint: install
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache
 
-# A separate environment for benchmarks/ that compare metapl with its peers (torchopt beside
-# higher): the peers never enter the test environment.
+# A separate environment for benchmarks/ that compare metapl with its peers (higher, torchopt,
+# betty): the peers never enter the test environment. betty-ml's releases for Python >= 3.11
+# declare Requires-Python < 3.11 (0.2.x) or carry metadata pip >= 24.1 rejects (0.1.x): 0.2.1
+# goes in with --ignore-requires-python (it needs only numpy and torch, and imports).
+# learn2learn is left out: its sdist's C sources do not compile on Python 3.11 (longintrepr.h)
+# and `import learn2learn` needs torchvision, whose PyPI wheels fail on a CPU torch
+# (docs/benchmarks.md, compare).
 BENCH_VENV ?= .bench-venv
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(BENCH_VENV)/bin/python -m pip install -q -e ".[dev]" torchopt
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[dev]" torchopt==0.7.3
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	touch $@
 
 bench-env: $(BENCH_VENV)/.installed

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 from _machine import cpu_name, git_commit
-from meta_step import measure_step
+from _measure import measure_step
 from torch.func import functional_call, grad
 from torch.utils._pytree import tree_leaves
 

@@ -31,49 +31,35 @@ states, batch); the student's real update is the lookahead ``res.student_params`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.metadata
 import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import higher
 import torch
 import torch.nn.functional as F
 from _machine import cpu_name, git_commit
+from _measure import measure_step, timed
+from _tasks import (
+    LR_STUDENT,
+    LR_TEACHER,
+    MOMENTUM,
+    N_LABELED,
+    N_UNLABELED,
+    SIZES,
+    make_batch,
+    mlp,
+)
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 import metapl
 from metapl import optim
 from metapl.functional import soft_cross_entropy
-
-SIZES = (64, 256, 256, 10)
-N_LABELED, N_UNLABELED = 64, 448
-LR_TEACHER, LR_STUDENT, MOMENTUM = 0.05, 0.05, 0.9
-
-
-def mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:], strict=True):
-        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def make_batch(device: torch.device) -> tuple[Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    x_l = torch.randn(N_LABELED, SIZES[0], generator=gen)
-    y_l = torch.randint(SIZES[-1], (N_LABELED,), generator=gen)
-    x_u = torch.randn(N_UNLABELED, SIZES[0], generator=gen)
-    # Gumbel noise for the hard labels of first_order: y = argmax(logits + g) samples softmax.
-    gumbel = -torch.log(-torch.log(torch.rand(N_UNLABELED, SIZES[-1], generator=gen)))
-    return tuple(t.to(device) for t in (x_l, y_l, x_u, gumbel))
-
 
 # ----------------------------------------------------------------------------- steps
 # Each factory returns (step, teacher, student): step() advances its own copy of the models by
@@ -247,69 +233,6 @@ def _params(module: nn.Module) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(step: Callable, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def measure_step(step: Callable, device: torch.device) -> tuple[int, float]:
-    """Peak memory of one step (bytes above what was allocated before it) and the FLOPs of its
-    matrix multiplies as counted by torch.profiler (two separate steps: recording shapes for the
-    FLOPs makes the profiler hold on to memory)."""
-    with _quiet_stderr(), torch.profiler.profile(record_shapes=True, with_flops=True) as prof:
-        step()
-        sync(device)
-    flops = sum(e.flops for e in prof.events() if e.flops)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before, flops
-    # CPU: replay the allocator's alloc/free events that the profiler records, in time order
-    # (frees of blocks allocated before the step are not recorded, so they do not count).
-    with (
-        _quiet_stderr(),
-        torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        ) as prof,
-    ):
-        step()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak, flops
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ start/stop lines (written straight to file descriptor 2)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
