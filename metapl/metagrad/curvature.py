@@ -147,13 +147,14 @@ class ForwardProducts(_Split):
             try:
                 _, tangent = rng.replayed(snapshot, jvp, gradient, (s,), (a,))
             except (NotImplementedError, RuntimeError) as error:
-                if "forward AD" not in str(error):
-                    raise
+                # the forward pass evaluated this gradient already: what fails here is forward
+                # mode (an operation without a formula, or torch's own forward-mode bugs)
                 raise NotImplementedError(
-                    "curvature='forward' needs a forward-mode formula for every operation of "
-                    f"the inner gradient, and one has none ({str(error).splitlines()[0]}): "
-                    "use curvature='reverse' (double backward), or the operation's "
-                    "composite form (e.g. the math path of scaled_dot_product_attention)"
+                    "curvature='forward' could not differentiate the inner gradient in forward "
+                    f"mode ({str(error).splitlines()[0]}): use curvature='reverse' (double "
+                    "backward), or the operation's composite form (e.g. the math path of "
+                    "scaled_dot_product_attention; (x - y).square().mean() for F.mse_loss, "
+                    "whose forward-mode formula fails on torch 2.13)"
                 ) from error
             return tangent if need_s else (None, tangent)
 
