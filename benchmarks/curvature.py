@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 from _machine import cpu_name, git_commit
-from _measure import measure_step
+from _measure import peak_memory
 from torch.func import functional_call, grad
 from torch.utils._pytree import tree_leaves
 
@@ -156,7 +156,7 @@ def check_agree(rows, rtol: float) -> None:
 
 def table(title: str, rows, repeats: int, warmup: int) -> str:
     medians = timed(rows, repeats, warmup)
-    peaks = {name: measure_step(fn, torch.device("cpu"))[0] for name, fn in rows}
+    peaks = {name: peak_memory(fn, torch.device("cpu")) for name, fn in rows}
     base_t, base_m = medians[rows[0][0]], peaks[rows[0][0]]
     lines = [
         f"\n{title}\n",
