@@ -124,7 +124,9 @@ def dropout_problem():
     return inner, outer, s, m
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize(
+    "compile", [False, pytest.param(True, marks=pytest.mark.slow, id="True")]
+)  # compile=True with forward curvature stays in the fast set in test_metagrad_state
 def test_dropout_masks_are_replayed_for_the_products(compile):
     """The jvp of a step evaluates its inner loss again: with the step's own dropout masks,
     eager and under meta_grad(compile=True) (which replays them around the compiled graph)."""
