@@ -38,7 +38,9 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("preset", ["cifar10-4k", "svhn-1k"])
+@pytest.mark.parametrize(
+    "preset", ["cifar10-4k", pytest.param("svhn-1k", marks=pytest.mark.slow)]
+)  # the presets share every code path but their numbers: one in the fast set
 def test_runs_and_resumes(tmp_path, cifar_dir, preset):
     data = cifar_dir
     if preset == "svhn-1k":

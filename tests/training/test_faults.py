@@ -394,6 +394,7 @@ def test_command_line_faults_end_in_one_line_and_keep_the_run(tmp_path, cifar_di
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
+@pytest.mark.slow  # a subprocess; the in-process SIGTERM case stays in the fast set
 def test_sigterm_at_the_command_line_saves_the_step_and_resume_finishes(tmp_path, cifar_dir):
     """A scheduler's SIGTERM at any time: one line saying how to resume, then --resume."""
     out = tmp_path / "run"
