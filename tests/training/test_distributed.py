@@ -16,6 +16,8 @@ STEPS, B_L, B_U = 3, 8, 16
 
 CONFIGS = {
     "exact": dict(meta_grad="exact", uda=metapl.UDA(1.0, 0.5, 0.4)),
+    # K = 2: the second step's H_ss a (forward mode) is averaged across processes too
+    "exact_forward_lookahead_2": dict(meta_grad="exact", curvature="forward", lookahead_steps=2),
     "finite_difference": dict(meta_grad="finite_difference"),
     "first_order": dict(meta_grad="first_order", h_baseline_decay=0.9),
     "none": dict(meta_grad=None),
