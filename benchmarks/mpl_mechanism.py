@@ -12,7 +12,8 @@ under a forked RNG, so the training is the example's, step for step):
   ``uda`` never applies its MPL part: there it is what the term would have been;
 - the same MPL part scored on a held-out labeled batch (2 test images per class) instead of the
   training labels, and the student's loss after the lookahead on either batch;
-- the pseudo labels' mean entropy, and the teacher's accuracy, NLL and ECE on the test split.
+- the pseudo labels' mean entropy, the teacher's accuracy, NLL and ECE on the test split, and
+  the EMA student's test accuracy.
 
     python benchmarks/mpl_mechanism.py                       # seeds 0-4, 400 steps, jobs 2
     python benchmarks/mpl_mechanism.py --seeds 0 --steps 50 --probe-every 25
@@ -60,6 +61,7 @@ COLUMNS = (
     ("teacher_nll", "teacher NLL (test)", "{:.3f}"),
     ("teacher_ece", "teacher ECE (test)", "{:.3f}"),
     ("teacher_acc", "teacher acc (test)", "{:.3f}"),
+    ("student_acc", "EMA student acc (test)", "{:.3f}"),
 )
 
 
@@ -172,6 +174,7 @@ def probe(mpl, batch: Batch, held: Batch, data: Data, seed: int) -> dict[str, fl
         "loss_after_held": float(m_held["student/loss_l"]),
         "entropy": pseudo_label_entropy(config, state, batch, seed),
         **calibration(mpl.teacher, data.x_test, data.y_test),
+        "student_acc": accuracy(mpl.ema_student, data.x_test, data.y_test, lambda x: x),
     }
 
 
