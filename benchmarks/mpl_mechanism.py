@@ -223,6 +223,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: list[dict], seeds: list[int]) -> str:
+    """Per probe step, the median over seeds of mpl_uda - uda (same seed) of every column."""
+    by = {(r["row"], r["seed"]): r["probes"] for r in runs}
+    lines = [
+        "| step | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for i, p in enumerate(by[("uda", seeds[0])]):
+        cells = [
+            statistics.median(by[("mpl_uda", s)][i][k] - by[("uda", s)][i][k] for s in seeds)
+            for k, _, _ in COLUMNS
+        ]
+        lines.append(f"| {p['step']} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def accuracy_table(runs: list[dict], seeds: list[int]) -> str:
     by = {(r["row"], r["seed"]): r["test"] for r in runs}
     lines = ["| seed | uda | mpl_uda | difference (points) |", "|---|---|---|---|"]
@@ -291,6 +307,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(accuracy_table(runs, a.seeds))
     for row in ROWS:
         print(f"\n{row}: medians over seeds\n\n{table(medians(runs, row))}")
+    print(f"\nmpl_uda - uda, same seed: medians over seeds\n\n{paired_table(runs, a.seeds)}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: str(v) for k, v in vars(a).items()}, "seconds": seconds, "runs": runs}
     a.out.write_text(json.dumps(record, indent=1))

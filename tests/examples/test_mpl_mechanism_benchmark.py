@@ -80,4 +80,5 @@ def test_smallest_run_writes_tables_json_and_figure(tmp_path, capsys):
     assert set(probe) == {"step"} | {k for k, _, _ in mech.COLUMNS}
     assert -1 <= probe["cos_mpl_own"] <= 1 and probe["entropy"] > 0
     assert json.loads(out.read_text())["runs"][0]["seed"] == 0 and fig.stat().st_size > 0
-    assert "| step | cos(MPL, own) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| step | cos(MPL, own) |" in printed and "mpl_uda - uda, same seed" in printed
