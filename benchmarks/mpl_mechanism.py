@@ -272,7 +272,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
