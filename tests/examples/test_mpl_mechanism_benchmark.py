@@ -82,3 +82,19 @@ def test_smallest_run_writes_tables_json_and_figure(tmp_path, capsys):
     assert json.loads(out.read_text())["runs"][0]["seed"] == 0 and fig.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "| step | cos(MPL, own) |" in printed and "mpl_uda - uda, same seed" in printed
+
+
+def test_weight_0_step_is_the_baseline_step_from_the_same_rng(setup):
+    """The docs' chaos control (MPL + UDA at ``mpl_weight=0``) takes UDA's step; only its
+    random stream afterwards differs (the exact path draws dropout masks for the MPL batch)."""
+    mpl, batch = setup
+    states = []
+    for method, weight in ((None, 1.0), ("exact", 0.0)):
+        torch.manual_seed(5)
+        config = replace(mpl.config, meta_grad=method, mpl_weight=weight)
+        states.append(mech.mpl_step(config, mpl.state, batch)[0])
+    base, control = states
+    for net in ("teacher", "student"):
+        a, b = getattr(base, net), getattr(control, net)
+        assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+        assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
