@@ -55,6 +55,9 @@ class Recipe:
     vat_epsilon: float = 2.0  # the adversarial perturbation's L2 length (pixels in [0, 1])
     lookahead_steps: int = 1  # student steps per MPL step on the same pseudo labels (MPL's K)
     mpl_weight: float = 1.0  # the MPL term's weight in the teacher's gradient
+    # dropout in the forward that scores the updated student (the MPL signal); off: the MPL
+    # rows draw the uda row's random numbers, so they differ from it only through the term
+    mpl_dropout: bool = True
     log_prob_reduction: Literal["mean", "sum"] = "mean"  # first_order: the paper's 1/B, or sum
     student_bn: Literal["unlabeled", "joint"] = "unlabeled"  # the student's BatchNorm batch
     student_view: Literal["strong", "weak"] = "strong"  # the view the student learns on
@@ -147,7 +150,7 @@ def mpl_options(r: Recipe, row: str) -> dict:
         student_bn=r.student_bn,
         lookahead_steps=r.lookahead_steps,
         log_prob_reduction=r.log_prob_reduction,
-        **({"mpl_weight": r.mpl_weight} if method else {}),
+        **({"mpl_weight": r.mpl_weight, "mpl_dropout": r.mpl_dropout} if method else {}),
     )
 
 

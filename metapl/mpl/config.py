@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
@@ -54,7 +55,11 @@ class MPLConfig:
     student_view: Literal["strong", "weak"] = "strong"
     lookahead_steps: int = 1
     mpl_weight: float = 1.0
+    mpl_dropout: bool = True
     compile: bool = False
+    # the student's structure for the MPL signal's forward (an eval-mode copy without
+    # weights when mpl_dropout is False; the student itself otherwise)
+    student_scorer: nn.Module = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.meta_grad == "first_order":
@@ -63,6 +68,8 @@ class MPLConfig:
             labels = "hard" if self.meta_grad == "score_function" else "soft"
             object.__setattr__(self, "pseudo_labels", labels)
         _check(self)
+        scorer = self.student if self.mpl_dropout else _eval_copy(self.student)
+        object.__setattr__(self, "student_scorer", scorer)
 
     @property
     def samples_labels(self) -> bool:
@@ -156,8 +163,19 @@ def _check(c: MPLConfig) -> None:
             f"mpl_weight must be >= 0 and needs a meta_grad (there is no MPL term without "
             f"one), got {c.mpl_weight} with meta_grad={c.meta_grad!r}"
         )
+    if not isinstance(c.mpl_dropout, bool) or (c.meta_grad is None and not c.mpl_dropout):
+        raise ValueError(
+            f"mpl_dropout must be True or False and False needs a meta_grad (there is no MPL "
+            f"signal without one), got {c.mpl_dropout!r} with meta_grad={c.meta_grad!r}"
+        )
     if not c.fd_radius > 0:
         raise ValueError(f"fd_radius must be > 0, got {c.fd_radius}")
+
+
+def _eval_copy(module: nn.Module) -> nn.Module:
+    """``module``'s structure in eval mode, its tensors on the meta device (never read: the
+    step passes every parameter and buffer)."""
+    return copy.deepcopy(module).to("meta").eval()
 
 
 def _has_dropout(module: nn.Module) -> bool:

@@ -58,6 +58,12 @@ class MPL:
             ``h = L_l(s_K) - L_l(s_0)`` with the labels sampled once). With ``meta_grad=None``
             the student takes the same K steps (the matching baseline).
         mpl_weight: the MPL term's weight in the teacher's gradient (1.0: the paper's).
+        mpl_dropout: whether the forward that scores the updated student on the MPL batch
+            (the MPL signal) has dropout: True, the paper's code; False runs it in eval mode
+            (BatchNorm still normalises with the batch's statistics), so the MPL term draws no
+            random numbers: the run then draws exactly the dropout masks of its baseline
+            (``meta_grad=None``, same seed), differs from it only through the term, and is
+            that baseline bit for bit at ``mpl_weight=0`` (docs/mpl.md: the paired study).
         vat: a ``metapl.VAT`` term for the teacher (on ``x_u``), or ``None``.
         student_view: the batch the student learns from: ``"strong"`` (``x_u_strong`` when
             given, else ``x_u``: the paper's) or ``"weak"`` (``x_u``).
@@ -91,6 +97,7 @@ class MPL:
         student_bn: str = "joint",
         lookahead_steps: int = 1,
         mpl_weight: float = 1.0,
+        mpl_dropout: bool = True,
         vat: VAT | None = None,
         student_view: str = "strong",
         reduce: Reduce | None = None,
@@ -115,6 +122,7 @@ class MPL:
             student_view=student_view,
             lookahead_steps=lookahead_steps,
             mpl_weight=mpl_weight,
+            mpl_dropout=mpl_dropout,
             compile=compile,
         )
         self.teacher, self.student = teacher, student

@@ -20,7 +20,10 @@ concatenated batch; the student's once per optimizer step (carried through
 ``meta_grad(..., state=)``), from its forward on ``cat(x_l, x_view)`` (``student_bn="joint"``:
 the official code's; the loss is on the ``x_view`` rows only) or on ``x_view`` alone
 (``"unlabeled"``). The student's forward on the MPL batch after its steps uses batch
-statistics and leaves the running statistics alone. Dropout is active in every forward.
+statistics and leaves the running statistics alone. Dropout is active in every forward, except
+in that last one with ``mpl_dropout=False`` (the student in eval mode, BatchNorm still on the
+batch's statistics): then the MPL term draws no random numbers, and the step draws exactly the
+ones the step without an MPL term (``meta_grad=None``) draws.
 
 Data parallel: ``reduce`` averages a flat dict of tensors across processes (e.g.
 ``metapl.distributed.all_reduce_mean``). The student gradients before each lookahead step, the
@@ -171,7 +174,8 @@ def _student_update(
         ), new_buffers
 
     def outer_loss(params, buffers):  # batch statistics, no running ones
-        return F.cross_entropy(forward_batch_stats(model, params, buffers, x_m), y_m)
+        logits = forward_batch_stats(config.student_scorer, params, buffers, x_m)
+        return F.cross_entropy(logits, y_m)
 
     def log_prob(labels):  # "mean": the paper's scale (1/B of the joint log-probability)
         log_p = F.log_softmax(labels["z"] / config.temperature, dim=-1).gather(-1, target[:, None])

@@ -767,6 +767,91 @@ def test_mpl_weight_scales_the_term_as_by_hand(cfg, weight):
     assert_matches_hand(mpl, hand)
 
 
+# --------------------------------------------------------------------------- 5b. mpl_dropout
+
+
+def hand_student(p: dict[str, Tensor], x: Tensor, mask: Tensor | None) -> Tensor:
+    """``mlp(bn=True, dropout=p)``'s training-mode forward with the dropout ``mask`` (already
+    scaled by 1 / (1 - p); None: no dropout), written out."""
+    h = x @ p["0.weight"].T + p["0.bias"]
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    h = torch.tanh((h - mean) / torch.sqrt(var + 1e-5) * p["1.weight"] + p["1.bias"])
+    return (h if mask is None else h * mask) @ p["4.weight"].T + p["4.bias"]
+
+
+@pytest.mark.parametrize("mpl_dropout", [True, False])
+def test_mpl_dropout_equals_hand_computation(mpl_dropout):
+    """The MPL signal's forward draws the second dropout mask (True) or none (False): eval
+    mode, BatchNorm still on the batch's statistics."""
+    lr_t, lr_s, drop, seed = 0.3, 0.5, 0.5, 7
+    teacher, student = mlp(seed=1), mlp(seed=2, bn=True, dropout=drop)
+    t, s = leaves(params(teacher)), leaves(params(student))
+    mpl = metapl.MPL(teacher, student, optim.sgd(lr_t), optim.sgd(lr_s), mpl_dropout=mpl_dropout)
+    batch = make_batch(0)
+    torch.manual_seed(seed)
+    mpl.step(*batch.args())
+
+    torch.manual_seed(seed)  # the draws in the step's order: the lookahead's, the signal's
+    n_l, n_u = len(batch.x_l), len(batch.x_u)
+    mask = torch.empty(n_l + n_u, 16, dtype=F64).bernoulli_(1 - drop) / (1 - drop)
+    mask_signal = torch.empty(n_l, 16, dtype=F64).bernoulli_(1 - drop) / (1 - drop)
+    logits = hand_mlp(t, torch.cat([batch.x_l, batch.x_us]))
+    z = logits[n_l:]
+    loss_u = soft_ce(hand_student(s, torch.cat([batch.x_l, batch.x_us]), mask)[n_l:], z)
+    g_s = torch.autograd.grad(loss_u, list(s.values()), create_graph=True)
+    new_s = {k: v - lr_s * g for (k, v), g in zip(s.items(), g_s, strict=True)}
+    signal = hand_student(new_s, batch.x_l, mask_signal if mpl_dropout else None)
+    total = F.cross_entropy(logits[:n_l], batch.y_l) + F.cross_entropy(signal, batch.y_l)
+    g_t = torch.autograd.grad(total, list(t.values()))
+    new_t = {k: v - lr_t * g for (k, v), g in zip(t.items(), g_t, strict=True)}
+    assert_tree_close(params(mpl.teacher), detach(new_t), **TIGHT, path="teacher")
+    assert_tree_close(params(mpl.student), detach(new_s), **TIGHT, path="student")
+
+
+def soft_ce(logits: Tensor, z: Tensor) -> Tensor:
+    return -(torch.softmax(z, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize(
+    ("extra", "options"),
+    [({}, {}), ({"lookahead_steps": 2}, {}), ({}, {"curvature": "forward"})],
+    ids=["exact", "exact_k2", "exact_forward"],
+)
+def test_mpl_term_at_weight_zero_without_dropout_is_the_baseline_run_bitwise(extra, options):
+    """Without dropout in the MPL signal the term draws no random numbers: at weight 0 the
+    run is the ``meta_grad=None`` run bit for bit over many steps, with dropout students and
+    the global RNG seeded once. With the signal's dropout (the default) it is not."""
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        t, s = mlp(seed=1, bn=True, dropout=0.3), mlp(seed=2, bn=True, dropout=0.3)
+        mpl = Config(meta_grad=kwargs.pop("meta_grad"), uda=uda_for(), extra=extra).mpl(
+            t, s, **kwargs
+        )
+        for k in range(4):
+            mpl.step(*make_batch(k).args())
+        return params(mpl.teacher) | params(mpl.student)
+
+    baseline = run(meta_grad=None)
+    paired = run(meta_grad="exact", mpl_weight=0.0, mpl_dropout=False, **options)
+    assert_tree_equal(paired, baseline)
+    other_stream = run(meta_grad="exact", mpl_weight=0.0, **options)
+    assert any(not torch.equal(other_stream[k], baseline[k]) for k in baseline)
+
+
+def test_mpl_dropout_changes_nothing_without_dropout_layers():
+    runs = []
+    for mpl_dropout in (True, False):
+        torch.manual_seed(0)
+        mpl = Config(uda=uda_for()).mpl(
+            mlp(seed=1, bn=True), mlp(seed=2, bn=True), mpl_dropout=mpl_dropout
+        )
+        metrics = [mpl.step(*make_batch(k).args()) for k in range(2)]
+        runs.append((params(mpl.teacher) | params(mpl.student), metrics))
+    assert runs[0][1] == runs[1][1]
+    assert_tree_equal(runs[0][0], runs[1][0])
+
+
 # --------------------------------------------------------------------------- 6. determinism
 
 
@@ -1054,6 +1139,8 @@ class _Wrong:
         ({"lookahead_steps": True}, ValueError, "lookahead_steps must be an int >= 1"),
         ({"mpl_weight": -1.0}, ValueError, "mpl_weight must be >= 0"),
         ({"mpl_weight": 2.0, "meta_grad": None}, ValueError, "needs a meta_grad"),
+        ({"mpl_dropout": "no"}, ValueError, "mpl_dropout must be True or False"),
+        ({"mpl_dropout": False, "meta_grad": None}, ValueError, "False needs a meta_grad"),
         ({"curvature": "fwd"}, ValueError, "curvature must be 'reverse' .* or 'forward'"),
         (
             {"curvature": "forward", "meta_grad": "finite_difference"},

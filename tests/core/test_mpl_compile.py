@@ -122,6 +122,11 @@ def test_compiled_step_with_a_separate_mpl_batch_equals_eager():
 
 
 @pytest.mark.slow
+def test_compiled_step_without_dropout_in_the_mpl_signal_equals_eager():
+    compare("exact", "soft", mpl_dropout=False)
+
+
+@pytest.mark.slow
 def test_compiled_no_meta_grad_step_equals_eager():
     compare(None, "soft")
 
