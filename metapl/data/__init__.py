@@ -20,6 +20,7 @@ from metapl.data.datasets import (
     normalize,
 )
 from metapl.data.digits_augment import DigitAugment
+from metapl.data.ising import fetch_ising, load_ising
 from metapl.data.mnist import fetch_mnist, load_mnist, mnist_split, read_idx
 from metapl.data.splits import (
     Split,
@@ -39,12 +40,14 @@ __all__ = [
     "RandAugment",
     "Split",
     "cutout",
+    "fetch_ising",
     "fetch_mnist",
     "random_resized_crop",
     "labeled_fraction_split",
     "labeled_unlabeled_split",
     "load_cifar",
     "load_image",
+    "load_ising",
     "load_manifest",
     "load_mnist",
     "mnist_split",

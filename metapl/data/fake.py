@@ -168,3 +168,34 @@ def write_fake_mnist(
         write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte{suffix}", labels.astype(np.uint8))
         written[split] = (images, labels)
     return written
+
+
+def write_fake_ising(
+    root: str | os.PathLike, n: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write the Ising files (images_16.zip of 0000.png... with 0 / 255 pixels, labels_16.csv
+    sorted by temperature) into root. Temperatures are uniform in (0, 4.5); below T_c = 2.269
+    (label 0) a lattice is one sign with each spin flipped with probability 0.05 + 0.15 T / T_c,
+    above it (label 1) every spin is random. The zip lists the images in reverse, as the real
+    one does. Returns (images uint8 [N, 1, 16, 16], labels int64 [N], temperatures [N])."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    temperatures = np.sort(rng.uniform(0.0, 4.5, n))
+    labels = (temperatures > 2.269).astype(np.int64)
+    flip = np.where(labels == 1, 0.5, 0.05 + 0.15 * temperatures / 2.269)
+    sign = rng.choice([-1, 1], (n, 1, 1))
+    spins = sign * np.where(rng.random((n, 16, 16)) < flip[:, None, None], -1, 1)
+    images = np.where(spins > 0, 255, 0).astype(np.uint8)
+    with zipfile.ZipFile(Path(root) / "images_16.zip", "w") as z:
+        for i in reversed(range(n)):
+            png = io.BytesIO()
+            Image.fromarray(images[i]).save(png, format="PNG")
+            z.writestr(f"{i:04d}.png", png.getvalue())
+    rows = [f"{i:04d}.png,{float(t)!r},{labels[i]}\n" for i, t in enumerate(temperatures)]
+    (Path(root) / "labels_16.csv").write_text("filenames,temperatures,labels\n" + "".join(rows))
+    return images[:, None], labels, temperatures

