@@ -52,12 +52,24 @@ class Cell:
     seeds: tuple[int, ...]
 
 
+FIVE = (0, 1, 2, 3, 4)
+
+
+def _digits(n: int) -> Cell:
+    return Cell(
+        f"digits, {n} label{'s' * (n > 1)}/class",
+        "digits_mpl",
+        ("--labeled-per-class", str(n)),
+        FIVE,
+    )
+
+
 # the 400-step MNIST recipe (UDA alone, the student on strong views) at both label counts
 _MNIST = ("--preset", "1-label", "--threads", "1")
 CELLS = {
-    "digits-1": Cell("digits, 1 label/class", "digits_mpl", ("--labeled-per-class", "1"), (0, 1, 2, 3, 4)),
-    "digits-2": Cell("digits, 2 labels/class", "digits_mpl", ("--labeled-per-class", "2"), (0, 1, 2, 3, 4)),
-    "digits-4": Cell("digits, 4 labels/class", "digits_mpl", ("--labeled-per-class", "4"), (0, 1, 2, 3, 4)),
+    "digits-1": _digits(1),
+    "digits-2": _digits(2),
+    "digits-4": _digits(4),
     "mnist-1": Cell("MNIST, 1 label/class", "mnist_mpl", _MNIST, (0, 1, 2)),
     "mnist-10": Cell(
         "MNIST, 10 labels/class",
@@ -65,7 +77,8 @@ CELLS = {
         (*_MNIST, "--labels-per-class", "10", "--batch-l", "100", "--name", "10-labels-400"),
         (0, 1, 2),
     ),
-}  # fmt: skip
+    "ising-2": Cell("Ising phases, 2 labels/class", "ising_mpl", (), FIVE),
+}
 # arm: (the example's row, its extra flags)
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "uda": ("uda", ()),
@@ -117,10 +130,8 @@ def verdict(low: float, high: float) -> str:
 
 def table(results: dict, cells: list[str], arms: list[str]) -> list[str]:
     """Markdown: per cell and arm, the paired differences against UDA (points)."""
-    lines = [
-        "| cell | seeds | UDA | arm | arm's mean | arm − UDA per seed (points) | mean ± std | 95% interval | better / worse | |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    head = "cell | seeds | UDA | arm | arm's mean | arm − UDA per seed (points) | mean ± std"
+    lines = [f"| {head} | 95% interval | better / worse | |", "|---" * 10 + "|"]
     for name in cells:
         cell = results.get(name, {})
         if "uda" not in cell:
@@ -137,13 +148,15 @@ def table(results: dict, cells: list[str], arms: list[str]) -> list[str]:
                 f"{100 * statistics.mean(uda):.2f} | {ARM_NAMES[arm]} | "
                 f"{100 * statistics.mean(acc):.2f} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
                 f"{mean:+.2f} ± {std:.2f} | [{low:+.2f}, {high:+.2f}] | "
-                f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} | {verdict(low, high)} |"
+                f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} | "
+                f"{verdict(low, high)} |"
             )
     return lines
 
 
 def _seeds(seeds: list[int]) -> str:
-    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else str(seeds)
+    consecutive = seeds == list(range(seeds[0], seeds[-1] + 1))
+    return f"{seeds[0]}–{seeds[-1]}" if consecutive else str(seeds)
 
 
 def write_docs(path: Path, lines: list[str], seconds: float) -> None:
@@ -153,7 +166,8 @@ def write_docs(path: Path, lines: list[str], seconds: float) -> None:
         raise SystemExit(f"{path} has no generated-table markers ({BEGIN!r} ... {END!r})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    body = "\n".join(lines) + f"\n\nTraining time of the runs in the table: {seconds / 60:.1f} min.\n"
+    time_line = f"Training time of the runs in the table: {seconds / 60:.1f} min."
+    body = "\n".join(lines) + f"\n\n{time_line}\n"
     path.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
 
 

@@ -1,0 +1,47 @@
+"""benchmarks/mpl_vs_uda.py: the paired study's bookkeeping on a few steps of digits."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import mpl_vs_uda  # noqa: E402
+
+
+def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{mpl_vs_uda.BEGIN}\nold table\n{mpl_vs_uda.END}\nafter\n")
+    argv = ["--cells", "digits-2", "--arms", "uda", "paired", "--seeds", "0", "1"]
+    argv += ["--steps", "3", "--jobs", "1", "--output-dir", str(tmp_path / "out")]
+    results = mpl_vs_uda.main([*argv, "--write-docs", str(doc)])
+    cell = results["digits-2"]
+    assert set(cell) == {"uda", "paired"} and cell["uda"]["seeds"] == [0, 1]
+    diffs = [
+        100 * (a - b) for a, b in zip(cell["paired"]["test"], cell["uda"]["test"], strict=True)
+    ]
+    row = next(line for line in capsys.readouterr().out.splitlines() if "mpl_dropout" in line)
+    assert ", ".join(f"{d:+.2f}" for d in diffs) in row
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{mpl_vs_uda.END}\nafter\n")
+    assert "old table" not in text and row in text
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+
+    def no_training(*args):
+        raise AssertionError("a finished arm trained again")
+
+    monkeypatch.setattr(mpl_vs_uda, "train", no_training)
+    assert mpl_vs_uda.main(argv) == results  # the rerun reuses every arm
+
+
+def test_interval_and_verdict():
+    mean, std, low, high = mpl_vs_uda.interval([2.0, 3.0, 4.0])
+    assert (mean, std) == (3.0, 1.0)
+    assert high - mean == pytest.approx(4.302653 / 3**0.5, rel=1e-6)  # t(0.975, 2 dof)
+    assert mpl_vs_uda.verdict(low, high) == "**better**"
+    assert mpl_vs_uda.verdict(-3.0, -0.1) == "**worse**"
+    assert mpl_vs_uda.verdict(-1.0, 1.0) == "within noise"
