@@ -1,6 +1,7 @@
-"""What examples/digits_mpl.py and examples/mnist_mpl.py share: the rows, the MPL recipe for a
-small CNN on handwritten digits, the two training loops (supervised, MPL), model selection and
-the report. Each script brings its data, its augmentation and its CNN."""
+"""What examples/digits_mpl.py, examples/mnist_mpl.py and examples/ising_mpl.py share: the rows,
+the MPL recipe for a small CNN on few labeled images, the few-label split, the two training loops
+(supervised, MPL), model selection and the report. Each script brings its data, its augmentation
+and its CNN."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -112,6 +115,39 @@ class Data(NamedTuple):
     y_val: Tensor | None
     x_test: Tensor
     y_test: Tensor
+
+
+def few_label_split(
+    x: Tensor, y: Tensor, labeled_per_class: int, test_size: float, seed: int
+) -> Data:
+    """Images x [N, 1, H, W] and classes y [N] (0 .. C-1) -> a stratified test split
+    (``test_size`` of each class), ``labeled_per_class`` labeled training images of each class
+    and the other training images unlabeled; it depends only on ``seed``. Raises ValueError
+    when the rarest class has too few training images."""
+    classes = y.numpy()
+    num_classes = int(classes.max()) + 1
+    train, test = train_test_split(
+        np.arange(len(y)), test_size=test_size, stratify=classes, random_state=seed
+    )
+    fewest = np.bincount(classes[train], minlength=num_classes).min()
+    if labeled_per_class >= fewest:
+        raise ValueError(
+            f"labeled_per_class must be below {fewest} (the training images of the rarest class "
+            f"with test_size={test_size}), got {labeled_per_class}"
+        )
+    rng = np.random.default_rng(seed)
+    per_class = [train[classes[train] == c] for c in range(num_classes)]
+    labeled = np.concatenate([rng.choice(p, labeled_per_class, replace=False) for p in per_class])
+    unlabeled = np.setdiff1d(train, labeled)
+    return Data(x[labeled], y[labeled], x[unlabeled], None, None, x[test], y[test])
+
+
+def check_runs(seeds: list[int], jobs: int) -> None:
+    """A one-line ValueError for seeds that repeat or leave [0, 2**32), or jobs below 1."""
+    if any(not 0 <= s < 2**32 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds must be distinct and in [0, 2**32), got {seeds}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
 
 
 class Task(NamedTuple):

@@ -44,12 +44,23 @@ from functools import partial
 from pathlib import Path
 from typing import get_args
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from _digits import Data, Recipe, Row, Task, check, plot_curves, report, run, run_all, summarize
+from _digits import (
+    Data,
+    Recipe,
+    Row,
+    Task,
+    check,
+    check_runs,
+    few_label_split,
+    plot_curves,
+    report,
+    run,
+    run_all,
+    summarize,
+)
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 import metapl  # noqa: F401 (the scripts' tests patch metapl.MPL through this name)
@@ -99,10 +110,7 @@ class Experiment:
     json: bool = False  # print only the JSON summary
 
     def __post_init__(self):
-        if any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
-            raise ValueError(f"seeds must be distinct and in [0, 2**32), got {self.seeds}")
-        if self.jobs < 1:
-            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        check_runs(self.seeds, self.jobs)
 
 
 RECIPE = Recipe(
@@ -127,22 +135,7 @@ PRESETS = {
 def load_data(d: Digits, seed: int) -> Data:
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(digits.target)
-    train, test = train_test_split(
-        np.arange(len(y)), test_size=d.test_size, stratify=digits.target, random_state=seed
-    )
-    fewest = np.bincount(y[train]).min()
-    if d.labeled_per_class >= fewest:
-        raise ValueError(
-            f"labeled_per_class must be below {fewest} (the training images of the rarest class "
-            f"with test_size={d.test_size}), got {d.labeled_per_class}"
-        )
-    rng = np.random.default_rng(seed)
-    labeled = np.concatenate(
-        [rng.choice(train[y[train] == c], d.labeled_per_class, replace=False) for c in range(10)]
-    )
-    unlabeled = np.setdiff1d(train, labeled)
-    return Data(x[labeled], y[labeled], x[unlabeled], None, None, x[test], y[test])
+    return few_label_split(x, torch.tensor(digits.target), d.labeled_per_class, d.test_size, seed)
 
 
 def weak(x: Tensor, gen: torch.Generator) -> Tensor:

@@ -51,7 +51,19 @@ from pathlib import Path
 from typing import get_args
 
 import torch
-from _digits import Data, Recipe, Row, Task, check, plot_curves, report, run, run_all, summarize
+from _digits import (
+    Data,
+    Recipe,
+    Row,
+    Task,
+    check,
+    check_runs,
+    plot_curves,
+    report,
+    run,
+    run_all,
+    summarize,
+)
 from torch import Tensor, nn
 
 import metapl  # noqa: F401 (the scripts' tests patch metapl.MPL through this name)
@@ -100,10 +112,9 @@ class Experiment:
     name: str = "10-labels"  # the runs' folder under output_dir (the preset's name)
 
     def __post_init__(self):
-        if any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
-            raise ValueError(f"seeds must be distinct and in [0, 2**32), got {self.seeds}")
-        if self.jobs < 1 or self.threads < 1:
-            raise ValueError(f"jobs and threads must be >= 1, got {self.jobs}, {self.threads}")
+        check_runs(self.seeds, self.jobs)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 RECIPE = Recipe(batch_l=100, vat_weight=1.0, student_view="weak")
