@@ -13,9 +13,11 @@ gives every arm the same split, initial networks, data order and augmentations:
 
 Each arm's runs are one call of the data set's example (``--rows uda`` or ``mpl_uda``) with
 every seed; their test accuracies go to ``<output-dir>/results.json`` after every call, which
-a rerun reuses (only missing arms train). Prints the paired differences against UDA (points)
-with their mean, standard deviation and 95% t-interval, and with ``--write-docs`` replaces the
-generated table in docs/mpl.md.
+a rerun reuses (only missing arms train). Runs are paired only on one CPU arithmetic: every arm
+records torch's CPU kernels (AVX512, AVX2, ...), whose summation order can move a run by an
+image or two, and a ``results.json`` from other kernels is refused. Prints the paired
+differences against UDA (points) with their mean, standard deviation and 95% t-interval, and
+with ``--write-docs`` replaces the generated table in docs/mpl.md.
 
     python benchmarks/mpl_vs_uda.py --write-docs docs/mpl.md      # the whole study
     python benchmarks/mpl_vs_uda.py --cells digits-2 --arms uda paired --seeds 0 1
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -93,6 +96,22 @@ ARM_NAMES = {
 }
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels torch runs on here (``ATEN_CPU_CAPABILITY`` caps them)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def check_kernels(results: dict, path: Path) -> None:
+    """Refuse to pair new runs with runs on other CPU kernels: their sums differ in order."""
+    here = cpu_kernels()
+    seen = {arm.get("kernels", "unrecorded") for cell in results.values() for arm in cell.values()}
+    if seen - {here}:
+        raise SystemExit(
+            f"{path} holds runs on {', '.join(sorted(seen))} CPU kernels and this run's are "
+            f"{here}: pass another --output-dir, or pin the kernels (ATEN_CPU_CAPABILITY=...)"
+        )
+
+
 def train(cell: Cell, arm: str, seeds: list[int], args) -> dict:
     """One call of the cell's example: every seed of one arm. Returns accuracies, seconds."""
     os.environ["WANDB_MODE"] = "disabled"
@@ -106,6 +125,7 @@ def train(cell: Cell, arm: str, seeds: list[int], args) -> dict:
         "seeds": seeds,
         "test": summary[row]["seeds"],
         "seconds": round(time.perf_counter() - start, 1),
+        "kernels": cpu_kernels(),
         "argv": argv,
     }
 
@@ -160,13 +180,16 @@ def _seeds(seeds: list[int]) -> str:
 
 
 def write_docs(path: Path, lines: list[str], seconds: float) -> None:
-    """Replace the text between BEGIN and END in ``path`` with the table."""
+    """Replace the text between BEGIN and END in ``path`` with the table and its time."""
     text = path.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path} has no generated-table markers ({BEGIN!r} ... {END!r})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    time_line = f"Training time of the runs in the table: {seconds / 60:.1f} min."
+    time_line = (
+        f"Training time of the runs in the table: {seconds / 60:.1f} min, "
+        f"on torch's {cpu_kernels()} CPU kernels."
+    )
     body = "\n".join(lines) + f"\n\n{time_line}\n"
     path.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
 
@@ -184,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / "results.json"
     results: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    check_kernels(results, path)
     arms = ["uda", *[a for a in args.arms if a != "uda"]]
     start = time.perf_counter()
     for name in args.cells:
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = table(results, args.cells, arms)
     print("\n".join(lines))
     print(
-        f"\ntraining time of these runs: {seconds / 60:.1f} min "
+        f"\ntraining time of these runs: {seconds / 60:.1f} min on {cpu_kernels()} kernels "
         f"(this invocation: {(time.perf_counter() - start) / 60:.1f} min)"
     )
     if args.write_docs:

@@ -21,6 +21,7 @@ def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
     results = mpl_vs_uda.main([*argv, "--write-docs", str(doc)])
     cell = results["digits-2"]
     assert set(cell) == {"uda", "paired"} and cell["uda"]["seeds"] == [0, 1]
+    assert cell["uda"]["kernels"] == cell["paired"]["kernels"] == mpl_vs_uda.cpu_kernels()
     diffs = [
         100 * (a - b) for a, b in zip(cell["paired"]["test"], cell["uda"]["test"], strict=True)
     ]
@@ -29,6 +30,7 @@ def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith(f"{mpl_vs_uda.END}\nafter\n")
     assert "old table" not in text and row in text
+    assert f"on torch's {mpl_vs_uda.cpu_kernels()} CPU kernels." in text
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
 
     def no_training(*args):
@@ -36,6 +38,22 @@ def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(mpl_vs_uda, "train", no_training)
     assert mpl_vs_uda.main(argv) == results  # the rerun reuses every arm
+
+
+@pytest.mark.parametrize("recorded", [{"kernels": "AVX2"}, {}])
+def test_runs_on_other_kernels_are_not_paired(tmp_path, monkeypatch, recorded):
+    monkeypatch.setattr(mpl_vs_uda, "cpu_kernels", lambda: "AVX512")
+    (tmp_path / "results.json").write_text(
+        json.dumps({"digits-2": {"uda": {"seeds": [0], "test": [0.9], "seconds": 1, **recorded}}})
+    )
+
+    def no_training(*args):
+        raise AssertionError("trained beside runs on other kernels")
+
+    monkeypatch.setattr(mpl_vs_uda, "train", no_training)
+    argv = ["--cells", "digits-2", "--arms", "uda", "paired", "--seeds", "0"]
+    with pytest.raises(SystemExit, match=r"on (AVX2|unrecorded) CPU kernels .* are AVX512: pass"):
+        mpl_vs_uda.main([*argv, "--output-dir", str(tmp_path)])
 
 
 def test_interval_and_verdict():
