@@ -15,7 +15,9 @@ import mpl_vs_uda  # noqa: E402
 
 def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
     doc = tmp_path / "doc.md"
-    doc.write_text(f"before\n{mpl_vs_uda.BEGIN}\nold table\n{mpl_vs_uda.END}\nafter\n")
+    other = f"{mpl_vs_uda.begin('OTHER')}\nother kernels' table\n{mpl_vs_uda.END}\n"
+    here = f"{mpl_vs_uda.begin(mpl_vs_uda.cpu_kernels())}\nold table\n{mpl_vs_uda.END}\n"
+    doc.write_text(f"before\n{other}{here}after\n")
     argv = ["--cells", "digits-2", "--arms", "uda", "paired", "--seeds", "0", "1"]
     argv += ["--steps", "3", "--jobs", "1", "--output-dir", str(tmp_path / "out")]
     results = mpl_vs_uda.main([*argv, "--write-docs", str(doc)])
@@ -28,7 +30,7 @@ def test_study_table_resume_and_docs(tmp_path, monkeypatch, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if "mpl_dropout" in line)
     assert ", ".join(f"{d:+.2f}" for d in diffs) in row
     text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith(f"{mpl_vs_uda.END}\nafter\n")
+    assert text.startswith(f"before\n{other}") and text.endswith(f"{mpl_vs_uda.END}\nafter\n")
     assert "old table" not in text and row in text
     assert f"on torch's {mpl_vs_uda.cpu_kernels()} CPU kernels." in text
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
@@ -54,6 +56,23 @@ def test_runs_on_other_kernels_are_not_paired(tmp_path, monkeypatch, recorded):
     argv = ["--cells", "digits-2", "--arms", "uda", "paired", "--seeds", "0"]
     with pytest.raises(SystemExit, match=r"on (AVX2|unrecorded) CPU kernels .* are AVX512: pass"):
         mpl_vs_uda.main([*argv, "--output-dir", str(tmp_path)])
+
+
+def test_a_doc_without_this_kernels_table_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(mpl_vs_uda, "cpu_kernels", lambda: "AVX2")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"{mpl_vs_uda.begin('AVX512')}\ntable\n{mpl_vs_uda.END}\n")
+    with pytest.raises(SystemExit, match="no table for AVX2 kernels"):
+        mpl_vs_uda.write_docs(doc, ["| row |"], 60.0)
+
+    def no_training(*args):
+        raise AssertionError("trained for a doc it cannot write")
+
+    monkeypatch.setattr(mpl_vs_uda, "train", no_training)
+    argv = ["--cells", "digits-2", "--seeds", "0", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="no table for AVX2 kernels"):
+        mpl_vs_uda.main([*argv, "--write-docs", str(doc)])
+    assert doc.read_text() == f"{mpl_vs_uda.begin('AVX512')}\ntable\n{mpl_vs_uda.END}\n"
 
 
 def test_interval_and_verdict():
