@@ -1,4 +1,4 @@
-"""What every benchmark prints about where it ran: the CPU's name and the commit measured."""
+"""What every benchmark prints about where it ran: the CPU's name, its kernels, the commit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import os
 import platform
 import subprocess
 
-__all__ = ["cpu_name", "git_commit"]
+import torch
+
+__all__ = ["cpu_kernels", "cpu_name", "git_commit"]
 
 
 def cpu_name() -> str:
@@ -15,6 +17,12 @@ def cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels torch runs on here (AVX512, AVX2, ...; ``ATEN_CPU_CAPABILITY`` caps
+    them): they set the order of float sums, so runs on other kernels differ in the last bits."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def git_commit() -> str:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from _machine import cpu_kernels
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -98,11 +98,6 @@ ARM_NAMES = {
     "mpl": "MPL + UDA (paper)",
     "paired": "MPL + UDA, `mpl_dropout=False`",
 }
-
-
-def cpu_kernels() -> str:
-    """The CPU kernels torch runs on here (``ATEN_CPU_CAPABILITY`` caps them)."""
-    return torch.backends.cpu.get_cpu_capability()
 
 
 def check_kernels(results: dict, path: Path) -> None:
