@@ -119,39 +119,25 @@ def _assert_bitwise_equal(a, b, path="mpl"):
         assert a == b, path
 
 
-def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir):
-    missing = _run(
-        "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), check=False
+def test_bad_paths_and_flags_fail_fast(tmp_path, cifar_dir, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    missing = _cli_or_exit(
+        ["--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")], capsys
     )
-    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    assert missing[0] == 2 and "is not a folder" in missing[1]
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_files = _run(
-        "--data-dir",
-        str(empty),
-        "--output-dir",
-        str(tmp_path / "o"),
-        *TINY,
-        "--steps",
-        "2",
-        check=False,
-    )
-    assert no_files.returncode == 1 and "cifar-10-batches-py" in no_files.stderr
-    assert len(no_files.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in no_files.stderr and not list((tmp_path / "o").glob("*"))
-    no_ckpt = _run("--resume", str(tmp_path / "o2"), check=False)
-    assert no_ckpt.returncode != 0 and "no run to resume" in no_ckpt.stderr
-    bad_steps = _run(
-        "--data-dir",
-        str(cifar_dir),
-        "--output-dir",
-        str(tmp_path / "o3"),
-        "--steps",
-        "0",
-        check=False,
-    )
-    assert bad_steps.returncode == 2 and "steps must be >= 1" in bad_steps.stderr
-    assert len(bad_steps.stderr.strip().splitlines()) == 1
+    argv = ["--data-dir", str(empty), "--output-dir", str(tmp_path / "o"), *TINY, "--steps", "2"]
+    code, err = _cli_or_exit(argv, capsys)
+    assert code == 1 and "cifar-10-batches-py" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and not list((tmp_path / "o").glob("*"))
+    code, err = _cli_or_exit(["--resume", str(tmp_path / "o2")], capsys)
+    assert code != 0 and "no run to resume" in err
+    argv = ["--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o3"), "--steps", "0"]
+    code, err = _cli_or_exit(argv, capsys)
+    assert code == 2 and "steps must be >= 1" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_default_wideresnet_runs(tmp_path, cifar_dir):
@@ -174,6 +160,7 @@ def test_default_wideresnet_runs(tmp_path, cifar_dir):
     assert load_checkpoint(out / "checkpoint.pt")["config"]["steps"] == 2
 
 
+@pytest.mark.slow  # the launcher end to end; test_distributed's two processes stay in the fast set
 def test_torchrun_two_processes(tmp_path, cifar_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -214,6 +201,15 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     code = example.cli(example.main, argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def _cli_or_exit(argv: list[str], capsys) -> tuple[int, str]:
+    """The exit status and stderr of the script's command line, argparse's exits included."""
+    try:
+        code, _, err = _cli(argv, capsys)
+    except SystemExit as e:
+        code, err = e.code, capsys.readouterr().err
+    return code, err
 
 
 def test_modes_evaluate_finetune_only_and_resume_a_named_run(tmp_path, monkeypatch, capsys):
@@ -342,10 +338,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, extra, code, message
         "2",
         *extra,
     ]
-    try:
-        got, _, err = _cli(argv, capsys)
-    except SystemExit as e:  # a command-line error: one line, status 2
-        got, err = e.code, capsys.readouterr().err
+    got, err = _cli_or_exit(argv, capsys)
     assert got == code and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
